@@ -1,0 +1,66 @@
+"""Where a connection goes inside the container: the loopback-mapping policy.
+
+For each host listener the core gets an ordered list of container-side targets; the first
+is the policy's choice, the second the other family's, tried when the first is refused (a
+service that listens only on IPv4 still answers a client on ::1 or `localhost`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+
+@dataclass(frozen=True)
+class Target:
+    family: int
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
+        return f"{host}:{self.port}"
+
+
+def other_family(family: int) -> int:
+    return socket.AF_INET6 if family == socket.AF_INET else socket.AF_INET
+
+
+def container_address(
+    policy: str, host_family: int, host_address: str, container_addrs: Mapping[int, Sequence[str]]
+) -> str:
+    """The container-side address for a host binding, by policy (schema: config `loopback`)."""
+    if policy == "preserve":
+        if ipaddress.ip_address(host_address).is_loopback:
+            return host_address
+        return LOOPBACK[host_family]
+    if policy == "container-address":
+        found = container_addrs.get(host_family) or ()
+        return found[0] if found else LOOPBACK[host_family]
+    return LOOPBACK[host_family]
+
+
+def dial_targets(
+    policy: str,
+    host_family: int,
+    host_address: str,
+    container_port: int,
+    container_addrs: Mapping[int, Sequence[str]],
+) -> tuple[Target, ...]:
+    first = Target(
+        host_family,
+        container_address(policy, host_family, host_address, container_addrs),
+        container_port,
+    )
+    fallback_family = other_family(host_family)
+    fallback_host = LOOPBACK[fallback_family]
+    fallback = Target(
+        fallback_family,
+        container_address(policy, fallback_family, fallback_host, container_addrs),
+        container_port,
+    )
+    return (first, fallback)

@@ -1,0 +1,109 @@
+"""oci-portfwd-hook: the command line.
+
+    oci-portfwd-hook prestart|createRuntime     (runtime: OCI state on stdin)
+    oci-portfwd-hook poststop                   (runtime: OCI state on stdin)
+    oci-portfwd-hook check-config [FILE]
+    oci-portfwd-hook ps
+    oci-portfwd-hook --version
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import NoReturn, Sequence
+
+from . import __version__
+from .errors import PortfwdError
+
+USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop   (OCI state JSON on stdin)
+       oci-portfwd-hook check-config [FILE]
+       oci-portfwd-hook ps
+       oci-portfwd-hook --version"""
+MAX_STDIN = (1 << 20) + 1
+
+EXIT_USER_ERROR = 1
+EXIT_BUG = 2
+EXIT_USAGE = 64
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.exit(run(args))
+
+
+def run(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, file=sys.stdout if args else sys.stderr)
+        return 0 if args else EXIT_USAGE
+    command, rest = args[0], args[1:]
+    try:
+        if command == "--version":
+            print(f"oci-portfwd-hook {__version__}")
+            return 0
+        if command in ("prestart", "createRuntime"):
+            from .prestart import prestart  # noqa: PLC0415
+
+            return prestart(_read_stdin(command), os.environ)
+        if command == "poststop":
+            from .poststop import poststop  # noqa: PLC0415
+
+            return poststop(_read_stdin(command), os.environ)
+        if command == "check-config":
+            return _check_config(rest)
+        if command == "ps":
+            return _ps()
+    except PortfwdError as e:
+        _say(f"{command}: {e}")
+        return EXIT_USER_ERROR
+    except Exception:  # noqa: BLE001 - a bug: one line for the user, the traceback for us
+        _say(f"{command}: internal error (a bug, please report it): {traceback.format_exc(limit=-1).strip().splitlines()[-1]}")
+        if os.environ.get("OCI_PORTFWD_DEBUG"):
+            traceback.print_exc(file=sys.stderr)
+        return EXIT_BUG
+    _say(f"unknown command {command!r}\n{USAGE}")
+    return EXIT_USAGE
+
+
+def _read_stdin(command: str) -> bytes:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise PortfwdError(f"{command} expects the OCI state JSON on stdin (it is run by an OCI runtime)")
+    return sys.stdin.buffer.read(MAX_STDIN)
+
+
+def _say(message: str) -> None:
+    lines = message.split("\n")
+    print(f"oci-portfwd-hook: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
+
+
+def _check_config(rest: list[str]) -> int:
+    from .config import config_path, load_config, state_dir_of  # noqa: PLC0415
+
+    explicit = rest[0] if rest else None
+    config = load_config(os.environ, explicit)
+    path, _ = config_path(os.environ, explicit)
+    where = config.source if config.source != "built-in defaults" else f"{path} absent: built-in defaults"
+    print(f"config OK ({where})")
+    for key in ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level"):
+        print(f"  {key}: {getattr(config, key)}")
+    print(f"  state_dir: {state_dir_of(config, os.environ)}")
+    return 0
+
+
+def _ps() -> int:
+    from .config import load_config, state_dir_of  # noqa: PLC0415
+    from .statefile import is_alive, list_records  # noqa: PLC0415
+
+    state_dir = state_dir_of(load_config(os.environ), os.environ)
+    records = list_records(state_dir)
+    if not records:
+        print(f"no forwarded containers (state dir {state_dir})")
+        return 0
+    print(f"{'CONTAINER':<24} {'DRIVER':<10} {'SUPERVISOR':<11} {'STATUS':<7} PORTS")
+    for r in records:
+        status = "up" if is_alive(r) else "stale"
+        print(f"{r.container_id[:24]:<24} {r.driver:<10} {r.supervisor_pid:<11} {status:<7} {', '.join(r.ports)}")
+    return 0

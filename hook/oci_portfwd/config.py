@@ -1,0 +1,76 @@
+"""The global config file (schemas/config.schema.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .schema import validate
+
+DEFAULT_CONFIG_PATH = "/etc/containers/oci-portfwd.json"
+CONFIG_ENV = "OCI_PORTFWD_CONFIG"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    driver: str = "builtin"
+    loopback: str = "preserve"
+    state_dir: str | None = None
+    udp_idle_timeout: float = 60.0
+    max_ports: int = 1024
+    ready_timeout: float = 10.0
+    log_level: str = "info"
+    source: str = "built-in defaults"
+
+
+def config_path(env: Mapping[str, str], explicit: str | None = None) -> tuple[str, bool]:
+    """The file to read and whether it must exist (named by the user, not the default)."""
+    if explicit:
+        return explicit, True
+    if env.get(CONFIG_ENV):
+        return env[CONFIG_ENV], True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(env: Mapping[str, str], explicit: str | None = None) -> Config:
+    path, required = config_path(env, explicit)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    validate(doc, "config.schema.json", f"config file {path}", ConfigError)
+    return config_from_dict(doc, source=path)
+
+
+def config_from_dict(doc: Mapping[str, Any], source: str) -> Config:
+    known = {f.name for f in fields(Config)} - {"source"}
+    return Config(**{k: v for k, v in doc.items() if k in known}, source=source)
+
+
+def default_state_dir(euid: int, env: Mapping[str, str]) -> Path:
+    if euid == 0:
+        return Path("/run/oci-portfwd")
+    runtime_dir = env.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return Path(runtime_dir) / "oci-portfwd"
+    return Path(f"/tmp/oci-portfwd-{euid}")
+
+
+def state_dir_of(config: Config, env: Mapping[str, str]) -> Path:
+    return Path(config.state_dir) if config.state_dir else default_state_dir(os.geteuid(), env)

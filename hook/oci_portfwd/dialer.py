@@ -1,0 +1,206 @@
+"""Container-side sockets, made inside the container's namespaces and handed to the core.
+
+A socket keeps the netns it was created in. So a small child (the dialer) joins the
+container's user and network namespaces and creates sockets on request; they travel over
+a SOCK_SEQPACKET socketpair with SCM_RIGHTS. The core, which holds the host sockets, never
+joins the container's namespaces. A pool of pre-made sockets hides the round trip.
+
+Protocol (one datagram each):
+  dialer → core  b"K" + JSON {"addresses": {"4": [...], "6": [...]}}   joined, ready
+                 b"E" + message                                        failed, exiting
+                 b"S" + kind, with the sockets as SCM_RIGHTS           sockets
+  core → dialer  kind + b" " + count                                   please make sockets
+kind is b"t4", b"t6", b"u4" or b"u6".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections import deque
+from typing import Callable
+
+from .errors import NamespaceError, StartError
+from .namespaces import join_container
+from .procfs import close_fds_except
+from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
+
+KINDS = {
+    b"t4": (socket.AF_INET, socket.SOCK_STREAM),
+    b"t6": (socket.AF_INET6, socket.SOCK_STREAM),
+    b"u4": (socket.AF_INET, socket.SOCK_DGRAM),
+    b"u6": (socket.AF_INET6, socket.SOCK_DGRAM),
+}
+MAX_BATCH = 32
+
+
+def kind_of(family: int, proto: str) -> bytes:
+    return (b"t" if proto == "tcp" else b"u") + (b"4" if family == socket.AF_INET else b"6")
+
+
+def start_dialer(container_pid: int, want_addresses: bool, deadline: float) -> tuple[int, socket.socket]:
+    """Fork the dialer; returns its pid and the core's end of the socketpair."""
+    core_end, dialer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # Keep nothing of the core's: above all not the host listeners, which must
+            # never be reachable from inside the container's namespaces.
+            close_fds_except({dialer_end.fileno()})
+            _dialer_main(dialer_end, container_pid, want_addresses, deadline)
+        finally:
+            os._exit(1)
+    dialer_end.close()
+    return pid, core_end
+
+
+def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, deadline: float) -> None:
+    import prctl  # noqa: PLC0415 - only in the child
+
+    prctl.set_pdeathsig(signal.SIGKILL)
+    prctl.set_name("portfwd-dialer")
+    # Not dumpable: a process in the container's user namespace cannot ptrace or read us.
+    prctl.set_dumpable(False)
+    try:
+        join_container(container_pid, deadline)
+        if not loopback_is_up():
+            bring_loopback_up()
+        addresses = container_addresses() if want_addresses else {}
+    except NamespaceError as e:
+        sock.send(b"E" + str(e).encode())
+        return
+    except Exception as e:  # noqa: BLE001 - reported to the core, which logs it
+        sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
+        return
+    hello = {"addresses": {str(4 if f == socket.AF_INET else 6): a for f, a in addresses.items()}}
+    sock.send(b"K" + json.dumps(hello).encode())
+    while True:
+        request = sock.recv(64)
+        if not request:
+            os._exit(0)
+        kind, _, count_text = request.partition(b" ")
+        family, kind_type = KINDS[kind]
+        count = max(1, min(MAX_BATCH, int(count_text or b"1")))
+        made = [socket.socket(family, kind_type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) for _ in range(count)]
+        socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
+        for s in made:
+            s.close()
+
+
+def await_hello(sock: socket.socket, timeout: float) -> dict[int, list[str]]:
+    """Wait for the dialer to report that it is inside the container's namespaces."""
+    sock.settimeout(timeout)
+    try:
+        message = sock.recv(65536)
+    except TimeoutError:
+        raise StartError(f"the dialer did not join the container's namespaces within {timeout:.0f}s") from None
+    finally:
+        sock.setblocking(False)
+    if message.startswith(b"K"):
+        hello = json.loads(message[1:])
+        return {
+            socket.AF_INET if key == "4" else socket.AF_INET6: list(addrs)
+            for key, addrs in hello.get("addresses", {}).items()
+        }
+    if message.startswith(b"E"):
+        raise StartError(message[1:].decode(errors="replace"))
+    raise StartError("the dialer exited before it joined the container's namespaces")
+
+
+Waiter = Callable[[socket.socket | None], None]
+
+
+class SocketPool:
+    """Pre-made container-side sockets per kind; `get` calls back at once or when some arrive."""
+
+    TARGET = 16
+    LOW = 4
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.ready: dict[bytes, deque[socket.socket]] = {k: deque() for k in KINDS}
+        self.waiters: dict[bytes, deque[Waiter]] = {k: deque() for k in KINDS}
+        self.pending: dict[bytes, int] = {k: 0 for k in KINDS}
+        self.broken = False
+
+    def prefill(self, kinds: set[bytes]) -> None:
+        for kind in kinds:
+            self._refill(kind)
+
+    def get(self, kind: bytes, callback: Waiter) -> None:
+        if self.broken:
+            callback(None)
+            return
+        ready = self.ready[kind]
+        if ready:
+            sock = ready.popleft()
+            self._refill(kind)
+            callback(sock)
+            return
+        self.waiters[kind].append(callback)
+        self._refill(kind)
+
+    def on_readable(self) -> bool:
+        """Take every reply; False once the dialer is gone."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 16, MAX_BATCH)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._fail_waiters()
+                return False
+            kind = data[1:3]
+            self.pending[kind] = max(0, self.pending[kind] - len(fds))
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                # SCM_RIGHTS carries the file, and with it O_NONBLOCK; set it again all the
+                # same, since Python's socket object keeps its own notion of the timeout.
+                sock.setblocking(False)
+                waiters = self.waiters[kind]
+                if waiters:
+                    waiters.popleft()(sock)
+                else:
+                    self.ready[kind].append(sock)
+            self._refill(kind)
+
+    def _refill(self, kind: bytes) -> None:
+        have = len(self.ready[kind]) + self.pending[kind] - len(self.waiters[kind])
+        if have >= self.LOW or self.broken:
+            return
+        count = min(MAX_BATCH, self.TARGET - have)
+        try:
+            self.sock.send(kind + b" " + str(count).encode())
+        except OSError:
+            self.broken = True
+            return
+        self.pending[kind] += count
+
+    def _fail_waiters(self) -> None:
+        self.broken = True
+        for waiters in self.waiters.values():
+            while waiters:
+                waiters.popleft()(None)
+
+    def close(self) -> None:
+        for ready in self.ready.values():
+            while ready:
+                ready.popleft().close()
+        self.sock.close()
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    """Reap a child, killing it if it does not exit in time."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)

@@ -1,0 +1,26 @@
+"""The builtin driver: our own relay (core.py). It can do everything a host can."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+from ..listeners import Listener
+from ..plan import Plan
+from ..status import StatusWriter
+from . import Capabilities
+
+
+class BuiltinDriver:
+    name = "builtin"
+    capabilities = Capabilities(
+        tcp=True, udp=True, ipv4=True, ipv6=True, any_loopback_address=True, outbound=False
+    )
+
+    def check(self, plan: Plan, warn: Callable[[str], None]) -> Plan:
+        return plan
+
+    def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
+        from ..core import run_core  # noqa: PLC0415
+
+        return run_core(plan, listeners, status, log)

@@ -1,0 +1,132 @@
+"""Binding the host side: one socket per (address, family, protocol).
+
+Everything is bound before anything starts, and on the first failure every socket bound
+so far is closed: a failed hook leaves no port behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .errors import BindError
+from .ports import PortMapping
+
+LISTEN_BACKLOG = 4096
+
+
+@dataclass(frozen=True)
+class BindTarget:
+    family: int
+    address: str
+    port: int
+    proto: str
+    mapping: PortMapping
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
+        return f"{host}:{self.port}/{self.proto}"
+
+
+@dataclass
+class Listener:
+    target: BindTarget
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ipv6_available() -> bool:
+    """False when the kernel has no IPv6 or this netns has it disabled (no ::1)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def bind_targets(
+    mappings: Iterable[PortMapping], ipv6_ok: bool, warn: Callable[[str], None]
+) -> list[BindTarget]:
+    targets = []
+    skipped_v6 = []
+    for m in mappings:
+        if m.host_ip is None:
+            targets.append(BindTarget(socket.AF_INET, "0.0.0.0", m.host_port, m.proto, m))
+            if ipv6_ok:
+                targets.append(BindTarget(socket.AF_INET6, "::", m.host_port, m.proto, m))
+            else:
+                skipped_v6.append(str(m))
+        else:
+            family = socket.AF_INET6 if ":" in m.host_ip else socket.AF_INET
+            targets.append(BindTarget(family, m.host_ip, m.host_port, m.proto, m))
+    if skipped_v6:
+        warn(
+            "IPv6 is not available on this host (no ::1); forwarding IPv4 only for "
+            + ", ".join(skipped_v6)
+        )
+    return targets
+
+
+def bind_all(targets: Iterable[BindTarget]) -> list[Listener]:
+    bound: list[Listener] = []
+    try:
+        for target in targets:
+            bound.append(Listener(target, _bind_one(target)))
+    except BaseException:
+        for listener in bound:
+            listener.close()
+        raise
+    return bound
+
+
+def _bind_one(t: BindTarget) -> socket.socket:
+    kind = socket.SOCK_STREAM if t.proto == "tcp" else socket.SOCK_DGRAM
+    try:
+        sock = socket.socket(t.family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        raise BindError(f"cannot create a socket for {t}: {e.strerror}") from None
+    try:
+        if t.family == socket.AF_INET6:
+            # Each family gets its own socket: the IPv4 one is bound separately.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if t.proto == "tcp":
+            # Rebinding right after a restart must not fail on TIME_WAIT; on Linux this
+            # never lets two listeners share a port. Never on UDP: there it would.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((t.address, t.port))
+        if t.proto == "tcp":
+            sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise BindError(_explain(t, e)) from None
+    return sock
+
+
+def _explain(t: BindTarget, e: OSError) -> str:
+    where = f"cannot bind {t} (port request {t.mapping})"
+    if e.errno == errno.EADDRINUSE:
+        return f"{where}: the address is already in use on the host"
+    if e.errno == errno.EACCES:
+        start = _unprivileged_port_start()
+        if start is not None and t.port < start:
+            return (
+                f"{where}: permission denied; ports below {start} need privilege "
+                f"(sysctl net.ipv4.ip_unprivileged_port_start={start})"
+            )
+        return f"{where}: permission denied"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {t.address} is not an address of this host"
+    return f"{where}: {e.strerror}"
+
+
+def _unprivileged_port_start() -> int | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,45 @@
+"""Logging: one file per container in the state dir (0600), syslog when there is one,
+and warnings on stderr at the hook (runc shows them; crun drops them, hence the file)."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
+
+
+def open_log(path: Path | None, level: str, *, stderr: bool) -> logging.Logger:
+    # A fresh logger object per call: forked children re-open their own handlers, and no
+    # state is shared through logging's module-level registry.
+    logger = logging.Logger("oci-portfwd", level=level.upper())
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
+        handler.setFormatter(logging.Formatter(FORMAT))
+        logger.addHandler(handler)
+    if os.path.exists("/dev/log"):
+        try:
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            pass
+        else:
+            syslog.ident = f"oci-portfwd-hook[{os.getpid()}]: "
+            logger.addHandler(syslog)
+    if stderr:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        # Errors reach stderr as the CLI's single line; here only warnings.
+        console.addFilter(lambda record: record.levelno < logging.ERROR)
+        console.setFormatter(logging.Formatter("oci-portfwd-hook: %(levelname)s: %(message)s"))
+        logger.addHandler(console)
+    return logger
+
+
+def close_log(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)

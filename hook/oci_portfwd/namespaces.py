@@ -1,0 +1,87 @@
+"""Joining a container's namespaces (user when it differs from ours, then net).
+
+Python 3.11 has no os.setns, so libc's is called through ctypes. pyroute2's netns.setns
+joins only network namespaces, and a rootless container needs its user namespace first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+
+from .errors import NamespaceError
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+
+
+def setns(fd: int, nstype: int) -> None:
+    if hasattr(os, "setns"):
+        os.setns(fd, nstype)
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_namespaces(pid: int, deadline: float) -> tuple[int | None, int]:
+    """Open /proc/PID/ns/{user,net}; the user one is None when it is already ours.
+
+    Rootless crun makes the files readable only once the container has exec'd, shortly
+    after prestart (EACCES before): retry until `deadline`.
+    """
+    while True:
+        try:
+            return _open_namespaces(pid)
+        except PermissionError:
+            if time.monotonic() >= deadline:
+                raise NamespaceError(
+                    f"cannot open the namespaces of container pid {pid}: permission denied"
+                ) from None
+            time.sleep(0.01)
+        except FileNotFoundError:
+            raise NamespaceError(f"container process {pid} is gone") from None
+
+
+def _open_namespaces(pid: int) -> tuple[int | None, int]:
+    net_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/user")
+        ours = os.stat("/proc/self/ns/user")
+        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            return None, net_fd
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC), net_fd
+    except BaseException:
+        os.close(net_fd)
+        raise
+
+
+def join_container(pid: int, deadline: float) -> None:
+    """Enter the container's network namespace (after its user namespace if rootless).
+
+    Must run in a single-threaded process: the kernel refuses setns(CLONE_NEWUSER) otherwise.
+    """
+    user_fd, net_fd = open_namespaces(pid, deadline)
+    try:
+        if user_fd is not None:
+            try:
+                setns(user_fd, CLONE_NEWUSER)
+            except OSError as e:
+                raise NamespaceError(
+                    f"cannot join the user namespace of container pid {pid}: {e.strerror}"
+                ) from None
+        try:
+            setns(net_fd, CLONE_NEWNET)
+        except OSError as e:
+            hint = " (rootless: the user namespace must be joined first)" if e.errno == errno.EPERM else ""
+            raise NamespaceError(
+                f"cannot join the network namespace of container pid {pid}: {e.strerror}{hint}"
+            ) from None
+    finally:
+        for fd in (user_fd, net_fd):
+            if fd is not None:
+                os.close(fd)

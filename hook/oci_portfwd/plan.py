@@ -1,0 +1,57 @@
+"""Config + a container's annotations → the Plan of what to forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from .config import Config
+from .errors import ConfigError, StateError
+from .ports import PortMapping, parse_port_specs
+from .state import ContainerState
+
+ANNOTATION_PREFIX = "io.oci-portfwd."
+PORTS_ANNOTATION = ANNOTATION_PREFIX + "ports"
+DRIVER_ANNOTATION = ANNOTATION_PREFIX + "driver"
+LOOPBACK_ANNOTATION = ANNOTATION_PREFIX + "loopback"
+KNOWN_ANNOTATIONS = {PORTS_ANNOTATION, DRIVER_ANNOTATION, LOOPBACK_ANNOTATION}
+LOOPBACK_POLICIES = ("preserve", "loopback", "container-address")
+
+
+@dataclass(frozen=True)
+class Plan:
+    container_id: str
+    container_pid: int
+    driver: str
+    loopback: str
+    mappings: tuple[PortMapping, ...]
+    udp_idle_timeout: float
+    ready_timeout: float
+
+
+def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Config) -> Plan:
+    if state.pid is None:
+        raise StateError(
+            f"OCI state of container {state.id} has no pid; prestart needs the container's pid"
+        )
+    for key in annotations:
+        if key.startswith(ANNOTATION_PREFIX) and key not in KNOWN_ANNOTATIONS:
+            raise ConfigError(
+                f"unknown annotation {key!r}; known: {', '.join(sorted(KNOWN_ANNOTATIONS))}"
+            )
+    loopback = annotations.get(LOOPBACK_ANNOTATION, config.loopback)
+    if loopback not in LOOPBACK_POLICIES:
+        raise ConfigError(
+            f"annotation {LOOPBACK_ANNOTATION}={loopback!r}: use one of {', '.join(LOOPBACK_POLICIES)}"
+        )
+    return Plan(
+        container_id=state.id,
+        container_pid=state.pid,
+        driver=annotations.get(DRIVER_ANNOTATION, config.driver),
+        loopback=loopback,
+        mappings=parse_port_specs(annotations.get(PORTS_ANNOTATION, ""), config.max_ports)
+        if annotations.get(PORTS_ANNOTATION, "").strip()
+        else (),
+        udp_idle_timeout=config.udp_idle_timeout,
+        ready_timeout=config.ready_timeout,
+    )

@@ -1,0 +1,129 @@
+"""The port-request parser: docker's `-p` syntax, comma separated.
+
+    8080:80   127.0.0.2:8080:80/tcp   [::1]:5353:53/udp   8000-8002:8000-8002
+
+An omitted host address means every address of both families; `0.0.0.0` means IPv4
+only and `::` IPv6 only, as written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .errors import PortSpecError
+
+PROTOCOLS = ("tcp", "udp")
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """One host port forwarded to one container port."""
+
+    host_ip: str | None  # None: 0.0.0.0 and ::
+    host_port: int
+    container_port: int
+    proto: str  # "tcp" | "udp"
+
+    def __str__(self) -> str:
+        if self.host_ip is None:
+            host = ""
+        elif ":" in self.host_ip:
+            host = f"[{self.host_ip}]:"
+        else:
+            host = f"{self.host_ip}:"
+        return f"{host}{self.host_port}:{self.container_port}/{self.proto}"
+
+
+def parse_port_specs(text: str, max_ports: int | None = None) -> tuple[PortMapping, ...]:
+    """Parse a comma-separated list of specs; every error names the spec at fault."""
+    mappings: list[PortMapping] = []
+    for raw in text.split(","):
+        spec = raw.strip()
+        if not spec:
+            raise PortSpecError(f"empty port spec in {text!r} (stray comma?)")
+        mappings.extend(parse_port_spec(spec))
+        if max_ports is not None and len(mappings) > max_ports:
+            raise PortSpecError(
+                f"more than {max_ports} ports requested (the config's max_ports); "
+                "raise max_ports or request fewer ports"
+            )
+    _reject_duplicates(mappings)
+    return tuple(mappings)
+
+
+def parse_port_spec(spec: str) -> list[PortMapping]:
+    body, slash, proto = spec.partition("/")
+    proto = proto.lower() if slash else "tcp"
+    if proto not in PROTOCOLS:
+        raise PortSpecError(f"port spec {spec!r}: unknown protocol {proto!r} (use tcp or udp)")
+    host_ip, host_part, container_part = _split_fields(spec, body)
+    host_first, host_last = _parse_range(spec, host_part, "host")
+    cont_first, cont_last = _parse_range(spec, container_part, "container")
+    count = host_last - host_first + 1
+    if cont_last - cont_first + 1 != count:
+        raise PortSpecError(
+            f"port spec {spec!r}: host range {host_part} and container range {container_part} "
+            "differ in length; give ranges of the same length"
+        )
+    return [
+        PortMapping(host_ip, host_first + i, cont_first + i, proto) for i in range(count)
+    ]
+
+
+def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
+    if body.startswith("["):
+        address, bracket, rest = body[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise PortSpecError(f"port spec {spec!r}: expected [ADDRESS]:HOST_PORT:CONTAINER_PORT")
+        fields = rest[1:].split(":")
+        if len(fields) != 2:
+            raise PortSpecError(f"port spec {spec!r}: expected [ADDRESS]:HOST_PORT:CONTAINER_PORT")
+        return _parse_address(spec, address), fields[0], fields[1]
+    fields = body.split(":")
+    if len(fields) == 2:
+        return None, fields[0], fields[1]
+    if len(fields) == 3:
+        return _parse_address(spec, fields[0]), fields[1], fields[2]
+    if len(fields) == 1:
+        raise PortSpecError(
+            f"port spec {spec!r}: a host port is required (HOST_PORT:CONTAINER_PORT)"
+        )
+    raise PortSpecError(
+        f"port spec {spec!r}: too many ':' (an IPv6 address goes in brackets: [::1]:8080:80)"
+    )
+
+
+def _parse_address(spec: str, text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise PortSpecError(f"port spec {spec!r}: {text!r} is not an IP address") from None
+
+
+def _parse_range(spec: str, text: str, side: str) -> tuple[int, int]:
+    first, dash, last = text.partition("-")
+    low = _parse_port(spec, first, side)
+    high = _parse_port(spec, last, side) if dash else low
+    if high < low:
+        raise PortSpecError(f"port spec {spec!r}: {side} range {text} runs backwards")
+    return low, high
+
+
+def _parse_port(spec: str, text: str, side: str) -> int:
+    # isdigit() alone would accept "²" and other Unicode digits that int() rejects.
+    if not (text.isascii() and text.isdigit()):
+        raise PortSpecError(f"port spec {spec!r}: {side} port {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise PortSpecError(f"port spec {spec!r}: {side} port {port} is outside 1-65535")
+    return port
+
+
+def _reject_duplicates(mappings: list[PortMapping]) -> None:
+    seen: dict[tuple[str | None, int, str], PortMapping] = {}
+    for m in mappings:
+        key = (m.host_ip, m.host_port, m.proto)
+        if key in seen:
+            raise PortSpecError(f"host port {m} is requested twice (also as {seen[key]})")
+        seen[key] = m

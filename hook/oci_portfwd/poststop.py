@@ -1,0 +1,78 @@
+"""poststop: stop the container's supervisor and free its ports. Idempotent; never blocks
+the container's deletion: nothing to stop is success."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+from typing import Mapping
+
+from .config import load_config, state_dir_of
+from .errors import ConfigError
+from .logs import close_log, open_log
+from .state import parse_state
+from .statefile import Record, is_alive, log_path, read_record, remove_record
+
+STOP_TIMEOUT = 5.0
+KILL_TIMEOUT = 2.0
+
+
+def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
+    state = parse_state(raw_state, full_validation=False)
+    try:
+        config = load_config(env)
+    except ConfigError:
+        # A config broken since the container started must not keep its ports bound:
+        # fall back to the defaults, which name the default state dir.
+        config = load_config({}, explicit=None)
+    state_dir = state_dir_of(config, env)
+    log = open_log(None, config.log_level, stderr=True)
+    try:
+        record = read_record(state_dir, state.id)
+        if record is None:
+            log.info("container %s has no forwarding (already stopped)", state.id)
+        elif is_alive(record):
+            stop_supervisor(record, log)
+        else:
+            log.info("supervisor of container %s is already gone", state.id)
+        remove_record(state_dir, state.id)
+        _remove_log(state_dir, state.id)
+    finally:
+        close_log(log)
+    return 0
+
+
+def stop_supervisor(record: Record, log: logging.Logger) -> None:
+    """SIGTERM, then SIGKILL; through a pidfd opened after checking the start time, so
+    that a pid reused since the state file was written is never signalled."""
+    try:
+        pidfd = os.pidfd_open(record.supervisor_pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not is_alive(record):
+            log.warning(
+                "pid %d is no longer the supervisor of container %s (start time differs); not signalling it",
+                record.supervisor_pid,
+                record.container_id,
+            )
+            return
+        for signum, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, KILL_TIMEOUT)):
+            try:
+                signal.pidfd_send_signal(pidfd, signum)
+            except ProcessLookupError:
+                return
+            if select.select([pidfd], [], [], timeout)[0]:
+                return
+            log.warning("supervisor pid %d did not stop on %s", record.supervisor_pid, signum.name)
+    finally:
+        os.close(pidfd)
+
+
+def _remove_log(state_dir: os.PathLike[str], container_id: str) -> None:
+    try:
+        os.unlink(log_path(state_dir, container_id))  # type: ignore[arg-type]
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,81 @@
+"""The OCI state a runtime writes on the hook's stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import StateError
+from .schema import validate
+
+MAX_STATE_BYTES = 1 << 20
+# The same rule as the schema's, checked without jsonschema on the poststop path.
+CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,255}$")
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    oci_version: str
+    id: str
+    status: str
+    pid: int | None
+    bundle: str | None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+def decode_state(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(f"state on stdin is larger than {MAX_STATE_BYTES} bytes")
+    if not raw.strip():
+        raise StateError("no OCI state on stdin (is the hook run by an OCI runtime?)")
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise StateError("state on stdin is nested too deeply to be an OCI state") from None
+    except ValueError as e:
+        raise StateError(f"state on stdin is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise StateError(f"state on stdin must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def parse_state(raw: bytes, *, full_validation: bool) -> ContainerState:
+    """Full validation (jsonschema) at prestart; at poststop only what is needed to find
+    the container's forwarding, so that a runtime's odd poststop state never blocks cleanup."""
+    doc = decode_state(raw)
+    if full_validation:
+        validate(doc, "oci-state.schema.json", "OCI state", StateError)
+    cid = doc.get("id")
+    if not isinstance(cid, str) or not CONTAINER_ID.match(cid):
+        raise StateError(f"OCI state has no usable container id (got {cid!r})")
+    pid = doc.get("pid")
+    annotations = doc.get("annotations") or {}
+    return ContainerState(
+        oci_version=str(doc.get("ociVersion", "")),
+        id=cid,
+        status=str(doc.get("status", "")),
+        pid=pid if isinstance(pid, int) and pid > 0 else None,
+        bundle=doc.get("bundle") if isinstance(doc.get("bundle"), str) else None,
+        annotations=annotations if isinstance(annotations, dict) else {},
+    )
+
+
+def bundle_annotations(bundle: str | None) -> dict[str, str]:
+    """The annotations of bundle/config.json: some callers leave them out of the state."""
+    if not bundle:
+        return {}
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(16 << 20))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as e:
+        raise StateError(f"cannot read annotations from {path}: {e}") from None
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(annotations, dict):
+        return {}
+    return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}

@@ -1,0 +1,363 @@
+"""The supervisor: a detached process that holds the host listeners for the container's
+whole life, runs the driver's core as its child and restarts it when it dies.
+
+    hook ─fork─▶ (setsid) ─fork─▶ supervisor ─fork─▶ core ─fork─▶ dialer
+                     exits          │ pidfd on the container's init: gone → tear down
+                                    │ SIGTERM (poststop) → tear down
+                                    └ core died → restart with backoff; the listeners stay
+                                      open here, so clients queue instead of being refused
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .drivers import Driver
+from .errors import StartError, StateDirError
+from .listeners import Listener
+from .logs import close_log, open_log
+from .plan import Plan
+from .status import StatusReader, StatusWriter
+from .procfs import children, close_fds_except, process_start_time
+from .statefile import Record, remove_record, write_record
+
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 5.0
+STABLE_AFTER = 30.0  # a core that lived this long restarts without backoff
+STOP_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+    start_time: int
+
+
+@dataclass(frozen=True)
+class Context:
+    plan: Plan
+    listeners: Sequence[Listener]
+    driver: Driver
+    state_dir: Path
+    log_path: Path
+    log_level: str
+
+
+def launch(ctx: Context, log: logging.Logger) -> Started:
+    """Detach the supervisor and wait until it says ready. Raises StartError."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setsid()
+            if os.fork() == 0:
+                _supervisor_main(ctx, write_fd)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    try:
+        return _await_ready(StatusReader(read_fd), ctx, log)
+    finally:
+        os.close(read_fd)
+
+
+def _await_ready(reader: StatusReader, ctx: Context, log: logging.Logger) -> Started:
+    # The supervisor enforces ready_timeout on the core; the margin covers its own start.
+    deadline = time.monotonic() + ctx.plan.ready_timeout + 2.0
+    started: Started | None = None
+    try:
+        while True:
+            line = reader.read_line(deadline)
+            if line is None:
+                raise StartError(f"the forwarding supervisor exited before it was ready; see {ctx.log_path}")
+            word, _, rest = line.partition(" ")
+            if word == "pid":
+                pid_text, _, start_text = rest.partition(" ")
+                started = Started(int(pid_text), int(start_text))
+            elif word == "ready" and started is not None:
+                return started
+            elif word == "error":
+                raise StartError(rest)
+    except TimeoutError:
+        if started is not None and process_start_time(started.pid) == started.start_time:
+            os.kill(started.pid, signal.SIGKILL)
+        raise StartError(
+            f"the forwarding did not come up within {ctx.plan.ready_timeout:g}s (ready_timeout); see {ctx.log_path}"
+        ) from None
+
+
+def _supervisor_main(ctx: Context, report_fd: int) -> None:
+    """The grandchild: never returns."""
+    code = 1
+    try:
+        keep = {report_fd} | {listener.sock.fileno() for listener in ctx.listeners}
+        _detach_stdio(ctx.log_path)
+        close_fds_except(keep)
+        log = open_log(ctx.log_path, ctx.log_level, stderr=False)
+        try:
+            code = Supervisor(ctx, StatusWriter(report_fd), log).run()
+        finally:
+            close_log(log)
+    except BaseException:  # noqa: BLE001 - a bug: its traceback goes to the log (stderr)
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _detach_stdio(log_path: Path) -> None:
+    # The runtime waits for EOF on the hook's stdout/stderr: keep none of its pipes.
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+@dataclass
+class Core:
+    pid: int
+    pidfd: int
+    status: StatusReader
+    started_at: float
+    ready: bool = False
+
+
+class Supervisor:
+    def __init__(self, ctx: Context, report: StatusWriter, log: logging.Logger) -> None:
+        self.ctx = ctx
+        self.plan = ctx.plan
+        self.report = report
+        self.log = log
+        self.stop_reason: str | None = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self) -> int:
+        import prctl  # noqa: PLC0415
+
+        cid = self.plan.container_id
+        prctl.set_name(f"portfwd:{cid[:7]}")
+        prctl.set_child_subreaper(True)
+        prctl.set_dumpable(False)
+        me = os.getpid()
+        start_time = process_start_time(me)
+        assert start_time is not None
+        self.report.send(f"pid {me} {start_time}")
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        signal.set_wakeup_fd(self.wake_w)
+
+        try:
+            container = os.pidfd_open(self.plan.container_pid)
+        except ProcessLookupError:
+            return self._fail(f"container process {self.plan.container_pid} is gone")
+        core = self._spawn_core()
+        try:
+            self._await_first_ready(core)
+            write_record(
+                self.ctx.state_dir,
+                Record(
+                    container_id=cid,
+                    container_pid=self.plan.container_pid,
+                    supervisor_pid=me,
+                    supervisor_start_time=start_time,
+                    driver=self.plan.driver,
+                    ports=tuple(str(listener.target) for listener in self.ctx.listeners),
+                    log=str(self.ctx.log_path),
+                    created=time.time(),
+                ),
+            )
+        except (StartError, StateDirError, OSError) as e:
+            self._stop_core(core)
+            return self._fail(str(e))
+        self.log.info(
+            "forwarding %s for container %s (driver %s, core pid %d)",
+            ", ".join(str(listener.target) for listener in self.ctx.listeners),
+            cid,
+            self.plan.driver,
+            core.pid,
+        )
+        self.report.ready()
+        self.report.close()
+        reason = self._watch(container, core)
+        self.log.info("tearing down: %s", reason)
+        self._teardown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_reason = f"{signal.Signals(signum).name} received (poststop)"
+
+    def _fail(self, message: str) -> int:
+        self.log.error("%s", message)
+        self.report.error(message)
+        self._teardown()
+        return 1
+
+    # the core
+    def _spawn_core(self) -> Core:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(status_r)
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_DFL)
+                status = StatusWriter(status_w)
+                try:
+                    code = self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log)
+                except StartError as e:
+                    self.log.error("%s", e)
+                    status.error(str(e))
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(status_w)
+        return Core(pid, os.pidfd_open(pid), StatusReader(status_r), time.monotonic())
+
+    def _await_first_ready(self, core: Core) -> None:
+        deadline = time.monotonic() + self.plan.ready_timeout
+        while True:
+            try:
+                line = core.status.read_line(deadline)
+            except TimeoutError:
+                raise StartError(
+                    f"the forwarding core did not become ready within {self.plan.ready_timeout:g}s (ready_timeout)"
+                ) from None
+            if line == "ready":
+                core.ready = True
+                return
+            if line is None:
+                raise StartError(f"the forwarding core exited before it was ready; see {self.ctx.log_path}")
+            if line.startswith("error "):
+                raise StartError(line[len("error ") :])
+
+    def _stop_core(self, core: Core) -> None:
+        try:
+            signal.pidfd_send_signal(core.pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not select.select([core.pidfd], [], [], STOP_GRACE)[0]:
+            try:
+                signal.pidfd_send_signal(core.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._close_core(core)
+
+    def _close_core(self, core: Core) -> None:
+        try:
+            os.waitpid(core.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(core.pidfd)
+        os.close(core.status.fd)
+
+    # the watch
+    def _watch(self, container: int, core: Core) -> str:
+        current: Core | None = core
+        backoff = BACKOFF_FIRST
+        restart_at = 0.0
+        reason: str | None = None
+        while reason is None:
+            fds = [container, self.wake_r]
+            if current is not None:
+                timeout = 1.0
+                fds.append(current.pidfd)
+                if not current.status.eof:
+                    fds.append(current.status.fd)
+            else:
+                timeout = max(0.0, restart_at - time.monotonic())
+            readable, _, _ = select.select(fds, [], [], timeout)
+            self._drain_wakeup()
+            self._reap_orphans(current.pid if current else 0)
+            reason = self.stop_reason
+            if container in readable:
+                reason = f"container process {self.plan.container_pid} exited"
+            elif current is not None:
+                if current.status.fd in readable:
+                    current.status.feed()
+                    for line in current.status.lines():
+                        self.log.info("core pid %d: %s", current.pid, line)
+                if current.pidfd in readable:
+                    lived = time.monotonic() - current.started_at
+                    self.log.warning(
+                        "forwarding core pid %d died (%s) after %.1fs; restarting it",
+                        current.pid, self._reap_core(current), lived,
+                    )
+                    backoff = BACKOFF_FIRST if lived > STABLE_AFTER else min(backoff * 2, BACKOFF_MAX)
+                    restart_at = time.monotonic() + backoff
+                    current = None
+            elif time.monotonic() >= restart_at:
+                current = self._spawn_core()
+                self.log.info("forwarding core restarted, pid %d", current.pid)
+        if current is not None:
+            self._stop_core(current)
+        return reason
+
+    def _reap_core(self, core: Core) -> str:
+        try:
+            _, status = os.waitpid(core.pid, 0)
+        except ChildProcessError:
+            return "exit status unknown"
+        finally:
+            os.close(core.pidfd)
+            os.close(core.status.fd)
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit code {os.WEXITSTATUS(status)}"
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap_orphans(self, core_pid: int) -> None:
+        # As child subreaper we inherit the core's dialer when the core dies. Reap those by
+        # pid; the core itself is reaped where its exit is reported (waitpid(-1) would eat it).
+        for child in children():
+            if child != core_pid:
+                try:
+                    os.waitpid(child, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+    def _teardown(self) -> None:
+        for listener in self.ctx.listeners:
+            listener.close()
+        remove_record(self.ctx.state_dir, self.plan.container_id, owner_pid=os.getpid())
+        self._reap_all(deadline=time.monotonic() + STOP_GRACE)
+
+    def _reap_all(self, deadline: float) -> None:
+        """Wait for every remaining child (a dialer left to us); kill those that linger."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                if time.monotonic() >= deadline:
+                    for child in children():
+                        try:
+                            os.kill(child, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    deadline = time.monotonic() + STOP_GRACE
+                time.sleep(0.01)
+

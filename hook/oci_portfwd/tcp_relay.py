@@ -1,0 +1,257 @@
+"""The data path of one TCP connection.
+
+    client ─▶ host listener ─accept─▶ TcpConnection
+      1. take a container-side socket from the dialer's pool
+      2. connect it to the container's address; refused → the next target (other family)
+      3. splice both ways, zero copy, through one pipe per direction
+      4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
+         reset on one side → reset on the other (SO_LINGER 0)
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from typing import Callable, Sequence
+
+from .addressing import Target
+from .dialer import SocketPool, kind_of
+from .eventloop import EventLoop
+
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+CHUNK = 1 << 16
+ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+LINGER_RESET = struct.pack("ii", 1, 0)
+# A refused or unreachable dial of one family falls back to the next target.
+DIAL_FALLBACK_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ENETUNREACH,
+    errno.EADDRNOTAVAIL,
+    errno.EAFNOSUPPORT,
+    errno.EHOSTUNREACH,
+}
+
+
+class ConnectionReset(Exception):
+    """One side was reset; the other must be reset too."""
+
+
+def reset(sock: socket.socket) -> None:
+    """Close so that the peer gets an RST, as a closed port or a crashed peer would give."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Direction:
+    """One way of a connection: src → pipe → dst with splice; no bytes through Python."""
+
+    __slots__ = ("src", "dst", "dst_sock", "pipe_r", "pipe_w", "buffered", "eof", "done")
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src = src.fileno()
+        self.dst = dst.fileno()
+        self.dst_sock = dst
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.buffered = 0
+        self.eof = False
+        self.done = False
+
+    def pump(self) -> None:
+        """Move what can be moved now; returns at EAGAIN (edge-triggered: drain fully)."""
+        splice = os.splice
+        while not self.done:
+            try:
+                if self.buffered:
+                    self.buffered -= splice(self.pipe_r, self.dst, self.buffered, flags=SPLICE_FLAGS)
+                elif self.eof:
+                    shutdown_write(self.dst_sock)
+                    self.done = True
+                else:
+                    moved = splice(self.src, self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+                    if moved == 0:
+                        self.eof = True
+                    else:
+                        self.buffered += moved
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN):
+                    raise ConnectionReset from None
+                raise
+
+    def close(self) -> None:
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+
+
+def shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+
+
+class TcpConnection:
+    def __init__(
+        self,
+        loop: EventLoop,
+        pool: SocketPool,
+        client: socket.socket,
+        targets: Sequence[Target],
+        log: logging.Logger,
+        on_close: Callable[["TcpConnection"], None],
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.client = client
+        self.targets = list(targets)
+        self.log = log
+        self.on_close = on_close
+        self.upstream: socket.socket | None = None
+        self.ways: tuple[Direction, Direction] | None = None
+        self.closed = False
+        self.tried: list[str] = []
+
+    # 1. a container-side socket
+    def start(self) -> None:
+        self._dial_next()
+
+    def _dial_next(self) -> None:
+        if not self.targets:
+            self.log.debug("no container service answers on %s: resetting the client", ", ".join(self.tried))
+            self._abort()
+            return
+        target = self.targets[0]
+        self.pool.get(kind_of(target.family, "tcp"), self._on_socket)
+
+    # 2. connect, with family fallback
+    def _on_socket(self, sock: socket.socket | None) -> None:
+        if self.closed:
+            if sock is not None:
+                sock.close()
+            return
+        if sock is None:
+            self.log.warning("the dialer is gone; dropping a connection")
+            self._abort()
+            return
+        target = self.targets.pop(0)
+        self.tried.append(str(target))
+        self.upstream = sock
+        err = sock.connect_ex((target.address, target.port))
+        if err == errno.EINPROGRESS:
+            self.loop.register(sock.fileno(), select.EPOLLOUT, self._on_connected)
+        else:
+            self._connected(err)
+
+    def _on_connected(self, _events: int) -> None:
+        assert self.upstream is not None
+        self.loop.unregister(self.upstream.fileno())
+        self._connected(self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _connected(self, err: int) -> None:
+        assert self.upstream is not None
+        if err == 0:
+            self._start_relay()
+            return
+        self.upstream.close()
+        self.upstream = None
+        if err in DIAL_FALLBACK_ERRNOS:
+            self._dial_next()
+        else:
+            self.log.info("dial of %s failed: %s", self.tried[-1], os.strerror(err))
+            self._abort()
+
+    # 3. splice both ways
+    def _start_relay(self) -> None:
+        assert self.upstream is not None
+        self.ways = (Direction(self.client, self.upstream), Direction(self.upstream, self.client))
+        self.loop.register(self.client.fileno(), ET_EVENTS, self._on_event)
+        self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_event)
+        self._on_event(0)
+
+    def _on_event(self, _events: int) -> None:
+        assert self.ways is not None
+        to_container, to_client = self.ways
+        try:
+            to_container.pump()
+            to_client.pump()
+        except ConnectionReset:
+            self._abort()
+            return
+        # 4. both halves closed cleanly
+        if to_container.done and to_client.done:
+            self._close(graceful=True)
+
+    def _abort(self) -> None:
+        self._close(graceful=False)
+
+    def _close(self, graceful: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for sock in (self.client, self.upstream):
+            if sock is None:
+                continue
+            self.loop.unregister(sock.fileno())
+            if graceful:
+                sock.close()
+            else:
+                reset(sock)
+        if self.ways:
+            for way in self.ways:
+                way.close()
+        self.on_close(self)
+
+
+class TcpListener:
+    """Accepts on one host socket and starts a TcpConnection per client."""
+
+    ACCEPT_BATCH = 64
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        pool: SocketPool,
+        sock: socket.socket,
+        targets: Sequence[Target],
+        log: logging.Logger,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.sock = sock
+        self.targets = tuple(targets)
+        self.log = log
+        self.connections: set[TcpConnection] = set()
+
+    def start(self) -> None:
+        self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
+
+    def _on_readable(self, _events: int) -> None:
+        for _ in range(self.ACCEPT_BATCH):
+            try:
+                client, _addr = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: stop accepting for a moment rather than spin;
+                    # the kernel keeps queueing in the backlog meanwhile.
+                    self.log.warning("accept failed (%s); pausing this listener for 100 ms", e.strerror)
+                    self.loop.unregister(self.sock.fileno())
+                    self.loop.call_later(0.1, self.start)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            client.setblocking(False)
+            conn = TcpConnection(self.loop, self.pool, client, self.targets, self.log, self.connections.discard)
+            self.connections.add(conn)
+            conn.start()

@@ -1,0 +1,188 @@
+"""The data path of UDP: one session per client address.
+
+    client ─datagram─▶ host socket ─▶ UdpSession (by client address)
+      1. a container-side UDP socket from the dialer's pool, connected to the target
+      2. datagrams to the container on it; its replies back with sendto(client)
+      3. ICMP refusal (ECONNREFUSED) before any reply → the other family, resending the
+         last datagram, as TCP does on a refused dial
+      4. no traffic for udp_idle_timeout → the session is forgotten
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import time
+from typing import Sequence
+
+from .addressing import Target
+from .dialer import SocketPool, kind_of
+from .eventloop import EventLoop
+
+MAX_DATAGRAM = 65535
+MAX_QUEUED = 64
+READ_BATCH = 64
+
+
+class UdpListener:
+    def __init__(
+        self,
+        loop: EventLoop,
+        pool: SocketPool,
+        sock: socket.socket,
+        targets: Sequence[Target],
+        idle_timeout: float,
+        log: logging.Logger,
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.sock = sock
+        self.targets = tuple(targets)
+        self.idle_timeout = idle_timeout
+        self.log = log
+        self.sessions: dict[object, UdpSession] = {}
+        # One buffer per listener: no allocation per datagram on the way in.
+        self.buffer = bytearray(MAX_DATAGRAM)
+        self.view = memoryview(self.buffer)
+
+    def start(self) -> None:
+        self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
+        self.loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _on_readable(self, _events: int) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                size, client = self.sock.recvfrom_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.log.debug("UDP receive on %s failed: %s", self.sock.getsockname(), e.strerror)
+                return
+            session = self.sessions.get(client)
+            if session is None:
+                session = UdpSession(self, client)
+                self.sessions[client] = session
+                session.start()
+            session.to_container(self.view[:size])
+
+    def send_to_client(self, data: memoryview, client: object) -> None:
+        try:
+            self.sock.sendto(data, client)
+        except (BlockingIOError, InterruptedError):
+            pass  # the host socket's buffer is full: UDP may drop, and so do we
+        except OSError as e:
+            self.log.debug("UDP send to %s failed: %s", client, e.strerror)
+
+    def _sweep_interval(self) -> float:
+        return max(0.5, min(self.idle_timeout / 2, 10.0))
+
+    def _sweep(self) -> None:
+        horizon = time.monotonic() - self.idle_timeout
+        for client, session in list(self.sessions.items()):
+            if session.last_used < horizon:
+                session.close()
+                del self.sessions[client]
+        self.loop.call_later(self._sweep_interval(), self._sweep)
+
+
+class UdpSession:
+    def __init__(self, listener: UdpListener, client: object) -> None:
+        self.listener = listener
+        self.client = client
+        self.targets = list(listener.targets)
+        self.upstream: socket.socket | None = None
+        self.queue: list[bytes] = []
+        self.last_datagram: bytes | None = None
+        self.answered = False
+        self.closed = False
+        self.last_used = time.monotonic()
+        self.buffer = bytearray(MAX_DATAGRAM)
+        self.view = memoryview(self.buffer)
+
+    # 1. a container-side socket
+    def start(self) -> None:
+        if not self.targets:
+            return
+        self.listener.pool.get(kind_of(self.targets[0].family, "udp"), self._on_socket)
+
+    def _on_socket(self, sock: socket.socket | None) -> None:
+        if sock is None or self.closed:
+            if sock is not None:
+                sock.close()
+            return
+        target = self.targets.pop(0)
+        try:
+            sock.connect((target.address, target.port))
+        except OSError:
+            sock.close()
+            self.start()  # e.g. no IPv6 in the container: the other family
+            return
+        self.upstream = sock
+        self.listener.loop.register(sock.fileno(), select.EPOLLIN, self._on_upstream)
+        queued, self.queue = self.queue, []
+        for datagram in queued:
+            self._send(datagram)
+
+    # 2. client → container
+    def to_container(self, data: memoryview) -> None:
+        self.last_used = time.monotonic()
+        if self.upstream is None:
+            if len(self.queue) < MAX_QUEUED:
+                self.queue.append(bytes(data))
+            return
+        self._send(data)
+
+    def _send(self, data: memoryview | bytes) -> None:
+        assert self.upstream is not None
+        if not self.answered:
+            # Kept only until the first reply: a refusal must be able to resend it.
+            self.last_datagram = bytes(data)
+        try:
+            self.upstream.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ConnectionRefusedError:
+            self._fall_back()
+        except OSError as e:
+            self.listener.log.debug("UDP send to the container failed: %s", e.strerror)
+
+    # 2. container → client
+    def _on_upstream(self, _events: int) -> None:
+        assert self.upstream is not None
+        for _ in range(READ_BATCH):
+            try:
+                size = self.upstream.recv_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                self._fall_back()
+                return
+            except OSError as e:
+                self.listener.log.debug("UDP receive from the container failed: %s", e.strerror)
+                return
+            self.answered = True
+            self.last_datagram = None
+            self.last_used = time.monotonic()
+            self.listener.send_to_client(self.view[:size], self.client)
+
+    # 3. refused before any reply → next family
+    def _fall_back(self) -> None:
+        if self.answered or not self.targets:
+            return
+        self._close_upstream()
+        if self.last_datagram is not None:
+            self.queue.append(self.last_datagram)
+        self.start()
+
+    # 4. idle
+    def _close_upstream(self) -> None:
+        if self.upstream is not None:
+            self.listener.loop.unregister(self.upstream.fileno())
+            self.upstream.close()
+            self.upstream = None
+
+    def close(self) -> None:
+        self.closed = True
+        self._close_upstream()
