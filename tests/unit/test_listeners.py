@@ -1,0 +1,65 @@
+"""Binding with real sockets on loopback."""
+
+import socket
+
+import pytest
+
+from oci_portfwd.errors import BindError
+from oci_portfwd.listeners import bind_all, bind_targets
+from oci_portfwd.ports import parse_port_specs
+
+
+def free_port(proto="tcp"):
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bindable(port, address="127.0.0.1"):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def test_unspecified_binds_both_families_as_separate_sockets():
+    port = free_port()
+    listeners = bind_all(bind_targets(parse_port_specs(f"{port}:80"), True, pytest.fail))
+    try:
+        families = sorted(listener.sock.family for listener in listeners)
+        assert families == [socket.AF_INET, socket.AF_INET6]
+        v6 = next(listener.sock for listener in listeners if listener.sock.family == socket.AF_INET6)
+        assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def test_without_ipv6_warns_and_binds_ipv4_only():
+    warnings = []
+    targets = bind_targets(parse_port_specs("8080:80,[::1]:8081:80"), False, warnings.append)
+    assert [t.address for t in targets] == ["0.0.0.0", "::1"]
+    assert len(warnings) == 1 and "IPv6 is not available" in warnings[0] and "8080:80/tcp" in warnings[0]
+
+
+def test_port_in_use_names_address_and_port_and_frees_the_rest():
+    first, busy = free_port(), free_port()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", busy))
+        blocker.listen()
+        specs = parse_port_specs(f"127.0.0.1:{first}:80,127.0.0.1:{busy}:80")
+        with pytest.raises(BindError) as e:
+            bind_all(bind_targets(specs, True, pytest.fail))
+        assert f"127.0.0.1:{busy}/tcp" in str(e.value) and "already in use" in str(e.value)
+        assert bindable(first), "the socket bound before the failure was left open"
+
+
+def test_udp_port_in_use_is_detected():
+    busy = free_port("udp")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blocker:
+        blocker.bind(("127.0.0.1", busy))
+        with pytest.raises(BindError, match="already in use"):
+            bind_all(bind_targets(parse_port_specs(f"127.0.0.1:{busy}:53/udp"), True, pytest.fail))

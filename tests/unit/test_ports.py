@@ -1,0 +1,85 @@
+import pytest
+from hypothesis import given, strategies as st
+
+from oci_portfwd.errors import PortSpecError
+from oci_portfwd.ports import PortMapping, parse_port_specs
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("8080:80", [PortMapping(None, 8080, 80, "tcp")]),
+        ("127.0.0.2:8080:80/tcp", [PortMapping("127.0.0.2", 8080, 80, "tcp")]),
+        ("[::1]:5353:53/udp", [PortMapping("::1", 5353, 53, "udp")]),
+        ("[0:0::1]:5353:53/UDP", [PortMapping("::1", 5353, 53, "udp")]),
+        ("0.0.0.0:80:80", [PortMapping("0.0.0.0", 80, 80, "tcp")]),
+        ("[::]:80:80", [PortMapping("::", 80, 80, "tcp")]),
+        (
+            "8000-8002:9000-9002",
+            [PortMapping(None, 8000 + i, 9000 + i, "tcp") for i in range(3)],
+        ),
+        (" 1:2 , 3:4/udp ", [PortMapping(None, 1, 2, "tcp"), PortMapping(None, 3, 4, "udp")]),
+        ("8080:80/tcp,8080:80/udp", [PortMapping(None, 8080, 80, "tcp"), PortMapping(None, 8080, 80, "udp")]),
+    ],
+)
+def test_valid_specs(spec, expected):
+    assert list(parse_port_specs(spec)) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("99999:80", "outside 1-65535"),
+        ("0:80", "outside 1-65535"),
+        ("abc", "host port is required"),
+        ("abc:80", "not a number"),
+        ("1-5:1-3", "differ in length"),
+        ("8000-8010:80", "differ in length"),
+        ("5-1:5-1", "runs backwards"),
+        ("80:80/sctp", "unknown protocol"),
+        ("::1:80:80", "too many ':'"),
+        ("[::1]80:80", "expected [ADDRESS]"),
+        ("[::1]:80", "expected [ADDRESS]"),
+        ("1.2.3:80:80", "not an IP address"),
+        ("8080:80,", "empty port spec"),
+        ("8080:80,8080:81", "requested twice"),
+        ("８０:80", "not a number"),
+        ("²:80", "not a number"),
+    ],
+)
+def test_invalid_specs_name_the_spec(spec, words):
+    with pytest.raises(PortSpecError) as e:
+        parse_port_specs(spec)
+    assert words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_max_ports_counts_range_members():
+    assert len(parse_port_specs("1000-1009:1000-1009", max_ports=10)) == 10
+    with pytest.raises(PortSpecError, match="max_ports"):
+        parse_port_specs("1000-1010:1000-1010", max_ports=10)
+
+
+def test_str_round_trips():
+    for spec in ["8080:80/tcp", "127.0.0.2:8080:80/tcp", "[::1]:5353:53/udp"]:
+        (m,) = parse_port_specs(spec)
+        assert str(m) == spec
+        assert parse_port_specs(str(m)) == (m,)
+
+
+ports = st.integers(1, 65535)
+
+
+@given(host=ports, container=ports, proto=st.sampled_from(["tcp", "udp"]))
+def test_any_valid_pair_parses(host, container, proto):
+    assert parse_port_specs(f"{host}:{container}/{proto}") == (PortMapping(None, host, container, proto),)
+
+
+@given(st.text(max_size=60))
+def test_arbitrary_text_parses_or_raises_a_port_spec_error(text):
+    try:
+        result = parse_port_specs(text)
+    except PortSpecError as e:
+        assert str(e)
+    else:
+        assert all(1 <= m.host_port <= 65535 and 1 <= m.container_port <= 65535 for m in result)
