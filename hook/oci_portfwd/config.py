@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .schema import validate
@@ -69,6 +70,14 @@ def default_state_dir(euid: int, env: Mapping[str, str]) -> Path:
     runtime_dir = env.get("XDG_RUNTIME_DIR")
     if runtime_dir and os.path.isabs(runtime_dir):
         return Path(runtime_dir) / "oci-portfwd"
+    # A hook entry with its own "env" drops XDG_RUNTIME_DIR; find the same dir the user's
+    # shell would name, so that `oci-portfwd-hook ps` sees what the hook wrote.
+    user_run = Path(f"/run/user/{euid}")
+    try:
+        if user_run.stat().st_uid == euid:
+            return user_run / "oci-portfwd"
+    except OSError:
+        pass
     return Path(f"/tmp/oci-portfwd-{euid}")
 
 

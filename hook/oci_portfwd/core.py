@@ -8,21 +8,20 @@ is signalled. It never joins the container's namespaces itself.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import select
 import signal
-import socket
-from typing import Sequence
+import time
+from collections.abc import Sequence
 
-from .addressing import dial_targets
-from .dialer import SocketPool, await_hello, kind_of, start_dialer
+from .addressing import Target, dial_targets
+from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
+from .status import StatusWriter
 from .tcp_relay import TcpListener
 from .udp_relay import UdpListener
-from .status import StatusWriter
 
 
 def run_core(plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
@@ -33,15 +32,32 @@ def run_core(plan: Plan, listeners: Sequence[Listener], status: StatusWriter, lo
     prctl.set_dumpable(False)
     _raise_fd_limit(log)
 
-    deadline = _deadline(plan.ready_timeout)
+    deadline = time.monotonic() + plan.ready_timeout
     dialer_pid, dialer_sock = start_dialer(
         plan.container_pid, plan.loopback == "container-address", deadline
     )
     log.debug("dialer started, pid %d", dialer_pid)
-    addresses = await_hello(dialer_sock, max(0.1, deadline - _now()))
+    addresses = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
+    if addresses is None:
+        log.info("the container has not exec'd yet (rootless crun); connections wait until the dialer joins it")
 
     loop = EventLoop()
-    pool = SocketPool(dialer_sock)
+    servers: list[tuple[Listener, TcpListener | UdpListener]] = []
+
+    def targets_for(listener: Listener, found: Addresses) -> tuple[Target, ...]:
+        t = listener.target
+        return dial_targets(plan.loopback, t.family, t.address, t.mapping.container_port, found)
+
+    def on_hello(found: Addresses) -> None:
+        log.info("the dialer joined the container's namespaces")
+        for listener, server in servers:
+            server.targets = targets_for(listener, found)
+
+    def on_error(message: str) -> None:
+        log.error("%s", message)
+        loop.running = False
+
+    pool = SocketPool(dialer_sock, on_hello, on_error)
 
     def on_dialer(_events: int) -> None:
         if not pool.on_readable():
@@ -49,15 +65,18 @@ def run_core(plan: Plan, listeners: Sequence[Listener], status: StatusWriter, lo
             loop.running = False
 
     loop.register(dialer_sock.fileno(), select.EPOLLIN, on_dialer)
-    kinds = set()
+    kinds: set[bytes] = set()
     for listener in listeners:
         t = listener.target
-        targets = dial_targets(plan.loopback, t.family, t.address, t.mapping.container_port, addresses)
+        targets = targets_for(listener, addresses or {})
         kinds.update(kind_of(target.family, t.proto) for target in targets)
+        server: TcpListener | UdpListener
         if t.proto == "tcp":
-            TcpListener(loop, pool, listener.sock, targets, log).start()
+            server = TcpListener(loop, pool, listener.sock, targets, log)
         else:
-            UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log).start()
+            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log)
+        server.start()
+        servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
     pool.prefill(kinds)
     status.ready()
@@ -74,12 +93,3 @@ def _raise_fd_limit(log: logging.Logger) -> None:
         except (ValueError, OSError) as e:
             log.debug("cannot raise the descriptor limit to %d: %s", hard, e)
 
-
-def _now() -> float:
-    import time  # noqa: PLC0415
-
-    return time.monotonic()
-
-
-def _deadline(timeout: float) -> float:
-    return _now() + timeout

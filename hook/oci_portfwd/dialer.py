@@ -6,7 +6,9 @@ a SOCK_SEQPACKET socketpair with SCM_RIGHTS. The core, which holds the host sock
 joins the container's namespaces. A pool of pre-made sockets hides the round trip.
 
 Protocol (one datagram each):
-  dialer → core  b"K" + JSON {"addresses": {"4": [...], "6": [...]}}   joined, ready
+  dialer → core  b"W"                                                  waiting: the container
+                                                                       has not exec'd yet
+                 b"K" + JSON {"addresses": {"4": [...], "6": [...]}}   joined, ready
                  b"E" + message                                        failed, exiting
                  b"S" + kind, with the sockets as SCM_RIGHTS           sockets
   core → dialer  kind + b" " + count                                   please make sockets
@@ -21,12 +23,12 @@ import signal
 import socket
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import NamespaceError, StartError
 from .namespaces import join_container
-from .procfs import close_fds_except
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
+from .procfs import close_fds_except
 
 KINDS = {
     b"t4": (socket.AF_INET, socket.SOCK_STREAM),
@@ -65,7 +67,10 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
     # Not dumpable: a process in the container's user namespace cannot ptrace or read us.
     prctl.set_dumpable(False)
     try:
-        join_container(container_pid, deadline)
+        def tell_waiting() -> None:
+            sock.send(b"W")
+
+        join_container(container_pid, deadline, on_wait=tell_waiting)
         if not loopback_is_up():
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}
@@ -90,24 +95,34 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
             s.close()
 
 
-def await_hello(sock: socket.socket, timeout: float) -> dict[int, list[str]]:
-    """Wait for the dialer to report that it is inside the container's namespaces."""
+Addresses = dict[int, list[str]]
+
+
+def await_hello(sock: socket.socket, timeout: float) -> Addresses | None:
+    """Wait for the dialer to join the container's namespaces. None: it is waiting for
+    the container to exec (rootless crun), and its hello will come through the pool."""
     sock.settimeout(timeout)
     try:
         message = sock.recv(65536)
     except TimeoutError:
-        raise StartError(f"the dialer did not join the container's namespaces within {timeout:.0f}s") from None
+        raise StartError(f"the dialer did not join the container's namespaces within {timeout:g}s") from None
     finally:
         sock.setblocking(False)
-    if message.startswith(b"K"):
-        hello = json.loads(message[1:])
-        return {
-            socket.AF_INET if key == "4" else socket.AF_INET6: list(addrs)
-            for key, addrs in hello.get("addresses", {}).items()
-        }
+    if message == b"W":
+        return None
     if message.startswith(b"E"):
         raise StartError(message[1:].decode(errors="replace"))
+    if message.startswith(b"K"):
+        return decode_hello(message)
     raise StartError("the dialer exited before it joined the container's namespaces")
+
+
+def decode_hello(message: bytes) -> Addresses:
+    hello = json.loads(message[1:])
+    return {
+        socket.AF_INET if key == "4" else socket.AF_INET6: list(addrs)
+        for key, addrs in hello.get("addresses", {}).items()
+    }
 
 
 Waiter = Callable[[socket.socket | None], None]
@@ -119,8 +134,15 @@ class SocketPool:
     TARGET = 16
     LOW = 4
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_hello: Callable[[Addresses], None],
+        on_error: Callable[[str], None],
+    ) -> None:
         self.sock = sock
+        self.on_hello = on_hello
+        self.on_error = on_error
         self.ready: dict[bytes, deque[socket.socket]] = {k: deque() for k in KINDS}
         self.waiters: dict[bytes, deque[Waiter]] = {k: deque() for k in KINDS}
         self.pending: dict[bytes, int] = {k: 0 for k in KINDS}
@@ -147,7 +169,7 @@ class SocketPool:
         """Take every reply; False once the dialer is gone."""
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 16, MAX_BATCH)
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_BATCH)
             except BlockingIOError:
                 return True
             except OSError:
@@ -155,6 +177,9 @@ class SocketPool:
             if not data:
                 self._fail_waiters()
                 return False
+            if data[:1] != b"S":
+                self._on_control(data)
+                continue
             kind = data[1:3]
             self.pending[kind] = max(0, self.pending[kind] - len(fds))
             for fd in fds:
@@ -168,6 +193,13 @@ class SocketPool:
                 else:
                     self.ready[kind].append(sock)
             self._refill(kind)
+
+    def _on_control(self, message: bytes) -> None:
+        # After a deferred start (b"W"), the dialer's hello or failure arrives here.
+        if message.startswith(b"K"):
+            self.on_hello(decode_hello(message))
+        elif message.startswith(b"E"):
+            self.on_error(message[1:].decode(errors="replace"))
 
     def _refill(self, kind: bytes) -> None:
         have = len(self.ready[kind]) + self.pending[kind] - len(self.waiters[kind])

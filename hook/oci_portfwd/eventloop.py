@@ -6,7 +6,7 @@ import heapq
 import itertools
 import select
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Handler = Callable[[int], None]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from .errors import BindError
 from .ports import PortMapping

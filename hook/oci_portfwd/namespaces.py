@@ -11,6 +11,7 @@ import ctypes.util
 import errno
 import os
 import time
+from collections.abc import Callable
 
 from .errors import NamespaceError
 
@@ -28,16 +29,22 @@ def setns(fd: int, nstype: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def open_namespaces(pid: int, deadline: float) -> tuple[int | None, int]:
+def open_namespaces(
+    pid: int, deadline: float, on_wait: Callable[[], None] | None = None
+) -> tuple[int | None, int]:
     """Open /proc/PID/ns/{user,net}; the user one is None when it is already ours.
 
-    Rootless crun makes the files readable only once the container has exec'd, shortly
-    after prestart (EACCES before): retry until `deadline`.
+    Rootless crun makes the files readable only once the container has exec'd, which is
+    after the prestart hook has exited (EACCES before): retry until `deadline`, telling
+    `on_wait` once so that the hook need not wait for it.
     """
     while True:
         try:
             return _open_namespaces(pid)
         except PermissionError:
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
             if time.monotonic() >= deadline:
                 raise NamespaceError(
                     f"cannot open the namespaces of container pid {pid}: permission denied"
@@ -60,12 +67,12 @@ def _open_namespaces(pid: int) -> tuple[int | None, int]:
         raise
 
 
-def join_container(pid: int, deadline: float) -> None:
+def join_container(pid: int, deadline: float, on_wait: Callable[[], None] | None = None) -> None:
     """Enter the container's network namespace (after its user namespace if rootless).
 
     Must run in a single-threaded process: the kernel refuses setns(CLONE_NEWUSER) otherwise.
     """
-    user_fd, net_fd = open_namespaces(pid, deadline)
+    user_fd, net_fd = open_namespaces(pid, deadline, on_wait)
     try:
         if user_fd is not None:
             try:

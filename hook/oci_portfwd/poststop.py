@@ -7,7 +7,7 @@ import logging
 import os
 import select
 import signal
-from typing import Mapping
+from collections.abc import Mapping
 
 from .config import load_config, state_dir_of
 from .errors import ConfigError

@@ -16,18 +16,18 @@ import select
 import signal
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .drivers import Driver
 from .errors import StartError, StateDirError
 from .listeners import Listener
 from .logs import close_log, open_log
 from .plan import Plan
-from .status import StatusReader, StatusWriter
 from .procfs import children, close_fds_except, process_start_time
 from .statefile import Record, remove_record, write_record
+from .status import StatusReader, StatusWriter
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0

@@ -16,7 +16,7 @@ import os
 import select
 import socket
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .addressing import Target
 from .dialer import SocketPool, kind_of
@@ -107,7 +107,7 @@ class TcpConnection:
         client: socket.socket,
         targets: Sequence[Target],
         log: logging.Logger,
-        on_close: Callable[["TcpConnection"], None],
+        on_close: Callable[[TcpConnection], None],
     ) -> None:
         self.loop = loop
         self.pool = pool

@@ -10,17 +10,18 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import select
 import socket
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 
+Address = tuple[Any, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
 MAX_DATAGRAM = 65535
 MAX_QUEUED = 64
 READ_BATCH = 64
@@ -42,7 +43,7 @@ class UdpListener:
         self.targets = tuple(targets)
         self.idle_timeout = idle_timeout
         self.log = log
-        self.sessions: dict[object, UdpSession] = {}
+        self.sessions: dict[Address, UdpSession] = {}
         # One buffer per listener: no allocation per datagram on the way in.
         self.buffer = bytearray(MAX_DATAGRAM)
         self.view = memoryview(self.buffer)
@@ -67,7 +68,7 @@ class UdpListener:
                 session.start()
             session.to_container(self.view[:size])
 
-    def send_to_client(self, data: memoryview, client: object) -> None:
+    def send_to_client(self, data: memoryview, client: Address) -> None:
         try:
             self.sock.sendto(data, client)
         except (BlockingIOError, InterruptedError):
@@ -88,7 +89,7 @@ class UdpListener:
 
 
 class UdpSession:
-    def __init__(self, listener: UdpListener, client: object) -> None:
+    def __init__(self, listener: UdpListener, client: Address) -> None:
         self.listener = listener
         self.client = client
         self.targets = list(listener.targets)

@@ -3,7 +3,6 @@
 import socket
 
 import pytest
-
 from oci_portfwd.errors import BindError
 from oci_portfwd.listeners import bind_all, bind_targets
 from oci_portfwd.ports import parse_port_specs

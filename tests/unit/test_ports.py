@@ -1,6 +1,6 @@
 import pytest
-from hypothesis import given, strategies as st
-
+from hypothesis import given
+from hypothesis import strategies as st
 from oci_portfwd.errors import PortSpecError
 from oci_portfwd.ports import PortMapping, parse_port_specs
 

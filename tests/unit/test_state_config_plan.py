@@ -2,7 +2,6 @@ import json
 import socket
 
 import pytest
-
 from oci_portfwd.addressing import dial_targets
 from oci_portfwd.config import Config, load_config
 from oci_portfwd.errors import ConfigError, PortSpecError, StateError
@@ -92,8 +91,9 @@ def test_named_config_must_exist(tmp_path):
         load_config({"OCI_PORTFWD_CONFIG": str(tmp_path / "nope.json")})
 
 
-def plan_for(annotations, config=Config()):
-    return make_plan(parse_state(raw({**CRUN, "annotations": annotations}), full_validation=True), annotations, config)
+def plan_for(annotations):
+    state = parse_state(raw({**CRUN, "annotations": annotations}), full_validation=True)
+    return make_plan(state, annotations, Config())
 
 
 def test_plan_overrides_by_annotation():

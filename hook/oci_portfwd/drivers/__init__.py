@@ -4,8 +4,9 @@ checked against it before anything is bound or started."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from ..errors import DriverError
 from ..listeners import Listener
