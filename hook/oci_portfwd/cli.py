@@ -2,6 +2,8 @@
 
     oci-portfwd-hook prestart|createRuntime     (runtime: OCI state on stdin)
     oci-portfwd-hook poststop                   (runtime: OCI state on stdin)
+    oci-portfwd-hook auto                       (stage from the state's status: a hooks.d
+                                                 file gives every stage the same args)
     oci-portfwd-hook check-config [FILE]
     oci-portfwd-hook ps
     oci-portfwd-hook --version
@@ -18,7 +20,7 @@ from typing import NoReturn
 from . import __version__
 from .errors import PortfwdError
 
-USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop   (OCI state JSON on stdin)
+USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop|auto   (OCI state JSON on stdin)
        oci-portfwd-hook check-config [FILE]
        oci-portfwd-hook ps
        oci-portfwd-hook --version"""
@@ -43,14 +45,17 @@ def run(args: list[str]) -> int:
         if command == "--version":
             print(f"oci-portfwd-hook {__version__}")
             return 0
-        if command in ("prestart", "createRuntime"):
+        if command in ("prestart", "createRuntime", "poststop", "auto"):
+            raw = _read_stdin(command)
+            if command == "auto":
+                command = stage_from_status(raw)
+            if command == "poststop":
+                from .poststop import poststop  # noqa: PLC0415
+
+                return poststop(raw, os.environ)
             from .prestart import prestart  # noqa: PLC0415
 
-            return prestart(_read_stdin(command), os.environ)
-        if command == "poststop":
-            from .poststop import poststop  # noqa: PLC0415
-
-            return poststop(_read_stdin(command), os.environ)
+            return prestart(raw, os.environ)
         if command == "check-config":
             return _check_config(rest)
         if command == "ps":
@@ -65,6 +70,20 @@ def run(args: list[str]) -> int:
         return EXIT_BUG
     _say(f"unknown command {command!r}\n{USAGE}")
     return EXIT_USAGE
+
+
+def stage_from_status(raw: bytes) -> str:
+    from .state import decode_state  # noqa: PLC0415
+
+    status = decode_state(raw).get("status")
+    if status in ("creating", "created"):
+        return "prestart"
+    if status == "stopped":
+        return "poststop"
+    raise PortfwdError(
+        f"cannot tell the hook stage from the state's status {status!r}; "
+        "name the stage (prestart or poststop) as the argument"
+    )
 
 
 def _read_stdin(command: str) -> bytes:

@@ -64,21 +64,37 @@ def config_from_dict(doc: Mapping[str, Any], source: str) -> Config:
     return Config(**{k: v for k, v in doc.items() if k in known}, source=source)
 
 
+def host_uid(euid: int, uid_map: str = "/proc/self/uid_map") -> int:
+    """Our uid as the host sees it: rootless podman runs hooks as uid 0 of its own user
+    namespace, which is the unprivileged user outside."""
+    try:
+        with open(uid_map) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return euid
+    for line in lines:
+        inside, outside, count = (int(x) for x in line.split())
+        if inside <= euid < inside + count:
+            return outside + (euid - inside)
+    return euid
+
+
 def default_state_dir(euid: int, env: Mapping[str, str]) -> Path:
-    if euid == 0:
+    uid = host_uid(euid)
+    if uid == 0:
         return Path("/run/oci-portfwd")
     runtime_dir = env.get("XDG_RUNTIME_DIR")
     if runtime_dir and os.path.isabs(runtime_dir):
         return Path(runtime_dir) / "oci-portfwd"
     # A hook entry with its own "env" drops XDG_RUNTIME_DIR; find the same dir the user's
     # shell would name, so that `oci-portfwd-hook ps` sees what the hook wrote.
-    user_run = Path(f"/run/user/{euid}")
+    user_run = Path(f"/run/user/{uid}")
     try:
         if user_run.stat().st_uid == euid:
             return user_run / "oci-portfwd"
     except OSError:
         pass
-    return Path(f"/tmp/oci-portfwd-{euid}")
+    return Path(f"/tmp/oci-portfwd-{uid}")
 
 
 def state_dir_of(config: Config, env: Mapping[str, str]) -> Path:

@@ -144,3 +144,18 @@ def test_dial_targets(policy, family, host, first, fallback):
 
 def test_container_address_without_addresses_uses_loopback():
     assert dial_targets("container-address", V4, "0.0.0.0", 80, {})[0].address == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "uid_map, euid, expected",
+    [
+        ("         0          0 4294967295\n", 0, 0),
+        ("         0       1001          1\n         1     100000      65536\n", 0, 1001),
+        ("         0       1001          1\n         1     100000      65536\n", 5, 100004),
+    ],
+)
+def test_host_uid_from_uid_map(tmp_path, uid_map, euid, expected):
+    from oci_portfwd.config import host_uid
+
+    (tmp_path / "uid_map").write_text(uid_map)
+    assert host_uid(euid, str(tmp_path / "uid_map")) == expected
