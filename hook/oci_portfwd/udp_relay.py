@@ -1,8 +1,10 @@
 """The data path of UDP: one session per client address.
 
     client ─datagram─▶ host socket ─▶ UdpSession (by client address)
-      1. a container-side UDP socket from the dialer's pool, connected to the target
-      2. datagrams to the container on it; its replies back with sendto(client)
+      1. a container-side UDP socket from the dialer's pool, not connected: a service bound
+         to the wildcard answers a dial of 127.0.0.2 from 127.0.0.1, which a connected
+         socket would drop; IP_RECVERR still reports ICMP refusals on it
+      2. datagrams to the container with sendto(target); its replies back with sendto(client)
       3. ICMP refusal (ECONNREFUSED) before any reply → the other family, resending the
          last datagram, as TCP does on a refused dial
       4. no traffic for udp_idle_timeout → the session is forgotten
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -23,6 +26,11 @@ from .eventloop import EventLoop
 
 Address = tuple[Any, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
 MAX_DATAGRAM = 65535
+# Not exported by Python's socket module: <linux/in.h> and <linux/in6.h>.
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+# A send that cannot reach the target's family moves the session to the next target.
+SEND_FALLBACK_ERRNOS = {errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EHOSTUNREACH}
 MAX_QUEUED = 64
 READ_BATCH = 64
 
@@ -94,6 +102,7 @@ class UdpSession:
         self.client = client
         self.targets = list(listener.targets)
         self.upstream: socket.socket | None = None
+        self.target: tuple[str, int] = ("", 0)
         self.queue: list[bytes] = []
         self.last_datagram: bytes | None = None
         self.answered = False
@@ -114,12 +123,11 @@ class UdpSession:
                 sock.close()
             return
         target = self.targets.pop(0)
-        try:
-            sock.connect((target.address, target.port))
-        except OSError:
-            sock.close()
-            self.start()  # e.g. no IPv6 in the container: the other family
-            return
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        self.target = (target.address, target.port)
         self.upstream = sock
         self.listener.loop.register(sock.fileno(), select.EPOLLIN, self._on_upstream)
         queued, self.queue = self.queue, []
@@ -141,23 +149,28 @@ class UdpSession:
             # Kept only until the first reply: a refusal must be able to resend it.
             self.last_datagram = bytes(data)
         try:
-            self.upstream.send(data)
+            self.upstream.sendto(data, self.target)
         except (BlockingIOError, InterruptedError):
             pass
         except ConnectionRefusedError:
             self._fall_back()
         except OSError as e:
-            self.listener.log.debug("UDP send to the container failed: %s", e.strerror)
+            if e.errno in SEND_FALLBACK_ERRNOS:
+                self._fall_back()
+            else:
+                self.listener.log.debug("UDP send to the container failed: %s", e.strerror)
 
     # 2. container → client
     def _on_upstream(self, _events: int) -> None:
         assert self.upstream is not None
         for _ in range(READ_BATCH):
             try:
-                size = self.upstream.recv_into(self.buffer)
+                # Any source: the reply to 127.0.0.2 may come from 127.0.0.1 (see above).
+                size, _source = self.upstream.recvfrom_into(self.buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionRefusedError:
+                self._drain_errors()
                 self._fall_back()
                 return
             except OSError as e:
@@ -167,6 +180,15 @@ class UdpSession:
             self.last_datagram = None
             self.last_used = time.monotonic()
             self.listener.send_to_client(self.view[:size], self.client)
+
+    def _drain_errors(self) -> None:
+        # IP_RECVERR also queues each ICMP error; read them so the queue does not grow.
+        assert self.upstream is not None
+        while True:
+            try:
+                self.upstream.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                return
 
     # 3. refused before any reply → next family
     def _fall_back(self) -> None:
