@@ -7,16 +7,21 @@ import logging
 import os
 import select
 import signal
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from .config import load_config, state_dir_of
 from .errors import ConfigError
 from .logs import close_log, open_log
 from .state import parse_state
-from .statefile import Record, is_alive, log_path, read_record, remove_record
+from .statefile import Record, is_alive, log_path, prune_logs, read_record, remove_record
 
 STOP_TIMEOUT = 5.0
 KILL_TIMEOUT = 2.0
+# A log that explains a failure (a failed create, a container that died on its own) is
+# kept this long for the user to read; a normal stop removes the log at once.
+KEEP_FAILURE_LOGS = 24 * 3600.0
 
 
 def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
@@ -35,10 +40,11 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
             log.info("container %s has no forwarding (already stopped)", state.id)
         elif is_alive(record):
             stop_supervisor(record, log)
+            _remove_log(state_dir, state.id)
         else:
             log.info("supervisor of container %s is already gone", state.id)
         remove_record(state_dir, state.id)
-        _remove_log(state_dir, state.id)
+        prune_logs(state_dir, KEEP_FAILURE_LOGS, time.time())
     finally:
         close_log(log)
     return 0
@@ -71,8 +77,8 @@ def stop_supervisor(record: Record, log: logging.Logger) -> None:
         os.close(pidfd)
 
 
-def _remove_log(state_dir: os.PathLike[str], container_id: str) -> None:
+def _remove_log(state_dir: Path, container_id: str) -> None:
     try:
-        os.unlink(log_path(state_dir, container_id))  # type: ignore[arg-type]
+        os.unlink(log_path(state_dir, container_id))
     except FileNotFoundError:
         pass

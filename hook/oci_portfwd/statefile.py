@@ -100,6 +100,23 @@ def remove_record(state_dir: Path, container_id: str, *, owner_pid: int | None =
     _unlink(record_path(state_dir, container_id))
 
 
+def prune_logs(state_dir: Path, max_age: float, now: float) -> None:
+    """Remove logs of containers that are gone (no state file) and older than max_age."""
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(".log") or f"{name[: -len('.log')]}.json" in names:
+            continue
+        path = state_dir / name
+        try:
+            if now - os.lstat(path).st_mtime > max_age:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def list_records(state_dir: Path) -> list[Record]:
     records = []
     try:

@@ -62,3 +62,16 @@ def test_udp_port_in_use_is_detected():
         blocker.bind(("127.0.0.1", busy))
         with pytest.raises(BindError, match="already in use"):
             bind_all(bind_targets(parse_port_specs(f"127.0.0.1:{busy}:53/udp"), True, pytest.fail))
+
+
+def test_prune_logs_keeps_recent_and_live_ones(tmp_path):
+    import os
+
+    from oci_portfwd.statefile import prune_logs
+
+    for name in ("old.log", "recent.log", "live.log", "live.json"):
+        (tmp_path / name).write_text("x")
+    for name in ("old.log", "live.log"):
+        os.utime(tmp_path / name, (1000, 1000))
+    prune_logs(tmp_path, 3600, now=1000 + 7200)
+    assert sorted(os.listdir(tmp_path)) == ["live.json", "live.log", "recent.log"]
