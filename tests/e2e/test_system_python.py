@@ -1,0 +1,57 @@
+"""The hook on Debian's own interpreter and packages (python3-pyroute2, python3-jsonschema,
+python3-prctl: the versions the .deb depends on), not the venv's newer ones."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from e2ekit import clients
+from e2ekit.hookenv import HookEnv
+from e2ekit.ports import port_is_free
+from e2ekit.services import Services
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3"
+DIST_PACKAGES = "/usr/lib/python3/dist-packages/"
+
+# -s: no user site; the source tree first. PYTHONPATH in the hook's env as well, so that a
+# process the hook re-executes finds the package too.
+WRAPPER = f"""#!{SYSTEM_PYTHON} -s
+import sys
+sys.path.insert(0, {str(REPO / "hook")!r})
+from oci_portfwd.cli import main
+sys.exit(main())
+"""
+
+PROBE = """
+import importlib.metadata as md, pyroute2, jsonschema, prctl
+for name, mod in (("pyroute2", pyroute2), ("jsonschema", jsonschema), ("python-prctl", prctl)):
+    print(name, md.version(name), mod.__file__)
+"""
+
+
+@pytest.fixture
+def system_hook(tmp_path, e2e_host):
+    probe = subprocess.run([SYSTEM_PYTHON, "-s", "-c", PROBE], capture_output=True, text=True,
+                           timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"Debian's python3-pyroute2/-jsonschema/-prctl missing: {probe.stderr}")
+    for line in probe.stdout.splitlines():
+        name, version, path = line.split()
+        # Not the venv's: the point is to run against the distribution's versions.
+        assert path.startswith(DIST_PACKAGES), f"{name} {version} comes from {path}"
+    wrapper = tmp_path / "oci-portfwd-hook-system"
+    wrapper.write_text(WRAPPER)
+    wrapper.chmod(0o755)
+    return HookEnv(wrapper, tmp_path / "hook", extra_env=[f"PYTHONPATH={REPO / 'hook'}"])
+
+
+def test_tcp_forwarding_with_debian_packages(containers, system_hook, port_alloc):
+    port = port_alloc.take()
+    services = Services().whoami(81)
+    c = containers.new(services.argv(), hook=system_hook, ports=f"{port}:81")
+    services.wait_ready(c.start())
+    assert clients.whoami("127.0.0.1", port) == ("127.0.0.1", 81)
+    assert clients.whoami("::1", port) == ("::1", 81)
+    c.stop()
+    assert port_is_free("0.0.0.0", port) and port_is_free("::", port)
