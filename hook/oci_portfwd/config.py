@@ -26,6 +26,7 @@ class Config:
     max_ports: int = 1024
     ready_timeout: float = 10.0
     log_level: str = "info"
+    allow_host_loopback: bool = False
     source: str = "built-in defaults"
 
 

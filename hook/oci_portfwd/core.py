@@ -24,10 +24,18 @@ from .tcp_relay import TcpListener
 from .udp_relay import UdpListener
 
 
-def run_core(plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
+def run_core(
+    plan: Plan,
+    listeners: Sequence[Listener],
+    status: StatusWriter,
+    log: logging.Logger,
+    until_readable: int | None = None,
+) -> int:
+    """Serve until signalled, or until `until_readable` (a driver program's pidfd) fires."""
     import prctl  # noqa: PLC0415
 
-    prctl.set_name("portfwd-core")
+    if until_readable is None:
+        prctl.set_name("portfwd-core")
     prctl.set_pdeathsig(signal.SIGKILL)
     prctl.set_dumpable(False)
     _raise_fd_limit(log)
@@ -79,6 +87,12 @@ def run_core(plan: Plan, listeners: Sequence[Listener], status: StatusWriter, lo
         servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
     pool.prefill(kinds)
+    if until_readable is not None:
+
+        def stop(_events: int) -> None:
+            loop.running = False
+
+        loop.register(until_readable, select.EPOLLIN, stop)
     status.ready()
     loop.run()
     return 3

@@ -74,21 +74,45 @@ def join_container(pid: int, deadline: float, on_wait: Callable[[], None] | None
     """
     user_fd, net_fd = open_namespaces(pid, deadline, on_wait)
     try:
-        if user_fd is not None:
-            try:
-                setns(user_fd, CLONE_NEWUSER)
-            except OSError as e:
-                raise NamespaceError(
-                    f"cannot join the user namespace of container pid {pid}: {e.strerror}"
-                ) from None
-        try:
-            setns(net_fd, CLONE_NEWNET)
-        except OSError as e:
-            hint = " (rootless: the user namespace must be joined first)" if e.errno == errno.EPERM else ""
-            raise NamespaceError(
-                f"cannot join the network namespace of container pid {pid}: {e.strerror}{hint}"
-            ) from None
+        enter(user_fd, net_fd, f"container pid {pid}")
     finally:
         for fd in (user_fd, net_fd):
             if fd is not None:
                 os.close(fd)
+
+
+def enter(user_fd: int | None, net_fd: int, whose: str) -> None:
+    if user_fd is not None:
+        try:
+            setns(user_fd, CLONE_NEWUSER)
+        except OSError as e:
+            raise NamespaceError(f"cannot join the user namespace of {whose}: {e.strerror}") from None
+    try:
+        setns(net_fd, CLONE_NEWNET)
+    except OSError as e:
+        hint = " (rootless: the user namespace must be joined first)" if e.errno == errno.EPERM else ""
+        raise NamespaceError(f"cannot join the network namespace of {whose}: {e.strerror}{hint}") from None
+
+
+def run_inside(user_fd: int | None, net_fd: int, whose: str, action: Callable[[], None]) -> None:
+    """Run `action` in a forked child that joined the namespaces; raise if it failed.
+    The caller stays where it is (a process holding host sockets never joins)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_fd)
+            enter(user_fd, net_fd, whose)
+            action()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(write_fd, str(e).encode()[:4000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        message = f.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise NamespaceError(message or f"a helper in the namespaces of {whose} failed")

@@ -27,6 +27,7 @@ class Plan:
     mappings: tuple[PortMapping, ...]
     udp_idle_timeout: float
     ready_timeout: float
+    allow_host_loopback: bool = False
 
 
 def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Config) -> Plan:
@@ -54,4 +55,5 @@ def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Con
         else (),
         udp_idle_timeout=config.udp_idle_timeout,
         ready_timeout=config.ready_timeout,
+        allow_host_loopback=config.allow_host_loopback,
     )

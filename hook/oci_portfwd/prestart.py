@@ -51,6 +51,13 @@ def _prestart(
     plan = driver.check(plan, log.warning)
     targets = bind_targets(plan.mappings, ipv6_available(), log.warning)
     listeners = bind_all(targets)
+    held = driver.capabilities.holds_listeners
+    for listener in listeners:
+        if listener.target.proto not in held:
+            # The driver's program binds this port itself: binding it here only checked,
+            # with a clear error, that it is free before anything starts.
+            listener.close()
+    listeners = [listener for listener in listeners if listener.target.proto in held]
     try:
         started = launch(
             Context(plan, listeners, driver, state_dir, log_file, config.log_level), log

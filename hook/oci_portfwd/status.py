@@ -16,6 +16,7 @@ from dataclasses import dataclass
 class StatusWriter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.said_ready = False
 
     def send(self, line: str) -> None:
         if self.fd < 0:
@@ -27,7 +28,10 @@ class StatusWriter:
             pass  # the reader gave up (timed out): nothing left to tell
 
     def ready(self) -> None:
-        self.send("ready")
+        # Said once: a driver may say it early (deferred start) and again when serving.
+        if not self.said_ready:
+            self.said_ready = True
+            self.send("ready")
 
     def error(self, message: str) -> None:
         self.send(f"error {message}")

@@ -175,7 +175,7 @@ class Supervisor:
                     supervisor_pid=me,
                     supervisor_start_time=start_time,
                     driver=self.plan.driver,
-                    ports=tuple(str(listener.target) for listener in self.ctx.listeners),
+                    ports=tuple(str(m) for m in self.plan.mappings),
                     log=str(self.ctx.log_path),
                     created=time.time(),
                 ),
@@ -185,7 +185,7 @@ class Supervisor:
             return self._fail(str(e))
         self.log.info(
             "forwarding %s for container %s (driver %s, core pid %d)",
-            ", ".join(str(listener.target) for listener in self.ctx.listeners),
+            ", ".join(str(m) for m in self.plan.mappings),
             cid,
             self.plan.driver,
             core.pid,

@@ -1,17 +1,22 @@
 """Drivers: who does the forwarding. Each declares what it can do, so that a plan is
-checked against it before anything is bound or started."""
+checked against it before anything is bound or started: one warning per mapping it
+serves differently from what was asked, an error where it cannot serve at all."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..errors import DriverError
 from ..listeners import Listener
 from ..plan import Plan
+from ..ports import PortMapping
 from ..status import StatusWriter
+
+Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -19,26 +24,98 @@ class Capabilities:
     tcp: bool
     udp: bool
     ipv4: bool
-    ipv6: bool
-    any_loopback_address: bool  # host bindings other than 127.0.0.1 / ::1 work
+    ipv6: bool  # can publish on IPv6 host addresses
+    family_fallback: bool  # a refused dial of one family is retried in the other
+    preserves_loopback_address: bool  # 127.0.0.2 on the host is dialled as 127.0.0.2
     outbound: bool  # gives the container network access of its own
+    # Protocols served on the sockets the hook bound; the driver's program binds the rest.
+    holds_listeners: frozenset[str]
 
 
 class Driver(Protocol):
     name: str
     capabilities: Capabilities
 
-    def check(self, plan: Plan, warn: Callable[[str], None]) -> Plan:
-        """The plan this driver will serve: unservable mappings raise or are degraded with a warning."""
+    def check(self, plan: Plan, warn: Warn) -> Plan:
+        """The plan this driver will serve (raises DriverError when it cannot)."""
 
     def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
         """Serve the plan in this (forked) process until signalled; returns an exit code."""
 
 
-def get_driver(name: str) -> Driver:
-    from .builtin import BuiltinDriver  # noqa: PLC0415
+DRIVER_NAMES = ("builtin", "slirp4netns", "pasta")
 
-    drivers: dict[str, Driver] = {"builtin": BuiltinDriver()}
-    if name not in drivers:
-        raise DriverError(f"unknown driver {name!r}; known drivers: {', '.join(sorted(drivers))}")
-    return drivers[name]
+
+def get_driver(name: str) -> Driver:
+    if name == "builtin":
+        from .builtin import BuiltinDriver  # noqa: PLC0415
+
+        return BuiltinDriver()
+    if name == "slirp4netns":
+        from .slirp4netns import Slirp4netnsDriver  # noqa: PLC0415
+
+        return Slirp4netnsDriver()
+    if name == "pasta":
+        from .pasta import PastaDriver  # noqa: PLC0415
+
+        return PastaDriver()
+    raise DriverError(f"unknown driver {name!r}; known drivers: {', '.join(DRIVER_NAMES)}")
+
+
+def check_capabilities(plan: Plan, driver: str, caps: Capabilities, warn: Warn) -> Plan:
+    """Degrade what the driver cannot do as asked, with one warning per mapping."""
+    kept: list[PortMapping] = []
+    for m in plan.mappings:
+        if m.proto == "udp" and not caps.udp or m.proto == "tcp" and not caps.tcp:
+            raise DriverError(f"driver {driver} cannot forward {m.proto.upper()} ({m})")
+        mapped = _ipv4_for(m, driver, caps, warn)
+        if mapped is None:
+            continue
+        if mapped is not m and _already_covered(mapped, kept):
+            warn(f"driver {driver}: {m} is already covered by another mapping on IPv4; not forwarded twice")
+            continue
+        if not caps.preserves_loopback_address and _is_other_loopback(mapped.host_ip):
+            warn(
+                f"driver {driver}: {m} is published on {mapped.host_ip} but reaches the container's "
+                "127.0.0.1 (a service bound only to that address in the container is not reached)"
+            )
+        kept.append(mapped)
+    return replace(plan, mappings=tuple(kept))
+
+
+def _ipv4_for(m: PortMapping, driver: str, caps: Capabilities, warn: Warn) -> PortMapping | None:
+    if m.host_ip is None:
+        if not caps.ipv6:
+            warn(f"driver {driver} cannot forward IPv6: {m} is published on 0.0.0.0 (IPv4) only")
+            return replace(m, host_ip="0.0.0.0")
+        if not caps.family_fallback:
+            warn(
+                f"driver {driver} cannot fall back between families (an IPv6 client of an IPv4-only "
+                f"service would be reset): {m} is published on 0.0.0.0 (IPv4) only; "
+                f"ask for [::]:{m.host_port}:{m.container_port}/{m.proto} to publish IPv6 too"
+            )
+            return replace(m, host_ip="0.0.0.0")
+        return m
+    address = ipaddress.ip_address(m.host_ip)
+    if address.version == 4 or caps.ipv6:
+        return m
+    if address.is_loopback or address.is_unspecified:
+        ipv4 = "127.0.0.1" if address.is_loopback else "0.0.0.0"
+        warn(f"driver {driver} cannot forward IPv6: {m} is published on {ipv4}:{m.host_port} (IPv4) instead")
+        return replace(m, host_ip=ipv4)
+    warn(f"driver {driver} cannot forward IPv6 and {m.host_ip} has no IPv4 twin: {m} is not forwarded")
+    return None
+
+
+def _already_covered(m: PortMapping, kept: list[PortMapping]) -> bool:
+    return any(
+        k.host_port == m.host_port and k.proto == m.proto and (k.host_ip == m.host_ip or "0.0.0.0" in (k.host_ip, m.host_ip))
+        for k in kept
+    )
+
+
+def _is_other_loopback(host_ip: str | None) -> bool:
+    if host_ip is None:
+        return False
+    address = ipaddress.ip_address(host_ip)
+    return address.is_loopback and host_ip not in ("127.0.0.1", "::1")

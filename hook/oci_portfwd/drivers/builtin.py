@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..listeners import Listener
 from ..plan import Plan
 from ..status import StatusWriter
-from . import Capabilities
+from . import Capabilities, Warn
 
 
 class BuiltinDriver:
     name = "builtin"
     capabilities = Capabilities(
-        tcp=True, udp=True, ipv4=True, ipv6=True, any_loopback_address=True, outbound=False
+        tcp=True,
+        udp=True,
+        ipv4=True,
+        ipv6=True,
+        family_fallback=True,
+        preserves_loopback_address=True,
+        outbound=False,
+        holds_listeners=frozenset({"tcp", "udp"}),
     )
 
-    def check(self, plan: Plan, warn: Callable[[str], None]) -> Plan:
+    def check(self, plan: Plan, warn: Warn) -> Plan:
         return plan
 
     def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
