@@ -20,7 +20,7 @@ from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
 from .status import StatusWriter
-from .tcp_relay import TcpListener
+from .tcp_relay import PipePool, TcpListener
 from .udp_relay import UdpListener
 
 
@@ -66,6 +66,7 @@ def run_core(
         loop.running = False
 
     pool = SocketPool(dialer_sock, on_hello, on_error)
+    pipes = PipePool()
 
     def on_dialer(_events: int) -> None:
         if not pool.on_readable():
@@ -80,7 +81,7 @@ def run_core(
         kinds.update(kind_of(target.family, t.proto) for target in targets)
         server: TcpListener | UdpListener
         if t.proto == "tcp":
-            server = TcpListener(loop, pool, listener.sock, targets, log)
+            server = TcpListener(loop, pool, pipes, listener.sock, targets, log)
         else:
             server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log)
         server.start()
@@ -99,7 +100,7 @@ def run_core(
 
 
 def _raise_fd_limit(log: logging.Logger) -> None:
-    # Each TCP connection costs six descriptors (two sockets, two pipes).
+    # Each TCP connection costs two descriptors, four more while bytes are in flight.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:

@@ -3,7 +3,8 @@
     client ─▶ host listener ─accept─▶ TcpConnection
       1. take a container-side socket from the dialer's pool
       2. connect it to the container's address; refused → the next target (other family)
-      3. splice both ways, zero copy, through one pipe per direction
+      3. splice both ways, zero copy, through a pipe borrowed from a shared pool while
+         bytes are in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
          reset on one side → reset on the other (SO_LINGER 0)
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -23,7 +25,12 @@ from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-CHUNK = 1 << 16
+# Bigger pipes mean fewer splice calls per byte; the kernel caps an unprivileged pipe at
+# fs.pipe-max-size (1 MiB by default) and falls back to the default 64 KiB when a user's
+# pipe pages run out (fs.pipe-user-pages-soft), which only slows that one pipe down.
+PIPE_SIZE = 1 << 20
+CHUNK = PIPE_SIZE
+F_SETPIPE_SZ = 1031
 ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 LINGER_RESET = struct.pack("ii", 1, 0)
 # A refused or unreachable dial of one family falls back to the next target.
@@ -49,16 +56,44 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
+class PipePool:
+    """Empty pipes to lend to directions that have bytes in flight."""
+
+    KEEP = 64  # idle pipes kept for reuse; more are closed
+
+    def __init__(self) -> None:
+        self.idle: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        if self.idle:
+            return self.idle.pop()
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over the limit: the default size still works
+        return pipe
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Only empty pipes come back: a pipe with bytes left is closed by its direction."""
+        if len(self.idle) < self.KEEP:
+            self.idle.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
 class Direction:
     """One way of a connection: src → pipe → dst with splice; no bytes through Python."""
 
-    __slots__ = ("src", "dst", "dst_sock", "pipe_r", "pipe_w", "buffered", "eof", "done")
+    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done")
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pipes = pipes
+        self.pipe: tuple[int, int] | None = None
         self.buffered = 0
         self.eof = False
         self.done = False
@@ -69,26 +104,43 @@ class Direction:
         while not self.done:
             try:
                 if self.buffered:
-                    self.buffered -= splice(self.pipe_r, self.dst, self.buffered, flags=SPLICE_FLAGS)
+                    assert self.pipe is not None
+                    self.buffered -= splice(self.pipe[0], self.dst, self.buffered, flags=SPLICE_FLAGS)
                 elif self.eof:
+                    self._return_pipe()
                     shutdown_write(self.dst_sock)
                     self.done = True
                 else:
-                    moved = splice(self.src, self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+                    if self.pipe is None:
+                        self.pipe = self.pipes.take()
+                    moved = splice(self.src, self.pipe[1], CHUNK, flags=SPLICE_FLAGS)
                     if moved == 0:
                         self.eof = True
                     else:
                         self.buffered += moved
             except BlockingIOError:
+                if not self.buffered:
+                    self._return_pipe()
                 return
             except OSError as e:
                 if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN):
                     raise ConnectionReset from None
                 raise
 
+    def _return_pipe(self) -> None:
+        if self.pipe is not None:
+            self.pipes.give(self.pipe)
+            self.pipe = None
+
     def close(self) -> None:
-        os.close(self.pipe_r)
-        os.close(self.pipe_w)
+        if self.pipe is None:
+            return
+        if self.buffered:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+        else:
+            self.pipes.give(self.pipe)
+        self.pipe = None
 
 
 def shutdown_write(sock: socket.socket) -> None:
@@ -104,6 +156,7 @@ class TcpConnection:
         self,
         loop: EventLoop,
         pool: SocketPool,
+        pipes: PipePool,
         client: socket.socket,
         targets: Sequence[Target],
         log: logging.Logger,
@@ -111,6 +164,7 @@ class TcpConnection:
     ) -> None:
         self.loop = loop
         self.pool = pool
+        self.pipes = pipes
         self.client = client
         self.targets = list(targets)
         self.log = log
@@ -172,7 +226,10 @@ class TcpConnection:
     # 3. splice both ways
     def _start_relay(self) -> None:
         assert self.upstream is not None
-        self.ways = (Direction(self.client, self.upstream), Direction(self.upstream, self.client))
+        self.ways = (
+            Direction(self.client, self.upstream, self.pipes),
+            Direction(self.upstream, self.client, self.pipes),
+        )
         self.loop.register(self.client.fileno(), ET_EVENTS, self._on_event)
         self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_event)
         self._on_event(0)
@@ -220,12 +277,14 @@ class TcpListener:
         self,
         loop: EventLoop,
         pool: SocketPool,
+        pipes: PipePool,
         sock: socket.socket,
         targets: Sequence[Target],
         log: logging.Logger,
     ) -> None:
         self.loop = loop
         self.pool = pool
+        self.pipes = pipes
         self.sock = sock
         self.targets = tuple(targets)
         self.log = log
@@ -252,6 +311,8 @@ class TcpListener:
                     continue
                 raise
             client.setblocking(False)
-            conn = TcpConnection(self.loop, self.pool, client, self.targets, self.log, self.connections.discard)
+            conn = TcpConnection(
+                self.loop, self.pool, self.pipes, client, self.targets, self.log, self.connections.discard
+            )
             self.connections.add(conn)
             conn.start()
