@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -64,6 +63,8 @@ def run(args: list[str]) -> int:
         _say(f"{command}: {e}")
         return EXIT_USER_ERROR
     except Exception:  # noqa: BLE001 - a bug: one line for the user, the traceback for us
+        import traceback  # noqa: PLC0415 - only for bugs: keeps the start path light
+
         _say(f"{command}: internal error (a bug, please report it): {traceback.format_exc(limit=-1).strip().splitlines()[-1]}")
         if os.environ.get("OCI_PORTFWD_DEBUG"):
             traceback.print_exc(file=sys.stderr)
@@ -103,7 +104,7 @@ def _check_config(rest: list[str]) -> int:
     from .config import config_path, load_config, state_dir_of  # noqa: PLC0415
 
     explicit = rest[0] if rest else None
-    config = load_config(os.environ, explicit)
+    config = load_config(os.environ, explicit, thorough=True)
     path, _ = config_path(os.environ, explicit)
     where = config.source if config.source != "built-in defaults" else f"{path} absent: built-in defaults"
     print(f"config OK ({where})")

@@ -39,7 +39,11 @@ def config_path(env: Mapping[str, str], explicit: str | None = None) -> tuple[st
     return DEFAULT_CONFIG_PATH, False
 
 
-def load_config(env: Mapping[str, str], explicit: str | None = None) -> Config:
+def load_config(
+    env: Mapping[str, str], explicit: str | None = None, *, validate_schema: bool = True, thorough: bool = False
+) -> Config:
+    """Read and validate the config. Without validation (poststop: it only needs to find the
+    state dir, fast) unknown keys are ignored and a broken file raises ConfigError."""
     path, required = config_path(env, explicit)
     try:
         with open(path, "rb") as f:
@@ -56,8 +60,16 @@ def load_config(env: Mapping[str, str], explicit: str | None = None) -> Config:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-    validate(doc, "config.schema.json", f"config file {path}", ConfigError)
-    return config_from_dict(doc, source=path)
+    if validate_schema:
+        validate(doc, "config.schema.json", f"config file {path}", ConfigError, thorough=thorough)
+        return config_from_dict(doc, source=path)
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return Config(
+        state_dir=doc["state_dir"] if isinstance(doc.get("state_dir"), str) and doc["state_dir"].startswith("/") else None,
+        log_level=doc["log_level"] if doc.get("log_level") in ("debug", "info", "warning", "error") else "info",
+        source=path,
+    )
 
 
 def config_from_dict(doc: Mapping[str, Any], source: str) -> Config:

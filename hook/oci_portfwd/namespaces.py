@@ -6,8 +6,6 @@ joins only network namespaces, and a rootless container needs its user namespace
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import time
@@ -23,6 +21,9 @@ def setns(fd: int, nstype: int) -> None:
     if hasattr(os, "setns"):
         os.setns(fd, nstype)
         return
+    import ctypes  # noqa: PLC0415 - the fallback for Python < 3.12 only
+    import ctypes.util  # noqa: PLC0415
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()

@@ -27,7 +27,7 @@ KEEP_FAILURE_LOGS = 24 * 3600.0
 def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
     state = parse_state(raw_state, full_validation=False)
     try:
-        config = load_config(env)
+        config = load_config(env, validate_schema=False)
     except ConfigError:
         # A config broken since the container started must not keep its ports bound:
         # fall back to the defaults, which name the default state dir.

@@ -15,7 +15,6 @@ import os
 import select
 import signal
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +110,7 @@ def _supervisor_main(ctx: Context, report_fd: int) -> None:
         finally:
             close_log(log)
     except BaseException:  # noqa: BLE001 - a bug: its traceback goes to the log (stderr)
-        traceback.print_exc()
+        _print_bug()
     finally:
         os._exit(code)
 
@@ -224,7 +223,7 @@ class Supervisor:
                     self.log.error("%s", e)
                     status.error(str(e))
             except BaseException:  # noqa: BLE001
-                traceback.print_exc()
+                _print_bug()
             finally:
                 os._exit(code)
         os.close(status_w)
@@ -361,3 +360,8 @@ class Supervisor:
                     deadline = time.monotonic() + STOP_GRACE
                 time.sleep(0.01)
 
+
+def _print_bug() -> None:
+    import traceback  # noqa: PLC0415 - only for bugs: keeps the start path light
+
+    traceback.print_exc()
