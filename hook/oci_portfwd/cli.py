@@ -123,8 +123,25 @@ def _ps() -> int:
     if not records:
         print(f"no forwarded containers (state dir {state_dir})")
         return 0
-    print(f"{'CONTAINER':<24} {'DRIVER':<10} {'SUPERVISOR':<11} {'STATUS':<7} PORTS")
+    print(f"{'CONTAINER':<20} {'DRIVER':<11} {'PID':>7} {'STATUS':<6} {'CONNS':>11} {'IN':>9} {'OUT':>9}  PORTS")
     for r in records:
         status = "up" if is_alive(r) else "stale"
-        print(f"{r.container_id[:24]:<24} {r.driver:<10} {r.supervisor_pid:<11} {status:<7} {', '.join(r.ports)}")
+        s = r.stats or {}
+        conns = f"{s.get('tcp_open', 0)}/{s.get('tcp_total', 0)}" if r.stats else "-"
+        print(
+            f"{r.container_id[:20]:<20} {r.driver:<11} {r.supervisor_pid:>7} {status:<6} {conns:>11} "
+            f"{_size(s.get('bytes_to_container')):>9} {_size(s.get('bytes_to_client')):>9}  {', '.join(r.ports)}"
+        )
+    print("CONNS: TCP open/total; IN: bytes to the container, OUT: bytes to clients (builtin relay only)")
     return 0
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"

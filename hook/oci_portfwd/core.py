@@ -7,6 +7,7 @@ is signalled. It never joins the container's namespaces itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import select
@@ -19,6 +20,7 @@ from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
+from .stats import REPORT_EVERY, Totals
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
 from .udp_relay import UdpListener
@@ -88,6 +90,7 @@ def run_core(
         servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
     pool.prefill(kinds)
+    _report_totals(loop, [server for _, server in servers], status, None)
     if until_readable is not None:
 
         def stop(_events: int) -> None:
@@ -97,6 +100,19 @@ def run_core(
     status.ready()
     loop.run()
     return 3
+
+
+def _report_totals(
+    loop: EventLoop, servers: Sequence[TcpListener | UdpListener], status: StatusWriter, last: dict[str, int] | None
+) -> None:
+    """Every few seconds, the totals up the status pipe when they changed (for `ps`)."""
+    totals = Totals()
+    for server in servers:
+        totals.add(server.snapshot())
+    now = totals.as_dict()
+    if now != last:
+        status.send("stats " + json.dumps(now, separators=(",", ":")))
+    loop.call_later(REPORT_EVERY, lambda: _report_totals(loop, servers, status, now))
 
 
 def _raise_fd_limit(log: logging.Logger) -> None:

@@ -26,6 +26,7 @@ class Record:
     ports: tuple[str, ...]
     log: str
     created: float
+    stats: dict[str, int] | None = None  # the core's traffic totals (stats.Totals), for `ps`
 
 
 def prepare_state_dir(path: Path) -> Path:

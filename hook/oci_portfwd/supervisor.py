@@ -10,13 +10,14 @@ whole life, runs the driver's core as its child and restarts it when it dies.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .drivers import Driver
@@ -26,6 +27,7 @@ from .logs import close_log, open_log
 from .plan import Plan
 from .procfs import children, close_fds_except, process_start_time
 from .statefile import Record, remove_record, write_record
+from .stats import Totals
 from .status import StatusReader, StatusWriter
 
 BACKOFF_FIRST = 0.05
@@ -142,6 +144,9 @@ class Supervisor:
         self.report = report
         self.log = log
         self.stop_reason: str | None = None
+        # Totals of cores that died: a restarted core counts from zero again.
+        self.earlier = Totals()
+        self.current = Totals()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
@@ -166,19 +171,17 @@ class Supervisor:
         core = self._spawn_core()
         try:
             self._await_first_ready(core)
-            write_record(
-                self.ctx.state_dir,
-                Record(
-                    container_id=cid,
-                    container_pid=self.plan.container_pid,
-                    supervisor_pid=me,
-                    supervisor_start_time=start_time,
-                    driver=self.plan.driver,
-                    ports=tuple(str(m) for m in self.plan.mappings),
-                    log=str(self.ctx.log_path),
-                    created=time.time(),
-                ),
+            self.record = Record(
+                container_id=cid,
+                container_pid=self.plan.container_pid,
+                supervisor_pid=me,
+                supervisor_start_time=start_time,
+                driver=self.plan.driver,
+                ports=tuple(str(m) for m in self.plan.mappings),
+                log=str(self.ctx.log_path),
+                created=time.time(),
             )
+            write_record(self.ctx.state_dir, self.record)
         except (StartError, StateDirError, OSError) as e:
             self._stop_core(core)
             return self._fail(str(e))
@@ -291,7 +294,7 @@ class Supervisor:
                 if current.status.fd in readable:
                     current.status.feed()
                     for line in current.status.lines():
-                        self.log.info("core pid %d: %s", current.pid, line)
+                        self._on_core_line(current, line)
                 if current.pidfd in readable:
                     lived = time.monotonic() - current.started_at
                     self.log.warning(
@@ -299,6 +302,9 @@ class Supervisor:
                         current.pid, self._reap_core(current), lived,
                     )
                     backoff = BACKOFF_FIRST if lived > STABLE_AFTER else min(backoff * 2, BACKOFF_MAX)
+                    self.current.tcp_open = 0  # its connections died with it
+                    self.earlier.add(self.current)
+                    self.current = Totals()
                     restart_at = time.monotonic() + backoff
                     current = None
             elif time.monotonic() >= restart_at:
@@ -307,6 +313,24 @@ class Supervisor:
         if current is not None:
             self._stop_core(current)
         return reason
+
+    def _on_core_line(self, core: Core, line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word != "stats":
+            self.log.info("core pid %d: %s", core.pid, line)
+            return
+        try:
+            self.current = Totals(**json.loads(rest))
+        except (ValueError, TypeError):
+            self.log.warning("core pid %d sent unreadable stats: %r", core.pid, rest[:200])
+            return
+        total = Totals(**self.earlier.as_dict())
+        total.add(self.current)
+        self.record = replace(self.record, stats=total.as_dict())
+        try:
+            write_record(self.ctx.state_dir, self.record)
+        except OSError as e:
+            self.log.warning("cannot update the state file: %s", e)
 
     def _reap_core(self, core: Core) -> str:
         try:

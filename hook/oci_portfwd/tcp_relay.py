@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
+from .stats import Totals
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bigger pipes mean fewer splice calls per byte; the kernel caps an unprivileged pipe at
@@ -86,7 +87,7 @@ class PipePool:
 class Direction:
     """One way of a connection: src → pipe → dst with splice; no bytes through Python."""
 
-    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done")
+    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done", "moved")
 
     def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool) -> None:
         self.src = src.fileno()
@@ -97,6 +98,7 @@ class Direction:
         self.buffered = 0
         self.eof = False
         self.done = False
+        self.moved = 0
 
     def pump(self) -> None:
         """Move what can be moved now; returns at EAGAIN (edge-triggered: drain fully)."""
@@ -105,7 +107,9 @@ class Direction:
             try:
                 if self.buffered:
                     assert self.pipe is not None
-                    self.buffered -= splice(self.pipe[0], self.dst, self.buffered, flags=SPLICE_FLAGS)
+                    sent = splice(self.pipe[0], self.dst, self.buffered, flags=SPLICE_FLAGS)
+                    self.buffered -= sent
+                    self.moved += sent
                 elif self.eof:
                     self._return_pipe()
                     shutdown_write(self.dst_sock)
@@ -172,6 +176,7 @@ class TcpConnection:
         self.upstream: socket.socket | None = None
         self.ways: tuple[Direction, Direction] | None = None
         self.closed = False
+        self.answered = False
         self.tried: list[str] = []
 
     # 1. a container-side socket
@@ -226,6 +231,7 @@ class TcpConnection:
     # 3. splice both ways
     def _start_relay(self) -> None:
         assert self.upstream is not None
+        self.answered = True
         self.ways = (
             Direction(self.client, self.upstream, self.pipes),
             Direction(self.upstream, self.client, self.pipes),
@@ -289,6 +295,25 @@ class TcpListener:
         self.targets = tuple(targets)
         self.log = log
         self.connections: set[TcpConnection] = set()
+        self.totals = Totals()
+
+    def _closed(self, conn: TcpConnection) -> None:
+        self.connections.discard(conn)
+        if conn.ways:
+            self.totals.bytes_to_container += conn.ways[0].moved
+            self.totals.bytes_to_client += conn.ways[1].moved
+        if not conn.answered:
+            self.totals.tcp_unanswered += 1
+
+    def snapshot(self) -> Totals:
+        """Totals of closed connections plus the open ones' bytes so far."""
+        now = Totals(tcp_open=len(self.connections))
+        now.add(self.totals)
+        for conn in self.connections:
+            if conn.ways:
+                now.bytes_to_container += conn.ways[0].moved
+                now.bytes_to_client += conn.ways[1].moved
+        return now
 
     def start(self) -> None:
         self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
@@ -311,8 +336,7 @@ class TcpListener:
                     continue
                 raise
             client.setblocking(False)
-            conn = TcpConnection(
-                self.loop, self.pool, self.pipes, client, self.targets, self.log, self.connections.discard
-            )
+            conn = TcpConnection(self.loop, self.pool, self.pipes, client, self.targets, self.log, self._closed)
             self.connections.add(conn)
+            self.totals.tcp_total += 1
             conn.start()

@@ -23,6 +23,7 @@ from typing import Any
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
+from .stats import Totals
 
 Address = tuple[Any, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
 MAX_DATAGRAM = 65535
@@ -52,6 +53,7 @@ class UdpListener:
         self.idle_timeout = idle_timeout
         self.log = log
         self.sessions: dict[Address, UdpSession] = {}
+        self.totals = Totals()
         # One buffer per listener: no allocation per datagram on the way in.
         self.buffer = bytearray(MAX_DATAGRAM)
         self.view = memoryview(self.buffer)
@@ -73,10 +75,17 @@ class UdpListener:
             if session is None:
                 session = UdpSession(self, client)
                 self.sessions[client] = session
+                self.totals.udp_sessions += 1
                 session.start()
+            self.totals.udp_datagrams += 1
+            self.totals.bytes_to_container += size
             session.to_container(self.view[:size])
 
+    def snapshot(self) -> Totals:
+        return Totals(**self.totals.as_dict())
+
     def send_to_client(self, data: memoryview, client: Address) -> None:
+        self.totals.bytes_to_client += len(data)
         try:
             self.sock.sendto(data, client)
         except (BlockingIOError, InterruptedError):
