@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .errors import NamespaceError, StartError
+from .forking import fork_child
 from .namespaces import join_container
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
 from .procfs import close_fds_except
@@ -46,15 +47,15 @@ def kind_of(family: int, proto: str) -> bytes:
 def start_dialer(container_pid: int, want_addresses: bool, deadline: float) -> tuple[int, socket.socket]:
     """Fork the dialer; returns its pid and the core's end of the socketpair."""
     core_end, dialer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            # Keep nothing of the core's: above all not the host listeners, which must
-            # never be reachable from inside the container's namespaces.
-            close_fds_except({dialer_end.fileno()})
-            _dialer_main(dialer_end, container_pid, want_addresses, deadline)
-        finally:
-            os._exit(1)
+
+    def child() -> int:
+        # Keep nothing of the core's: above all not the host listeners, which must never
+        # be reachable from inside the container's namespaces.
+        close_fds_except({dialer_end.fileno()})
+        _dialer_main(dialer_end, container_pid, want_addresses, deadline)
+        return 1
+
+    pid = fork_child(child)
     dialer_end.close()
     return pid, core_end
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import BindError
+from .netns_setup import has_address
 from .ports import PortMapping
 
 LISTEN_BACKLOG = 4096
@@ -41,12 +42,7 @@ class Listener:
 
 def ipv6_available() -> bool:
     """False when the kernel has no IPv6 or this netns has it disabled (no ::1)."""
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+    return has_address(socket.AF_INET6, "::1")
 
 
 def bind_targets(

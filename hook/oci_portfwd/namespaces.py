@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from .errors import NamespaceError
+from .forking import fork_child
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -99,18 +100,18 @@ def run_inside(user_fd: int | None, net_fd: int, whose: str, action: Callable[[]
     """Run `action` in a forked child that joined the namespaces; raise if it failed.
     The caller stays where it is (a process holding host sockets never joins)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
+
+    def child() -> int:
+        os.close(read_fd)
         try:
-            os.close(read_fd)
             enter(user_fd, net_fd, whose)
             action()
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
+        except Exception as e:  # noqa: BLE001 - reported to the parent
             os.write(write_fd, str(e).encode()[:4000])
-            code = 1
-        finally:
-            os._exit(code)
+            return 1
+        return 0
+
+    pid = fork_child(child)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as f:
         message = f.read().decode(errors="replace")

@@ -6,15 +6,21 @@ from __future__ import annotations
 import socket
 
 
-def loopback_is_up() -> bool:
-    # Binding 127.0.0.1 fails with EADDRNOTAVAIL while lo is down: a cheap check that
-    # spares the ~120 ms pyroute2 import when the runtime already brought lo up (it does).
+def has_address(family: int, address: str) -> bool:
+    """Whether this netns can bind `address` (fails with EADDRNOTAVAIL when it has no such
+    address, EAFNOSUPPORT without the family): a check with no netlink and no imports."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((address, 0))
         return True
     except OSError:
         return False
+
+
+def loopback_is_up() -> bool:
+    # 127.0.0.1 is there only while lo is up: this spares the ~120 ms pyroute2 import
+    # when the runtime already brought lo up (runc and crun do).
+    return has_address(socket.AF_INET, "127.0.0.1")
 
 
 def bring_loopback_up() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .drivers import Driver
 from .errors import StartError, StateDirError
+from .forking import fork_child
 from .listeners import Listener
 from .logs import close_log, open_log
 from .plan import Plan
@@ -55,17 +56,16 @@ class Context:
 def launch(ctx: Context, log: logging.Logger) -> Started:
     """Detach the supervisor and wait until it says ready. Raises StartError."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            os.setsid()
-            if os.fork() == 0:
-                _supervisor_main(ctx, write_fd)
-            code = 0
-        finally:
-            os._exit(code)
+
+    def intermediate() -> int:
+        # setsid, then fork again and exit: the supervisor is no session leader and is
+        # nobody's child but init's (or a subreaper's), so the runtime never waits for it.
+        os.close(read_fd)
+        os.setsid()
+        fork_child(lambda: _supervisor_main(ctx, write_fd))
+        return 0
+
+    pid = fork_child(intermediate)
     os.close(write_fd)
     os.waitpid(pid, 0)
     try:
@@ -99,22 +99,15 @@ def _await_ready(reader: StatusReader, ctx: Context, log: logging.Logger) -> Sta
         ) from None
 
 
-def _supervisor_main(ctx: Context, report_fd: int) -> None:
-    """The grandchild: never returns."""
-    code = 1
+def _supervisor_main(ctx: Context, report_fd: int) -> int:
+    keep = {report_fd} | {listener.sock.fileno() for listener in ctx.listeners}
+    _detach_stdio(ctx.log_path)
+    close_fds_except(keep)
+    log = open_log(ctx.log_path, ctx.log_level, stderr=False)
     try:
-        keep = {report_fd} | {listener.sock.fileno() for listener in ctx.listeners}
-        _detach_stdio(ctx.log_path)
-        close_fds_except(keep)
-        log = open_log(ctx.log_path, ctx.log_level, stderr=False)
-        try:
-            code = Supervisor(ctx, StatusWriter(report_fd), log).run()
-        finally:
-            close_log(log)
-    except BaseException:  # noqa: BLE001 - a bug: its traceback goes to the log (stderr)
-        _print_bug()
+        return Supervisor(ctx, StatusWriter(report_fd), log).run()
     finally:
-        os._exit(code)
+        close_log(log)
 
 
 def _detach_stdio(log_path: Path) -> None:
@@ -211,24 +204,21 @@ class Supervisor:
     # the core
     def _spawn_core(self) -> Core:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
+
+        def core() -> int:
+            os.close(status_r)
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            status = StatusWriter(status_w)
             try:
-                os.close(status_r)
-                signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(signum, signal.SIG_DFL)
-                status = StatusWriter(status_w)
-                try:
-                    code = self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log)
-                except StartError as e:
-                    self.log.error("%s", e)
-                    status.error(str(e))
-            except BaseException:  # noqa: BLE001
-                _print_bug()
-            finally:
-                os._exit(code)
+                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log)
+            except StartError as e:
+                self.log.error("%s", e)
+                status.error(str(e))
+                return 1
+
+        pid = fork_child(core)
         os.close(status_w)
         return Core(pid, os.pidfd_open(pid), StatusReader(status_r), time.monotonic())
 
@@ -384,8 +374,3 @@ class Supervisor:
                     deadline = time.monotonic() + STOP_GRACE
                 time.sleep(0.01)
 
-
-def _print_bug() -> None:
-    import traceback  # noqa: PLC0415 - only for bugs: keeps the start path light
-
-    traceback.print_exc()
