@@ -19,9 +19,10 @@ from .statefile import Record, is_alive, log_path, prune_logs, read_record, remo
 
 STOP_TIMEOUT = 5.0
 KILL_TIMEOUT = 2.0
-# A log that explains a failure (a failed create, a container that died on its own) is
-# kept this long for the user to read; a normal stop removes the log at once.
+# A log that records an error (a failed create, a core that crashed) is kept this long
+# for the user to read; the log of an uneventful forwarding is removed at poststop.
 KEEP_FAILURE_LOGS = 24 * 3600.0
+FAILURE_MARKS = (b" ERROR ", b"Traceback (most recent call last)")
 
 
 def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
@@ -40,10 +41,10 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
             log.info("container %s has no forwarding (already stopped)", state.id)
         elif is_alive(record):
             stop_supervisor(record, log)
-            _remove_log(state_dir, state.id)
         else:
             log.info("supervisor of container %s is already gone", state.id)
         remove_record(state_dir, state.id)
+        _remove_log_unless_failed(state_dir, state.id)
         prune_logs(state_dir, KEEP_FAILURE_LOGS, time.time())
     finally:
         close_log(log)
@@ -77,8 +78,15 @@ def stop_supervisor(record: Record, log: logging.Logger) -> None:
         os.close(pidfd)
 
 
-def _remove_log(state_dir: Path, container_id: str) -> None:
+def _remove_log_unless_failed(state_dir: Path, container_id: str) -> None:
+    path = log_path(state_dir, container_id)
     try:
-        os.unlink(log_path(state_dir, container_id))
-    except FileNotFoundError:
-        pass
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - (1 << 20)))
+        text = f.read()
+    if not any(mark in text for mark in FAILURE_MARKS):
+        os.unlink(path)
