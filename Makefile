@@ -18,20 +18,42 @@ APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit ui
 	socat curl ncat iproute2 python3-venv python3-dev libcap-dev gcc \
 	python3-pyroute2 python3-jsonschema python3-prctl
 
+# What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild), and the checkers the
+# packaging tests run on their output.
+PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	lintian rpm rpmlint
+
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: deps venv test test-unit test-e2e demo clean
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' hook/oci_portfwd/__init__.py)
+# Package builds see Debian's tools only: a pyenv python3 first on PATH would be picked up by
+# pybuild and rpmbuild and build against the wrong interpreter.
+BUILD_ENV := env PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8
+# The source tree as git sees it (tracked and new files, not ignored ones: no .venv, dist,
+# build, caches), or, outside a git checkout, everything but those.
+SOURCE_FILES := { if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git ls-files -z -co --exclude-standard; \
+	else \
+		find . \( -name .git -o -name .venv -o -name dist -o -name build -o -name '.*_cache' \
+			-o -name .hypothesis -o -name __pycache__ -o -name '*.egg-info' \) -prune \
+			-o -type f -print0; \
+	fi; }
+
+.PHONY: deps pkg-deps venv test test-unit test-e2e test-packaging deb rpm demo clean
+
+deps: PKGS = $(APT_PACKAGES)
+pkg-deps: PKGS = $(PKG_APT_PACKAGES)
 
 # One dpkg-query for the whole list keeps this instant when everything is there.
-deps:
-	@installed=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(APT_PACKAGES) 2>/dev/null \
+deps pkg-deps:
+	@installed=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(PKGS) 2>/dev/null \
 		| awk '$$2 == "ii" {print $$1}' || true); \
 	missing=""; \
-	for p in $(APT_PACKAGES); do \
+	for p in $(PKGS); do \
 		grep -qx "$$p" <<<"$$installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-		echo "deps: installing$$missing"; \
+		echo "$@: installing$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing </dev/null; \
 	fi
@@ -49,7 +71,7 @@ $(VENV_STAMP): setup.cfg pyproject.toml | deps
 	$(VENV)/bin/pip install -q --use-pep517 -e '.[test]' </dev/null
 	@touch $@
 
-test: deps venv
+test: deps pkg-deps venv
 	$(PYTEST) -ra $(PYTEST_ARGS) tests/
 
 test-unit: venv
@@ -57,6 +79,49 @@ test-unit: venv
 
 test-e2e: deps venv
 	$(PYTEST) -ra $(PYTEST_ARGS) tests/e2e
+
+test-packaging: deps pkg-deps venv
+	$(PYTEST) -ra $(PYTEST_ARGS) tests/packaging
+
+# Where `make deb` / `make rpm` work and put the packages (the packaging tests pass their own
+# temporary directories).
+PKG_BUILD_DIR ?= build
+DIST_DIR ?= dist
+DEB_BUILD = $(abspath $(PKG_BUILD_DIR))/deb
+RPM_BUILD = $(abspath $(PKG_BUILD_DIR))/rpm
+DIST = $(abspath $(DIST_DIR))
+
+# dist/oci-portfwd-hook_VERSION_all.deb, built with dpkg-buildpackage in a copy of the tree
+# (build/deb/src, packaging/debian as its debian/): the source tree stays clean.
+deb: pkg-deps
+	@v=$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version); \
+	[ "$$v" = "$(VERSION)" ] || { echo "deb: packaging/debian/changelog is at $$v," \
+		"__version__ is $(VERSION): add a changelog entry for $(VERSION)" >&2; exit 1; }
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src $(DIST)
+	$(SOURCE_FILES) | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(DEB_BUILD)/src
+	cp -a packaging/debian $(DEB_BUILD)/src/debian
+	cd $(DEB_BUILD)/src && $(BUILD_ENV) DEB_BUILD_OPTIONS=nocheck dpkg-buildpackage -b -us -uc </dev/null
+	cp $(DEB_BUILD)/oci-portfwd-hook_$(VERSION)_all.deb $(DIST)/
+	@echo "deb: $(DIST)/oci-portfwd-hook_$(VERSION)_all.deb"
+
+# dist/oci-portfwd-hook-VERSION-1.noarch.rpm with Debian's rpmbuild. --nodeps: the spec's
+# BuildRequires are Fedora packages, absent here (see the spec's header). Debian's brp-compress
+# is a bash script under #!/bin/sh (dash fails on `read -d`): run it with bash, so that the man
+# pages are gzipped as rpmbuild does on Fedora.
+rpm: pkg-deps
+	@v=$$(sed -n 's/^Version:[[:space:]]*//p' packaging/rpm/oci-portfwd-hook.spec); \
+	[ "$$v" = "$(VERSION)" ] || { echo "rpm: packaging/rpm/oci-portfwd-hook.spec is at $$v," \
+		"__version__ is $(VERSION): update Version and %changelog" >&2; exit 1; }
+	rm -rf $(RPM_BUILD) && mkdir -p $(RPM_BUILD)/SOURCES $(RPM_BUILD)/src/oci-portfwd-hook-$(VERSION) $(DIST)
+	$(SOURCE_FILES) | tar --null -T - --ignore-failed-read -cf - \
+		| tar -xf - -C $(RPM_BUILD)/src/oci-portfwd-hook-$(VERSION)
+	tar -C $(RPM_BUILD)/src -czf $(RPM_BUILD)/SOURCES/oci-portfwd-hook-$(VERSION).tar.gz \
+		oci-portfwd-hook-$(VERSION)
+	$(BUILD_ENV) rpmbuild -bb --nodeps --define "_topdir $(RPM_BUILD)" \
+		--define '__brp_compress bash %{_rpmconfigdir}/brp-compress %{?_prefix}' \
+		packaging/rpm/oci-portfwd-hook.spec </dev/null
+	cp $(RPM_BUILD)/RPMS/noarch/oci-portfwd-hook-$(VERSION)-*.noarch.rpm $(DIST)/
+	@echo "rpm: $$(ls $(DIST)/oci-portfwd-hook-$(VERSION)-*.noarch.rpm)"
 
 demo: deps venv
 	bash examples/demo.sh
