@@ -39,7 +39,7 @@ SOURCE_FILES := { if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 			-o -type f -print0; \
 	fi; }
 
-.PHONY: deps pkg-deps venv test test-unit test-e2e test-packaging deb rpm demo clean
+.PHONY: deps pkg-deps venv validators test test-unit test-e2e test-packaging deb rpm demo clean
 
 deps: PKGS = $(APT_PACKAGES)
 pkg-deps: PKGS = $(PKG_APT_PACKAGES)
@@ -70,6 +70,11 @@ $(VENV_STAMP): setup.cfg pyproject.toml | deps
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --use-pep517 -e '.[test]' </dev/null
 	@touch $@
+
+# hook/oci_portfwd/validators.py is generated from schemas/*.json (fastjsonschema, in the
+# venv); a unit test fails while it is stale.
+validators: venv
+	$(VENV)/bin/python schemas/compile_validators.py
 
 test: deps pkg-deps venv
 	$(PYTEST) -ra $(PYTEST_ARGS) tests/
