@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import BindError
-from .netns_setup import has_address
+from .netns_setup import reachable
 from .ports import PortMapping
 
 LISTEN_BACKLOG = 4096
@@ -42,7 +42,7 @@ class Listener:
 
 def ipv6_available() -> bool:
     """False when the kernel has no IPv6 or this netns has it disabled (no ::1)."""
-    return has_address(socket.AF_INET6, "::1")
+    return reachable(socket.AF_INET6, "::1")
 
 
 def bind_targets(
