@@ -6,6 +6,8 @@ a skip that names it; the hook itself missing is an error, because `make test` b
 
 import os
 import shutil
+import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from e2ekit.hookenv import HookEnv
 from e2ekit.netns import Netns
 from e2ekit.ports import PortAllocator
 from e2ekit.rootfs import build_rootfs
-from e2ekit.runtimes import RuntimeUnavailable, make_runtime
+from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
+from e2ekit.users import TestUser, UserUnavailable, ensure_test_user, release_test_user
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -108,3 +111,75 @@ def netns_factory(e2e_host):
     yield make
     for ns in made:
         ns.delete()
+
+
+# --- rootless: the test user, a directory it owns, its runtimes -------------------------------
+
+@pytest.fixture(scope="session")
+def test_user(e2e_host) -> TestUser:
+    """The unprivileged user of the rootless tests (created if absent, removed again then)."""
+    try:
+        user = ensure_test_user()
+    except UserUnavailable as exc:
+        pytest.skip(str(exc))
+    yield user
+    for note in release_test_user(user):
+        warnings.warn(note, stacklevel=2)
+
+
+@pytest.fixture(scope="session")
+def user_area(test_user) -> Path:
+    """A session directory the test user owns: pytest's own tmp dir (/tmp/pytest-of-root) is
+    not traversable by the user, and bundles, rootfs, runtime roots and hook configs of rootless
+    containers must be readable by it."""
+    area = Path(tempfile.mkdtemp(prefix="oci-portfwd-e2e-", dir="/tmp"))
+    test_user.make_dir(area)
+    yield area
+    shutil.rmtree(area, ignore_errors=True)
+
+
+@pytest.fixture
+def user_tmp(test_user, user_area, request) -> Path:
+    """A directory of this test's own, owned by the test user."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    return test_user.make_dir(user_area / f"{name}-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture(scope="session")
+def user_rootfs(test_user, user_area) -> Path:
+    return test_user.give(build_rootfs(user_area / "rootfs", HERE / "servers.py"))
+
+
+@pytest.fixture(scope="session")
+def rootless_hook_command(hook_command, test_user) -> Path:
+    """The venv's hook, which the rootless runtime runs as the test user."""
+    r = test_user.run([str(hook_command), "--version"])
+    if r.returncode != 0:
+        pytest.skip(f"the test user {test_user.name} cannot run {hook_command} "
+                    f"(is every parent dir traversable by others?): "
+                    f"{r.stderr.decode(errors='replace').strip()}")
+    return hook_command
+
+
+@pytest.fixture(scope="session", params=RUNTIMES, ids=[f"rootless-{r}" for r in RUNTIMES])
+def rootless_runtime(request, e2e_tmp, user_area, test_user):
+    try:
+        return make_rootless_runtime(request.param, e2e_tmp, user_area, test_user)
+    except RuntimeUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def rootless_hook_env(rootless_hook_command, test_user, user_tmp) -> HookEnv:
+    """A hook setup of this test's own in a directory of the user's: the hook, running as the
+    user, reads the config and makes its state dir there."""
+    return HookEnv(rootless_hook_command, test_user.make_dir(user_tmp / "hook"))
+
+
+@pytest.fixture
+def rootless_containers(rootless_runtime, user_rootfs, user_tmp, test_user):
+    factory = ContainerFactory(rootless_runtime, user_rootfs,
+                               test_user.make_dir(user_tmp / "bundles"))
+    yield factory
+    for note in factory.cleanup():
+        warnings.warn(note, stacklevel=2)

@@ -64,3 +64,27 @@ def write_bundle(bundle: Path, config: dict) -> Path:
     bundle.mkdir(parents=True, exist_ok=True)
     (bundle / "config.json").write_text(json.dumps(config, indent=2))
     return bundle
+
+
+def make_rootless(config: dict, uid: int, gid: int) -> dict:
+    """What `runc spec --rootless` changes, run as the user (uid, gid), with the network
+    namespace put back: without it the container shares the host's network and there is
+    nothing to forward. No linux.resources: any limit makes rootless runc fail."""
+    config = json.loads(json.dumps(config))
+    linux = config["linux"]
+    linux.pop("resources", None)
+    types = [ns["type"] for ns in linux["namespaces"]]
+    for wanted in ("network", "user"):
+        if wanted not in types:
+            linux["namespaces"].append({"type": wanted})
+    linux["uidMappings"] = [{"containerID": 0, "hostID": uid, "size": 1}]
+    linux["gidMappings"] = [{"containerID": 0, "hostID": gid, "size": 1}]
+    for mount in config["mounts"]:
+        if mount["destination"] == "/sys":
+            # As runc's rootless spec: a bind of the host's /sys, which a user may always do.
+            mount.update(type="none", source="/sys",
+                         options=["rbind", "nosuid", "noexec", "nodev", "ro"])
+        elif mount["destination"] == "/dev/pts":
+            # gid 5 (tty) is not mapped.
+            mount["options"] = [o for o in mount["options"] if o != "gid=5"]
+    return config

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import make_config, write_bundle
+from .bundle import make_config, make_rootless, write_bundle
 from .hookenv import HookEnv
 from .netns import Netns
 from .runtimes import Runtime
@@ -53,7 +53,13 @@ class Container:
             annotations[PORTS_ANNOTATION] = ports
         self.config = make_config(rootfs=rootfs, args=args, annotations=annotations,
                                   hooks=hook.hooks(start_stage) if hook else None)
+        user = runtime.user
+        if user is not None:
+            self.config = make_rootless(self.config, user.uid, user.gid)
         write_bundle(self.bundle, self.config)
+        if user is not None:
+            # The runtime runs as the user: it reads the bundle and writes the pid file there.
+            user.give(self.bundle)
 
     def __enter__(self) -> "Container":
         return self
@@ -114,6 +120,11 @@ class Container:
         result = self.delete()
         self._created = False
         return result
+
+    def exec(self, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+        """`exec` a process in the running container (as the runtime's user); output captured."""
+        return subprocess.run(self.runtime.argv("exec", self.id, *argv), capture_output=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
 
     @property
     def netns_path(self) -> str:
