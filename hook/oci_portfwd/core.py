@@ -90,7 +90,6 @@ def run_core(
         servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
     pool.prefill(kinds)
-    _report_totals(loop, [server for _, server in servers], status, None)
     if until_readable is not None:
 
         def stop(_events: int) -> None:
@@ -98,6 +97,8 @@ def run_core(
 
         loop.register(until_readable, select.EPOLLIN, stop)
     status.ready()
+    # After "ready": before it, the supervisor reads nothing but the ready line.
+    _report_totals(loop, [server for _, server in servers], status, None)
     loop.run()
     return 3
 

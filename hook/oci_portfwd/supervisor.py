@@ -175,6 +175,9 @@ class Supervisor:
                 created=time.time(),
             )
             write_record(self.ctx.state_dir, self.record)
+            # Lines that came with "ready" in the same read wait in the buffer.
+            for line in core.status.lines():
+                self._on_core_line(core, line)
         except (StartError, StateDirError, OSError) as e:
             self._stop_core(core)
             return self._fail(str(e))

@@ -12,11 +12,14 @@ def test_ps_lists_ports_and_traffic(containers, hook_env, port_alloc):
     services = Services().sink(SINK)
     c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{SINK}")
     services.wait_ready(c.start())
-    size = 3 << 20
-    assert clients.sink_roundtrip("127.0.0.1", port, size) == clients.pattern_sha256(size)
 
     def listing() -> str:
         return hook_env.run("ps").stdout.decode()
+
+    # Idle: the first report comes with "ready", so the figures are there at once.
+    assert " 0/0 " in listing(), listing()
+    size = 3 << 20
+    assert clients.sink_roundtrip("127.0.0.1", port, size) == clients.pattern_sha256(size)
 
     # The core reports its totals every 2 s; the listing shows them once reported.
     wait_until(lambda: "3.0MiB" in listing(), 6, lambda: f"3.0MiB sent in:\n{listing()}")
