@@ -28,6 +28,10 @@ class EventLoop:
         if handler is not None:
             self.handlers[fd] = handler
 
+    def rebind(self, fd: int, handler: Handler) -> None:
+        """Another handler for the same events, with no system call."""
+        self.handlers[fd] = handler
+
     def unregister(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
             try:

@@ -206,13 +206,13 @@ class TcpConnection:
         self.upstream = sock
         err = sock.connect_ex((target.address, target.port))
         if err == errno.EINPROGRESS:
-            self.loop.register(sock.fileno(), select.EPOLLOUT, self._on_connected)
+            # Registered once, for the connect and then the relay: one epoll_ctl, not three.
+            self.loop.register(sock.fileno(), ET_EVENTS, self._on_connected)
         else:
             self._connected(err)
 
     def _on_connected(self, _events: int) -> None:
         assert self.upstream is not None
-        self.loop.unregister(self.upstream.fileno())
         self._connected(self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
     def _connected(self, err: int) -> None:
@@ -220,6 +220,7 @@ class TcpConnection:
         if err == 0:
             self._start_relay()
             return
+        self.loop.unregister(self.upstream.fileno())
         self.upstream.close()
         self.upstream = None
         if err in DIAL_FALLBACK_ERRNOS:
@@ -237,7 +238,10 @@ class TcpConnection:
             Direction(self.upstream, self.client, self.pipes),
         )
         self.loop.register(self.client.fileno(), ET_EVENTS, self._on_event)
-        self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_event)
+        if self.upstream.fileno() in self.loop.handlers:
+            self.loop.rebind(self.upstream.fileno(), self._on_event)
+        else:
+            self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_event)
         self._on_event(0)
 
     def _on_event(self, _events: int) -> None:
