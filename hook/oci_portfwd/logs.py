@@ -4,7 +4,6 @@ and warnings on stderr at the hook (runc shows them; crun drops them, hence the 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,9 @@ def open_log(path: Path | None, level: str, *, stderr: bool) -> logging.Logger:
         handler.setFormatter(logging.Formatter(FORMAT))
         logger.addHandler(handler)
     if os.path.exists("/dev/log"):
+        # Imported only here: logging.handlers brings pickle, queue and threading along.
+        import logging.handlers  # noqa: PLC0415
+
         try:
             syslog = logging.handlers.SysLogHandler(address="/dev/log")
         except OSError:
