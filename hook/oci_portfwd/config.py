@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, loads_strict
 from .schema import validate
 
 DEFAULT_CONFIG_PATH = "/etc/containers/oci-portfwd.json"
@@ -57,7 +56,7 @@ def load_config(
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        doc = json.loads(raw)
+        doc = loads_strict(raw)
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     if validate_schema:

@@ -1,6 +1,29 @@
 """Errors a user can act on. The CLI prints one as a single line and exits non-zero;
 anything else is a bug and goes with its traceback to the log."""
 
+from __future__ import annotations
+
+import json
+from typing import Any
+
+QUOTE_LIMIT = 60
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """repr() of user input for an error line, cut short: the input may be megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 12]}…({len(text)} chars)"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_strict(raw: bytes | str) -> Any:
+    """json.loads that refuses NaN and Infinity: Python accepts them, JSON does not, and
+    a NaN passes every numeric bound of a schema (all its comparisons are false)."""
+    return json.loads(raw, parse_constant=_reject_constant)
+
 
 class PortfwdError(Exception):
     """Base of every user-facing error: str(error) is the whole message."""

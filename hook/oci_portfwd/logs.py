@@ -22,10 +22,10 @@ def open_log(path: Path | None, level: str, *, stderr: bool) -> logging.Logger:
         logger.addHandler(handler)
     if os.path.exists("/dev/log"):
         # Imported only here: logging.handlers brings pickle, queue and threading along.
-        import logging.handlers  # noqa: PLC0415
+        from logging.handlers import SysLogHandler  # noqa: PLC0415
 
         try:
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            syslog = SysLogHandler(address="/dev/log")
         except OSError:
             pass
         else:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Config
-from .errors import ConfigError, StateError
+from .errors import ConfigError, StateError, quoted
 from .ports import PortMapping, parse_port_specs
 from .state import ContainerState
 
@@ -38,12 +38,12 @@ def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Con
     for key in annotations:
         if key.startswith(ANNOTATION_PREFIX) and key not in KNOWN_ANNOTATIONS:
             raise ConfigError(
-                f"unknown annotation {key!r}; known: {', '.join(sorted(KNOWN_ANNOTATIONS))}"
+                f"unknown annotation {quoted(key)}; known: {', '.join(sorted(KNOWN_ANNOTATIONS))}"
             )
     loopback = annotations.get(LOOPBACK_ANNOTATION, config.loopback)
     if loopback not in LOOPBACK_POLICIES:
         raise ConfigError(
-            f"annotation {LOOPBACK_ANNOTATION}={loopback!r}: use one of {', '.join(LOOPBACK_POLICIES)}"
+            f"annotation {LOOPBACK_ANNOTATION}={quoted(loopback)}: use one of {', '.join(LOOPBACK_POLICIES)}"
         )
     return Plan(
         container_id=state.id,

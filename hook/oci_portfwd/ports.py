@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .errors import PortSpecError
+from .errors import PortSpecError, quoted
 
 PROTOCOLS = ("tcp", "udp")
 
@@ -41,7 +41,7 @@ def parse_port_specs(text: str, max_ports: int | None = None) -> tuple[PortMappi
     for raw in text.split(","):
         spec = raw.strip()
         if not spec:
-            raise PortSpecError(f"empty port spec in {text!r} (stray comma?)")
+            raise PortSpecError(f"empty port spec in {quoted(text)} (stray comma?)")
         mappings.extend(parse_port_spec(spec))
         if max_ports is not None and len(mappings) > max_ports:
             raise PortSpecError(
@@ -56,14 +56,14 @@ def parse_port_spec(spec: str) -> list[PortMapping]:
     body, slash, proto = spec.partition("/")
     proto = proto.lower() if slash else "tcp"
     if proto not in PROTOCOLS:
-        raise PortSpecError(f"port spec {spec!r}: unknown protocol {proto!r} (use tcp or udp)")
+        raise PortSpecError(f"port spec {quoted(spec)}: unknown protocol {quoted(proto)} (use tcp or udp)")
     host_ip, host_part, container_part = _split_fields(spec, body)
     host_first, host_last = _parse_range(spec, host_part, "host")
     cont_first, cont_last = _parse_range(spec, container_part, "container")
     count = host_last - host_first + 1
     if cont_last - cont_first + 1 != count:
         raise PortSpecError(
-            f"port spec {spec!r}: host range {host_part} and container range {container_part} "
+            f"port spec {quoted(spec)}: host range {quoted(host_part)} and container range {quoted(container_part)} "
             "differ in length; give ranges of the same length"
         )
     return [
@@ -75,10 +75,10 @@ def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
     if body.startswith("["):
         address, bracket, rest = body[1:].partition("]")
         if not bracket or not rest.startswith(":"):
-            raise PortSpecError(f"port spec {spec!r}: expected [ADDRESS]:HOST_PORT:CONTAINER_PORT")
+            raise PortSpecError(f"port spec {quoted(spec)}: expected [ADDRESS]:HOST_PORT:CONTAINER_PORT")
         fields = rest[1:].split(":")
         if len(fields) != 2:
-            raise PortSpecError(f"port spec {spec!r}: expected [ADDRESS]:HOST_PORT:CONTAINER_PORT")
+            raise PortSpecError(f"port spec {quoted(spec)}: expected [ADDRESS]:HOST_PORT:CONTAINER_PORT")
         return _parse_address(spec, address), fields[0], fields[1]
     fields = body.split(":")
     if len(fields) == 2:
@@ -87,10 +87,10 @@ def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
         return _parse_address(spec, fields[0]), fields[1], fields[2]
     if len(fields) == 1:
         raise PortSpecError(
-            f"port spec {spec!r}: a host port is required (HOST_PORT:CONTAINER_PORT)"
+            f"port spec {quoted(spec)}: a host port is required (HOST_PORT:CONTAINER_PORT)"
         )
     raise PortSpecError(
-        f"port spec {spec!r}: too many ':' (an IPv6 address goes in brackets: [::1]:8080:80)"
+        f"port spec {quoted(spec)}: too many ':' (an IPv6 address goes in brackets: [::1]:8080:80)"
     )
 
 
@@ -98,7 +98,7 @@ def _parse_address(spec: str, text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise PortSpecError(f"port spec {spec!r}: {text!r} is not an IP address") from None
+        raise PortSpecError(f"port spec {quoted(spec)}: {quoted(text)} is not an IP address") from None
 
 
 def _parse_range(spec: str, text: str, side: str) -> tuple[int, int]:
@@ -106,17 +106,20 @@ def _parse_range(spec: str, text: str, side: str) -> tuple[int, int]:
     low = _parse_port(spec, first, side)
     high = _parse_port(spec, last, side) if dash else low
     if high < low:
-        raise PortSpecError(f"port spec {spec!r}: {side} range {text} runs backwards")
+        raise PortSpecError(f"port spec {quoted(spec)}: {side} range {quoted(text)} runs backwards")
     return low, high
 
 
 def _parse_port(spec: str, text: str, side: str) -> int:
     # isdigit() alone would accept "²" and other Unicode digits that int() rejects.
-    if not (text.isascii() and text.isdigit()):
-        raise PortSpecError(f"port spec {spec!r}: {side} port {text!r} is not a number")
+    # Five digits at most before int(): Python refuses to convert very long digit strings.
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        if text.isascii() and text.isdigit():
+            raise PortSpecError(f"port spec {quoted(spec)}: {side} port {quoted(text)} is outside 1-65535")
+        raise PortSpecError(f"port spec {quoted(spec)}: {side} port {quoted(text)} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
-        raise PortSpecError(f"port spec {spec!r}: {side} port {port} is outside 1-65535")
+        raise PortSpecError(f"port spec {quoted(spec)}: {side} port {port} is outside 1-65535")
     return port
 
 

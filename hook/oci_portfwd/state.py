@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import StateError
+from .errors import StateError, loads_strict, quoted
 from .schema import validate
 
 MAX_STATE_BYTES = 1 << 20
@@ -33,7 +32,7 @@ def decode_state(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise StateError("no OCI state on stdin (is the hook run by an OCI runtime?)")
     try:
-        doc = json.loads(raw)
+        doc = loads_strict(raw)
     except RecursionError:
         raise StateError("state on stdin is nested too deeply to be an OCI state") from None
     except ValueError as e:
@@ -50,8 +49,9 @@ def parse_state(raw: bytes, *, full_validation: bool) -> ContainerState:
     if full_validation:
         validate(doc, "oci-state.schema.json", "OCI state", StateError)
     cid = doc.get("id")
-    if not isinstance(cid, str) or not CONTAINER_ID.match(cid):
-        raise StateError(f"OCI state has no usable container id (got {cid!r})")
+    # fullmatch: with re.match, "$" would also accept an id ending in a newline.
+    if not isinstance(cid, str) or not CONTAINER_ID.fullmatch(cid):
+        raise StateError(f"OCI state has no usable container id (got {quoted(cid)})")
     pid = doc.get("pid")
     annotations = doc.get("annotations") or {}
     return ContainerState(
@@ -71,7 +71,7 @@ def bundle_annotations(bundle: str | None) -> dict[str, str]:
     path = os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read(16 << 20))
+            doc = loads_strict(f.read(16 << 20))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, RecursionError) as e:

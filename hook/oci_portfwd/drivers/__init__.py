@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ..errors import DriverError
+from ..errors import DriverError, quoted
 from ..listeners import Listener
 from ..plan import Plan
 from ..ports import PortMapping
@@ -59,7 +59,7 @@ def get_driver(name: str) -> Driver:
         from .pasta import PastaDriver  # noqa: PLC0415
 
         return PastaDriver()
-    raise DriverError(f"unknown driver {name!r}; known drivers: {', '.join(DRIVER_NAMES)}")
+    raise DriverError(f"unknown driver {quoted(name)}; known drivers: {', '.join(DRIVER_NAMES)}")
 
 
 def check_capabilities(plan: Plan, driver: str, caps: Capabilities, warn: Warn) -> Plan:
