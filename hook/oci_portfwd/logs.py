@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import StateDirError
+
 FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
 
 
@@ -16,7 +18,10 @@ def open_log(path: Path | None, level: str, *, stderr: bool) -> logging.Logger:
     # state is shared through logging's module-level registry.
     logger = logging.Logger("oci-portfwd", level=level.upper())
     if path is not None:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateDirError(f"cannot open the log {path}: {e.strerror} (a symlink is refused)") from None
         handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
         handler.setFormatter(logging.Formatter(FORMAT))
         logger.addHandler(handler)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import time
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from pathlib import Path
 from .config import load_config, state_dir_of
 from .errors import ConfigError
 from .logs import close_log, open_log
+from .polling import wait_readable
 from .state import parse_state
 from .statefile import Record, is_alive, log_path, prune_logs, read_record, remove_record
 
@@ -71,7 +71,15 @@ def stop_supervisor(record: Record, log: logging.Logger) -> None:
                 signal.pidfd_send_signal(pidfd, signum)
             except ProcessLookupError:
                 return
-            if select.select([pidfd], [], [], timeout)[0]:
+            except PermissionError:
+                log.warning(
+                    "not permitted to signal pid %d: the state file of container %s names a process "
+                    "that is not ours; leaving it alone",
+                    record.supervisor_pid,
+                    record.container_id,
+                )
+                return
+            if wait_readable([pidfd], timeout):
                 return
             log.warning("supervisor pid %d did not stop on %s", record.supervisor_pid, signum.name)
     finally:

@@ -6,7 +6,8 @@ import os
 
 
 def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, a process's identity."""
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, a process's identity.
+    None when there is no such running process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -14,6 +15,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # exited, not yet reaped (pid 1 may take a while): no longer running
     return int(fields[19])
 
 

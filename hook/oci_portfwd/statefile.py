@@ -124,6 +124,8 @@ def list_records(state_dir: Path) -> list[Record]:
         names = sorted(os.listdir(state_dir))
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise StateDirError(f"cannot read the state dir {state_dir}: {e.strerror}") from None
     for name in names:
         if name.endswith(".json") and not name.startswith("."):
             try:

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import os
-import select
 import time
 from dataclasses import dataclass
+
+from .polling import wait_readable
 
 
 class StatusWriter:
@@ -56,8 +57,7 @@ class StatusReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            readable, _, _ = select.select([self.fd], [], [], remaining)
-            if readable:
+            if wait_readable([self.fd], remaining):
                 self.feed()
         line, _, self.buffered = self.buffered.partition(b"\n")
         return line.decode(errors="replace")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from .forking import fork_child
 from .listeners import Listener
 from .logs import close_log, open_log
 from .plan import Plan
+from .polling import wait_readable
 from .procfs import children, close_fds_except, process_start_time
 from .statefile import Record, remove_record, write_record
 from .stats import Totals
@@ -247,7 +247,7 @@ class Supervisor:
             signal.pidfd_send_signal(core.pidfd, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        if not select.select([core.pidfd], [], [], STOP_GRACE)[0]:
+        if not wait_readable([core.pidfd], STOP_GRACE):
             try:
                 signal.pidfd_send_signal(core.pidfd, signal.SIGKILL)
             except ProcessLookupError:
@@ -277,7 +277,7 @@ class Supervisor:
                     fds.append(current.status.fd)
             else:
                 timeout = max(0.0, restart_at - time.monotonic())
-            readable, _, _ = select.select(fds, [], [], timeout)
+            readable = wait_readable(fds, timeout)
             self._drain_wakeup()
             self._reap_orphans(current.pid if current else 0)
             reason = self.stop_reason
@@ -294,11 +294,13 @@ class Supervisor:
                         "forwarding core pid %d died (%s) after %.1fs; restarting it",
                         current.pid, self._reap_core(current), lived,
                     )
-                    backoff = BACKOFF_FIRST if lived > STABLE_AFTER else min(backoff * 2, BACKOFF_MAX)
+                    if lived > STABLE_AFTER:
+                        backoff = BACKOFF_FIRST
+                    delay, backoff = backoff, min(backoff * 2, BACKOFF_MAX)
                     self.current.tcp_open = 0  # its connections died with it
                     self.earlier.add(self.current)
                     self.current = Totals()
-                    restart_at = time.monotonic() + backoff
+                    restart_at = time.monotonic() + delay
                     current = None
             elif time.monotonic() >= restart_at:
                 current = self._spawn_core()

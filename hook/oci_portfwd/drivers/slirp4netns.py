@@ -14,7 +14,6 @@ import ipaddress
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -27,6 +26,7 @@ from ..errors import StartError
 from ..listeners import Listener
 from ..namespaces import run_inside
 from ..plan import Plan
+from ..polling import wait_readable
 from ..ports import PortMapping
 from ..status import StatusWriter
 from . import Capabilities, Warn, check_capabilities
@@ -117,8 +117,7 @@ def _route_localnet() -> None:
 
 def _await_ready_fd(fd: int, pid: int, timeout: float) -> None:
     try:
-        readable, _, _ = select.select([fd], [], [], timeout)
-        if not readable:
+        if not wait_readable([fd], timeout):
             raise StartError(f"slirp4netns (pid {pid}) did not configure {TAP} within {timeout:g}s")
         if os.read(fd, 1) != b"1":
             raise StartError(f"slirp4netns (pid {pid}) exited before {TAP} was configured; see the log")
