@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def run(args: list[str]) -> int:
+    # crun runs hooks with nearly every signal blocked, and a blocked mask is inherited by
+    # fork and kept across exec: the supervisor, the core and slirp4netns/pasta would never
+    # see SIGTERM or their death signal (every stop then waited for a SIGKILL).
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else EXIT_USAGE
