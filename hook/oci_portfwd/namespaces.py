@@ -23,9 +23,10 @@ def setns(fd: int, nstype: int) -> None:
         os.setns(fd, nstype)
         return
     import ctypes  # noqa: PLC0415 - the fallback for Python < 3.12 only
-    import ctypes.util  # noqa: PLC0415
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # CDLL(None): the symbols already loaded in this process, libc's among them.
+    # ctypes.util.find_library("c") would run ldconfig -p on every container start.
+    libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
