@@ -33,6 +33,8 @@ PIPE_SIZE = 1 << 20
 CHUNK = PIPE_SIZE
 F_SETPIPE_SZ = 1031
 ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# Events that mean "something to read" (data, EOF, an error) on a socket.
+INPUT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)
 # A refused or unreachable dial of one family falls back to the next target.
 DIAL_FALLBACK_ERRNOS = {
@@ -237,24 +239,43 @@ class TcpConnection:
             Direction(self.client, self.upstream, self.pipes),
             Direction(self.upstream, self.client, self.pipes),
         )
-        self.loop.register(self.client.fileno(), ET_EVENTS, self._on_event)
+        self.loop.register(self.client.fileno(), ET_EVENTS, self._on_client)
         if self.upstream.fileno() in self.loop.handlers:
-            self.loop.rebind(self.upstream.fileno(), self._on_event)
+            self.loop.rebind(self.upstream.fileno(), self._on_upstream)
         else:
-            self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_event)
-        self._on_event(0)
+            self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_upstream)
+        self._pump(*self.ways)
 
-    def _on_event(self, _events: int) -> None:
+    # An event pumps only the way it concerns: input on a socket feeds the way it is the
+    # source of; EPOLLOUT (which edge-triggered TCP raises whenever acks free buffer space)
+    # matters only to the way that has bytes waiting for that socket.
+    def _on_client(self, events: int) -> None:
         assert self.ways is not None
         to_container, to_client = self.ways
+        self._pump(
+            to_container if events & INPUT_EVENTS else None,
+            to_client if events & select.EPOLLOUT and to_client.buffered else None,
+        )
+
+    def _on_upstream(self, events: int) -> None:
+        assert self.ways is not None
+        to_container, to_client = self.ways
+        self._pump(
+            to_client if events & INPUT_EVENTS else None,
+            to_container if events & select.EPOLLOUT and to_container.buffered else None,
+        )
+
+    def _pump(self, *ways: Direction | None) -> None:
         try:
-            to_container.pump()
-            to_client.pump()
+            for way in ways:
+                if way is not None:
+                    way.pump()
         except ConnectionReset:
             self._abort()
             return
+        assert self.ways is not None
         # 4. both halves closed cleanly
-        if to_container.done and to_client.done:
+        if self.ways[0].done and self.ways[1].done:
             self._close(graceful=True)
 
     def _abort(self) -> None:
