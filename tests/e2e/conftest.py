@@ -6,6 +6,7 @@ a skip that names it; the hook itself missing is an error, because `make test` b
 
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 import warnings
@@ -183,3 +184,12 @@ def rootless_containers(rootless_runtime, user_rootfs, user_tmp, test_user):
     yield factory
     for note in factory.cleanup():
         warnings.warn(note, stacklevel=2)
+
+
+@pytest.fixture
+def netns_pid(e2e_host):
+    """A process in a netns of its own: a pid the hook can be pointed at without a container."""
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "120"], stdin=subprocess.DEVNULL)
+    yield proc.pid
+    proc.kill()
+    proc.wait(timeout=10)

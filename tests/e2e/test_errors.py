@@ -27,15 +27,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def netns_pid():
-    """A real process in a netns of its own, to give the hook a pid for input that should be
-    rejected before it is used (and harmless if the hook wrongly goes on)."""
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "120"], stdin=subprocess.DEVNULL)
-    yield proc.pid
-    proc.kill()
-    proc.wait(timeout=10)
-
 
 @pytest.fixture
 def run_prestart(hook_env, tmp_path):

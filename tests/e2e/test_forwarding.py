@@ -14,7 +14,6 @@ from e2ekit.container import Container, ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import listeners
 from e2ekit.procs import Proc, descendants
-from e2ekit.rootfs import INDEX_HTML
 from e2ekit.services import Services
 
 # Ports inside the container.
@@ -68,12 +67,6 @@ def pub(runtime, rootfs, hook_command, port_alloc, tmp_path_factory):
         reap_leftovers(hook)
 
 
-def assert_http_ok(host: str, port: int) -> None:
-    r = clients.curl(host, port)
-    assert r.returncode == 0, f"curl {clients.url(host, port)}: {r.stderr.decode().strip()}"
-    assert r.stdout == INDEX_HTML, f"body of {len(r.stdout)} bytes, expected {len(INDEX_HTML)}"
-
-
 def test_unspecified_address_binds_both_families(pub):
     tcp, udp = listeners("tcp"), listeners("udp")
     for name in ("http", "who"):
@@ -93,7 +86,7 @@ def test_explicit_addresses_bind_only_that_address(pub):
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_http_on_unspecified_address(pub, host):
-    assert_http_ok(host, pub.port["http"])
+    clients.assert_http_ok(host, pub.port["http"])
 
 
 @pytest.mark.parametrize("host, expected", [("127.0.0.1", "127.0.0.1"), ("::1", "::1")])
@@ -110,11 +103,11 @@ def test_loopback_host_address_is_preserved_in_container(pub, name, host):
 @pytest.mark.parametrize("host", ["::1", "localhost", "127.0.0.1"])
 def test_ipv4_only_service_reached_from_any_family(pub, host):
     # busybox httpd -p 0.0.0.0:P: a [::1] client must get the body (fallback to IPv4), not a reset.
-    assert_http_ok(host, pub.port["http4"])
+    clients.assert_http_ok(host, pub.port["http4"])
 
 
 def test_127_0_0_2_host_binding_reaches_ipv4_service(pub):
-    assert_http_ok("127.0.0.2", pub.port["http4_lo2"])
+    clients.assert_http_ok("127.0.0.2", pub.port["http4_lo2"])
     assert clients.connection_refused("127.0.0.1", pub.port["http4_lo2"])
 
 

@@ -23,14 +23,6 @@ PORTS = "io.oci-portfwd.ports"
 MAX_PORTS = 1024   # the default
 
 
-@pytest.fixture
-def netns_pid():
-    """A process in a netns of its own: a pid the hook could use if it wrongly went on."""
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "120"], stdin=subprocess.DEVNULL)
-    yield proc.pid
-    proc.kill()
-    proc.wait(timeout=10)
-
 
 @pytest.fixture
 def hostile(hook_env, tmp_path, netns_pid):

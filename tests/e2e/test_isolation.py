@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from e2ekit import clients
 from e2ekit.container import Container, ContainerFactory
+from e2ekit.forwarding import socket_inodes
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import listeners
 from e2ekit.procs import Proc, children
@@ -201,18 +202,6 @@ def test_host_listeners_never_in_container_netns(fwd):
         assert _ns(proc.pid, "net") == _ns(os.getpid(), "net"), f"the {name} left the host's netns"
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if m := re.fullmatch(r"socket:\[(\d+)\]", target):
-            inodes.add(int(m.group(1)))
-    return inodes
-
-
 def _host_bound_inodes(ports: set[int]) -> set[int]:
     """Inodes of the host netns' sockets bound to `ports` (/proc/net/{tcp,udp}{,6}, as root
     in the host netns: our own /proc/net)."""
@@ -234,7 +223,7 @@ def test_dialer_holds_no_listening_socket(fwd):
         assert not holders, f"the dialer holds listening sockets in the {where} netns: {holders}"
     published = _host_bound_inodes(set(fwd.host_ports.values()))
     assert published, "no host socket on the published ports"
-    assert not _socket_inodes(dialer) & published, "the dialer holds a published host socket"
+    assert not socket_inodes(dialer) & published, "the dialer holds a published host socket"
     # And the host listeners are held by the supervisor and the core only.
     owners = set()
     for line in _ss(None):

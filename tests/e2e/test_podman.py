@@ -28,7 +28,6 @@ from e2ekit.podman import (
 )
 from e2ekit.ports import port_is_free
 from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
-from e2ekit.rootfs import INDEX_HTML
 from e2ekit.services import Services
 from e2ekit.users import has_subids, process_uid
 from e2ekit.wait import wait_until
@@ -111,12 +110,6 @@ def _serving(c: PodmanContainer) -> None:
     Services().http(80).wait_ready(c.pid)
 
 
-def _assert_http_ok(host: str, port: int) -> None:
-    r = clients.curl(host, port)
-    assert r.returncode == 0, f"curl {clients.url(host, port)}: {r.stderr.decode().strip()}"
-    assert r.stdout == INDEX_HTML, f"body of {len(r.stdout)} bytes, expected {len(INDEX_HTML)}"
-
-
 def _forwarding_of(podman: Podman, c: PodmanContainer) -> list[Proc]:
     state = podman.hook.state_file(c.id)
     assert state.exists(), f"no state file {state}: the hook did not run\n{podman.hook.log_text(c.id)}"
@@ -144,7 +137,7 @@ def test_annotation_publishes_and_rm_frees(podman, port_alloc):
     c = podman.start(f"{port}:80")
     _serving(c)
     for host in ("127.0.0.1", "::1"):
-        _assert_http_ok(host, port)
+        clients.assert_http_ok(host, port)
     procs = _forwarding_of(podman, c)
     if podman.store.rootless:
         owners = {p.pid: process_uid(p.pid) for p in procs}
@@ -162,7 +155,7 @@ def test_stop_frees_ports_then_rm(podman, port_alloc):
     port = port_alloc.take()
     c = podman.start(f"127.0.0.1:{port}:80,[::1]:{port}:80")
     _serving(c)
-    _assert_http_ok("::1", port)
+    clients.assert_http_ok("::1", port)
     procs = _forwarding_of(podman, c)
     binds = [("127.0.0.1", port, "tcp"), ("::1", port, "tcp")]
 
@@ -196,7 +189,7 @@ def test_rootless_state_goes_to_the_users_runtime_dir(podman, port_alloc):
     port = port_alloc.take()
     c = podman.start(f"127.0.0.1:{port}:80")
     _serving(c)
-    _assert_http_ok("127.0.0.1", port)
+    clients.assert_http_ok("127.0.0.1", port)
     procs = _forwarding_of(podman, c)
     state = podman.hook.state_file(c.id)
     for path, mode in ((state.parent, 0o700), (state, 0o600)):

@@ -17,7 +17,6 @@ from e2ekit.container import Container, ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import listeners, port_is_free
 from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
-from e2ekit.rootfs import INDEX_HTML
 from e2ekit.services import Services
 from e2ekit.users import process_uid
 from e2ekit.wait import wait_until
@@ -59,12 +58,6 @@ def rpub(rootless_runtime, user_rootfs, user_area, rootless_hook_command, test_u
         reap_leftovers(hook)
 
 
-def assert_http_ok(host: str, port: int) -> None:
-    r = clients.curl(host, port)
-    assert r.returncode == 0, f"curl {clients.url(host, port)}: {r.stderr.decode().strip()}"
-    assert r.stdout == INDEX_HTML, f"body of {len(r.stdout)} bytes, expected {len(INDEX_HTML)}"
-
-
 def test_container_and_forwarding_run_as_the_user(rpub, test_user):
     c = rpub.container
     assert process_uid(c.pid) == test_user.uid, "the container's init is not the user's"
@@ -85,7 +78,7 @@ def test_unspecified_address_binds_both_families(rpub):
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_tcp_both_families(rpub, host):
-    assert_http_ok(host, rpub.port["http"])
+    clients.assert_http_ok(host, rpub.port["http"])
 
 
 @pytest.mark.parametrize("name, host", [("who_lo2", "127.0.0.2"), ("who_lo6", "::1")])
@@ -96,11 +89,11 @@ def test_loopback_host_binding_preserved(rpub, name, host):
 
 @pytest.mark.parametrize("host", ["::1", "localhost", "127.0.0.1"])
 def test_ipv4_only_service_reached_from_any_family(rpub, host):
-    assert_http_ok(host, rpub.port["http4"])
+    clients.assert_http_ok(host, rpub.port["http4"])
 
 
 def test_127_0_0_2_host_binding_reaches_ipv4_only_service(rpub):
-    assert_http_ok("127.0.0.2", rpub.port["http4_lo2"])
+    clients.assert_http_ok("127.0.0.2", rpub.port["http4_lo2"])
 
 
 @pytest.mark.parametrize("name, host", [("udp", "127.0.0.1"), ("udp", "::1"),

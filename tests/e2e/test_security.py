@@ -81,13 +81,6 @@ def test_state_dir_0700_files_0600_under_umask_0(containers, hook_env, port_allo
     assert not others, f"files open to group/others in the state dir: {others}"
 
 
-@pytest.fixture
-def netns_pid():
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "120"], stdin=subprocess.DEVNULL)
-    yield proc.pid
-    proc.kill()
-    proc.wait(timeout=10)
-
 
 @pytest.fixture
 def prestart(hook_env, tmp_path, netns_pid):

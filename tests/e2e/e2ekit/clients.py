@@ -92,3 +92,12 @@ def socat_udp(host: str, port: int, payload: bytes) -> subprocess.CompletedProce
     target = f"UDP6:[{host}]:{port}" if ":" in host else f"UDP4:{host}:{port}"
     return subprocess.run(["socat", "-t", "1", "-T", "3", "-", target], input=payload,
                           capture_output=True, timeout=30, check=False)
+
+
+def assert_http_ok(host: str, port: int) -> None:
+    """curl gets the rootfs' index page whole."""
+    from .rootfs import INDEX_HTML
+
+    r = curl(host, port)
+    assert r.returncode == 0, f"curl {url(host, port)}: {r.stderr.decode().strip()}"
+    assert r.stdout == INDEX_HTML, f"body of {len(r.stdout)} bytes, expected {len(INDEX_HTML)}"
