@@ -23,6 +23,12 @@ APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit ui
 PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	lintian rpm rpmlint
 
+# What `make bench` adds (bench/README.md): HTTP load generators. The forwarders, iperf3, crun
+# and gcc (for bench/httpd.c) are in APT_PACKAGES.
+BENCH_APT_PACKAGES := wrk apache2-utils
+# e.g. make bench BENCH_ARGS='--rounds 1 --only ours-builtin,rootlesskit-builtin,loopback'
+BENCH_ARGS ?=
+
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' hook/oci_portfwd/__init__.py)
@@ -39,13 +45,14 @@ SOURCE_FILES := { if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 			-o -type f -print0; \
 	fi; }
 
-.PHONY: deps pkg-deps venv validators test test-unit test-e2e test-packaging deb rpm demo clean
+.PHONY: deps pkg-deps bench-deps bench venv validators test test-unit test-e2e test-packaging deb rpm demo clean
 
 deps: PKGS = $(APT_PACKAGES)
 pkg-deps: PKGS = $(PKG_APT_PACKAGES)
+bench-deps: PKGS = $(BENCH_APT_PACKAGES)
 
 # One dpkg-query for the whole list keeps this instant when everything is there.
-deps pkg-deps:
+deps pkg-deps bench-deps:
 	@installed=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(PKGS) 2>/dev/null \
 		| awk '$$2 == "ii" {print $$1}' || true); \
 	missing=""; \
@@ -127,6 +134,11 @@ rpm: pkg-deps
 		packaging/rpm/oci-portfwd-hook.spec </dev/null
 	cp $(RPM_BUILD)/RPMS/noarch/oci-portfwd-hook-$(VERSION)-*.noarch.rpm $(DIST)/
 	@echo "rpm: $$(ls $(DIST)/oci-portfwd-hook-$(VERSION)-*.noarch.rpm)"
+
+# The performance comparison with rootlesskit, pasta, slirp4netns, socat and direct loopback
+# (~15 min, root): writes bench/RESULTS.md and bench/results.json.
+bench: deps bench-deps venv
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 demo: deps venv
 	bash examples/demo.sh

@@ -1,0 +1,371 @@
+"""`make bench`: the same servers behind every forwarder, measured in one run on one machine.
+
+    .venv/bin/python bench/run.py [--rounds 3] [--seconds 3] [--requests 20000]
+                                  [--only ours-builtin,rootlesskit-builtin,loopback] [--out bench]
+
+Rounds are interleaved (A B C … A B C …): each forwarder gets a fresh instance per round and
+only one forwarder exists at a time. Writes bench/RESULTS.md (and bench/results.json, the raw
+figures of every round). Everything made is undone on exit, failures and signals included.
+Needs root (crun, netns, veth, mknod). See bench/README.md for the method.
+"""
+
+import argparse
+import json
+import os
+import platform
+import pwd
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import clients  # noqa: E402
+import report  # noqa: E402
+from forwarders import CRUN_WRAPPER, FORWARDERS, HYBRID_CONTROLLERS, BenchUser, CrunContainer, Env  # noqa: E402
+from infra import Cleanup, CommandLog, free_port, pss_kib, raise_nofile, run, signals_to_exceptions  # noqa: E402
+
+BENCH_USER = "portfwd-bench"
+HOLD_CONNECTIONS = 1000
+CONCURRENCY = 50
+HOOKSTART_RUNS = 20
+DEB_PACKAGES = ["crun", "rootlesskit", "slirp4netns", "passt", "socat", "iperf3",
+                "apache2-utils", "wrk", "busybox-static", "util-linux", "iproute2", "gcc"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ preparation
+
+
+def build_httpd(work: Path) -> Path:
+    bindir = work / "bin"
+    bindir.mkdir(mode=0o755)
+    out = bindir / "bench-httpd"
+    run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / "httpd.c")])
+    return out
+
+
+def build_rootfs(work: Path, httpd: Path) -> Path:
+    """busybox-style image that borrows the host's /usr (iperf3, sh) read-only."""
+    rootfs = work / "rootfs"
+    for d in ("proc", "sys", "dev", "tmp", "etc", "usr", "srv"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    for name, target in {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib",
+                         "lib64": "usr/lib64"}.items():
+        (rootfs / name).symlink_to(target)
+    (rootfs / "etc" / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+    shutil.copy(httpd, rootfs / "srv" / "bench-httpd")
+    return rootfs
+
+
+def crun_for_run(work: Path) -> str:
+    try:
+        hybrid = HYBRID_CONTROLLERS.read_text().strip() != ""
+    except OSError:
+        hybrid = False
+    if not hybrid:
+        return shutil.which("crun") or "crun"
+    wrapper = work / "crun-wrapper"
+    wrapper.write_text(CRUN_WRAPPER.format(controllers=HYBRID_CONTROLLERS))
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def ensure_bench_user(cleanup: Cleanup) -> BenchUser:
+    """rootlesskit refuses root; it runs as this user (made, and removed at the end, when absent)."""
+    try:
+        pw = pwd.getpwnam(BENCH_USER)
+    except KeyError:
+        run(["useradd", "-m", "-s", "/usr/sbin/nologin", BENCH_USER])
+        cleanup.push(f"user {BENCH_USER}", lambda: run(["userdel", "-r", BENCH_USER], check=False))
+        pw = pwd.getpwnam(BENCH_USER)
+    return BenchUser(BENCH_USER, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+
+
+def private_tun_node(work: Path) -> Path:
+    """A 0666 tun node for the rootlesskit runs, bind-mounted over /dev/net/tun in their private
+    mount namespace only; it sits in a 0700 directory, so nobody else can open it."""
+    priv = work / "priv"
+    priv.mkdir(mode=0o700)
+    node = priv / "tun"
+    run(["mknod", "-m", "0666", str(node), "c", "10", "200"])
+    return node
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    res = run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *DEB_PACKAGES], check=False)
+    for line in res.stdout.splitlines():
+        name, _, ver = line.partition(" ")
+        out[name] = ver
+    out["kernel"] = platform.release()
+    out["python"] = platform.python_version()
+    hook = run([str(REPO / ".venv/bin/oci-portfwd-hook"), "--version"], check=False).stdout.strip()
+    head = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hook"], check=False).stdout.strip()
+    out["oci-portfwd-hook"] = f"{hook} (git {head}{', hook/ modified' if dirty else ''})"
+    out["cpus"] = str(os.cpu_count())
+    return out
+
+
+def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootlesskit: bool) -> Env:
+    """Server binary, image, crun wrapper, the hook's config; the bench user for rootlesskit."""
+    httpd = build_httpd(work)
+    rootfs = build_rootfs(work, httpd)
+    crun_root = work / "crun-root"
+    crun_root.mkdir(mode=0o700)
+    hook_state = work / "hook-state"
+    hook_config = work / "oci-portfwd.json"
+    hook_config.write_text(json.dumps({"state_dir": str(hook_state), "log_level": "info"}))
+    env = Env(work=work, cleanup=cleanup, cmdlog=cmdlog, ports=set(), httpd=httpd,
+              rootfs=rootfs, crun_run=crun_for_run(work), crun_root=crun_root, hook=hook,
+              hook_config=hook_config, hook_state=hook_state)
+    if rootlesskit:
+        env.bench_user = ensure_bench_user(cleanup)
+        env.tun_node = private_tun_node(work)
+    return env
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def measure(inst, seconds: int, requests: int, work: Path, do_udp: bool) -> dict:
+    fig: dict = {"errors": {}, "t": {}}
+    t_last = [time.monotonic()]
+
+    def mark(step: str) -> None:
+        now = time.monotonic()
+        fig["t"][step] = round(now - t_last[0], 2)
+        t_last[0] = now
+
+    def note_err(key: str, res: dict) -> None:
+        if res.get("error"):
+            fig["errors"][key] = res["error"]
+
+    time.sleep(0.5)
+    fig["rss_idle_mb"] = _mb(inst.procs())
+    fig["core_rss_idle_mb"] = _mb(inst.core_procs())
+    fig["pss_idle_mb"] = _pss(inst.procs())
+    mark("idle")
+
+    for key, reverse in (("tcp_up", False), ("tcp_down", True)):
+        with clients.CpuMeter(inst.procs) as cpu:
+            res = clients.iperf_tcp(inst.iperf_port, seconds, reverse)
+        fig[f"{key}_gbps"], fig[f"cpu_{key}"] = res["gbps"], cpu.percent
+        note_err(key, res)
+        mark(key)
+
+    csv = work / "ab.csv"
+    with clients.CpuMeter(inst.procs) as cpu:
+        res = clients.ab_close(inst.http_port, requests, CONCURRENCY, csv)
+    fig["newconn_rps"], fig["newconn_p99_ms"], fig["cpu_newconn"] = res["rps"], res["p99_ms"], cpu.percent
+    note_err("newconn", res)
+    mark("newconn")
+
+    with clients.CpuMeter(inst.procs) as cpu:
+        res = clients.wrk(inst.http_port, seconds, CONCURRENCY, close=True)
+    fig["newconn_wrk_rps"], fig["cpu_newconn_wrk"] = res["rps"], cpu.percent
+    fig["newconn_wrk_p99_ms"] = res.get("p99_ms")
+    note_err("newconn_wrk", res)
+    mark("newconn_wrk")
+
+    with clients.CpuMeter(inst.procs) as cpu:
+        res = clients.wrk(inst.http_port, seconds, CONCURRENCY)
+    fig["keepalive_rps"], fig["cpu_keepalive"] = res["rps"], cpu.percent
+    note_err("keepalive", res)
+    mark("keepalive")
+
+    if do_udp:
+        with clients.CpuMeter(inst.procs) as cpu:
+            res = clients.iperf_udp(inst.iperf_port, seconds)
+        fig["udp_mbps"], fig["udp_loss_pct"], fig["cpu_udp"] = res["mbps"], res["loss_pct"], cpu.percent
+        note_err("udp", res)
+        mark("udp")
+    procs = inst.procs()
+    fig["procs"] = sorted({p.comm() for p in procs})
+    fig["zombies"] = sum(1 for p in procs if not p.alive())
+    return fig
+
+
+def measure_hold(inst, seconds: int) -> dict:
+    """On a fresh instance of the forwarder: RSS with 1,000 connections held open, then TCP
+    throughput after them. Fresh, because the HTTP tests' tens of thousands of connections make
+    slirp4netns stall new connections for seconds, and because holding 1,000 connections halves
+    rootlesskit builtin's TCP throughput for the rest of its life (both seen here): the main
+    figures are taken on an instance that never held them."""
+    fig: dict = {"errors": {}, "t": {}}
+    t0 = time.monotonic()
+    time.sleep(0.5)
+    socks, err = clients.hold_connections(inst.http_port, HOLD_CONNECTIONS)
+    try:
+        time.sleep(0.5)
+        if err is None:
+            fig["rss_1k_mb"] = _mb(inst.procs())
+            fig["core_rss_1k_mb"] = _mb(inst.core_procs())
+            fig["pss_1k_mb"] = _pss(inst.procs())
+        fig["procs_1k"] = sum(1 for p in inst.procs() if p.alive())
+    finally:
+        clients.close_all(socks)
+    if err:
+        fig["errors"]["hold_1k"] = err
+    time.sleep(1)
+    with clients.CpuMeter(inst.procs) as cpu:
+        res = clients.iperf_tcp(inst.iperf_port, seconds, False)
+    fig["tcp_up_after_1k_gbps"], fig["cpu_tcp_up_after_1k"] = res["gbps"], cpu.percent
+    if res.get("error"):
+        fig["errors"]["tcp_up_after_1k"] = res["error"]
+    fig["t"]["hold_1k"] = round(time.monotonic() - t0, 2)
+    return fig
+
+
+def _pss(procs) -> float | None:
+    if not procs:
+        return None
+    return sum(pss_kib(p.pid) for p in procs) * 1024 / 1e6
+
+
+def _mb(procs) -> float | None:
+    mib = clients.rss_mib(procs)
+    return None if mib is None else mib * 1024 * 1024 / 1e6
+
+
+def hook_start(env: Env, runs: int, drivers: list[str]) -> dict:
+    """`crun run -d` of a trivial container (sleep) without the hook and with it (per driver),
+    interleaved; also the `crun delete` time (where poststop runs)."""
+    # "/bin/true as hook": what crun's running of any prestart + poststop hook costs.
+    variants: dict[str, str | None] = {"no hook": None, "/bin/true as hook": "true"}
+    variants.update({f"hook, {d}": d for d in drivers})
+    out = {v: {"run_ms": [], "delete_ms": []} for v in variants}
+    for i in range(runs):
+        for v, driver in variants.items():
+            cleanup = Cleanup()
+            token = env.cleanup.push("hook-start container", cleanup.run_all)
+            try:
+                ann = {}
+                if driver and driver != "true":
+                    ann = {"io.oci-portfwd.ports": f"127.0.0.1:{free_port(env.ports)}:80",
+                           "io.oci-portfwd.driver": driver}
+                c = CrunContainer(env, cleanup, ["/bin/sleep", "600"], ann, hooks=driver is not None,
+                                  hook_path="/bin/true" if driver == "true" else None)
+                if i == 0:
+                    env.cmdlog.note("hook-start", f"[{v}] " + " ".join(
+                        a.replace(c.id, "ID").replace(str(env.work), "WORK") for a in c.run_argv())
+                        + (f"  (annotations {json.dumps(ann)})" if ann else ""))
+                out[v]["run_ms"].append(c.run() * 1000)
+                out[v]["delete_ms"].append(c.stop() * 1000)
+            except Exception as exc:  # noqa: BLE001
+                out[v].setdefault("errors", []).append(str(exc)[:300])
+            finally:
+                env.cleanup.pop(token)
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 3)))
+    ap.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 3)),
+                    help="duration of each iperf3 and wrk run")
+    ap.add_argument("--requests", type=int, default=int(os.environ.get("BENCH_REQUESTS", 20000)),
+                    help="ab requests (one connection each)")
+    ap.add_argument("--hookstart-runs", type=int, default=HOOKSTART_RUNS)
+    ap.add_argument("--hookstart-drivers", default="builtin",
+                    help="drivers timed at container start (e.g. builtin,slirp4netns,pasta)")
+    ap.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
+                    help="comma-separated forwarders (default: all): " + ",".join(FORWARDERS))
+    ap.add_argument("--no-udp", action="store_true")
+    ap.add_argument("--out", type=Path, default=HERE)
+    args = ap.parse_args()
+
+    if os.geteuid() != 0:
+        print("bench: run as root (crun, netns, veth)", file=sys.stderr)
+        return 2
+    names = [n for n in args.only.split(",") if n] or list(FORWARDERS)
+    unknown = [n for n in names if n not in FORWARDERS]
+    if unknown:
+        print(f"bench: unknown forwarders {unknown}; known: {list(FORWARDERS)}", file=sys.stderr)
+        return 2
+    hook = REPO / ".venv/bin/oci-portfwd-hook"
+    if not hook.exists():
+        print(f"bench: {hook} is missing: run `make venv`", file=sys.stderr)
+        return 2
+
+    raise_nofile()
+    signals_to_exceptions()
+    cleanup = Cleanup()
+    cmdlog = CommandLog()
+    started = time.time()
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="oci-portfwd-bench-"))
+    work.chmod(0o755)   # the bench user (rootlesskit) reads the server binary under it
+    cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+    results: dict = {"rounds": {n: [] for n in names}}
+    try:
+        log(f"bench: work dir {work}")
+        env = prepare(work, cleanup, cmdlog, hook, rootlesskit=any(n.startswith("rootlesskit") for n in names))
+        results["versions"] = versions()
+        results["params"] = {"rounds": args.rounds, "seconds": args.seconds,
+                             "requests": args.requests, "concurrency": CONCURRENCY,
+                             "hold_connections": HOLD_CONNECTIONS,
+                             "hookstart_runs": args.hookstart_runs, "forwarders": names}
+
+        drivers = [d for d in args.hookstart_drivers.split(",") if d]
+        log(f"hook start overhead: {args.hookstart_runs} x {2 + len(drivers)} interleaved crun runs")
+        results["hook_start"] = hook_start(env, args.hookstart_runs, drivers)
+
+        for rnd in range(args.rounds):
+            for name in names:
+                log(f"round {rnd + 1}/{args.rounds}: {name}")
+                t0 = time.monotonic()
+                fig: dict = {"errors": {}, "t": {}}
+                for part, fn in (("main", lambda i: measure(i, args.seconds, args.requests, work,
+                                                           not args.no_udp)),
+                                 ("hold", lambda i: measure_hold(i, args.seconds))):
+                    inst = None
+                    try:
+                        inst = FORWARDERS[name](env)
+                        got = fn(inst)
+                        fig["errors"].update(got.pop("errors"))
+                        fig["t"].update(got.pop("t"))
+                        fig.update(got)
+                    except Exception as exc:  # noqa: BLE001 - one forwarder failing is a result
+                        fig["errors"][f"setup ({part})"] = f"{type(exc).__name__}: {exc}"[:600]
+                        traceback.print_exc()
+                    finally:
+                        if inst is not None:
+                            inst.teardown()
+                fig["elapsed_s"] = time.monotonic() - t0
+                results["rounds"][name].append(fig)
+                log("   " + report.one_line(fig))
+    except KeyboardInterrupt:
+        log("bench: interrupted; cleaning up")
+        cleanup.run_all()
+        return 130
+    finally:
+        results["commands"] = cmdlog.by_key
+        results["load_before"], results["load_after"] = load_before, os.getloadavg()
+        results["duration_s"] = time.time() - started
+        results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        cleanup.run_all()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    md = report.render(results)
+    (args.out / "RESULTS.md").write_text(md)
+    log(f"bench: done in {results['duration_s'] / 60:.1f} min; results in "
+        f"{args.out / 'RESULTS.md'} (raw: {args.out / 'results.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
