@@ -6,11 +6,10 @@ tests then only dial.
 """
 
 import os
-from dataclasses import dataclass
 
 import pytest
 from e2ekit import clients
-from e2ekit.container import Container, ContainerFactory
+from e2ekit.container import ContainerFactory, Published
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import listeners
 from e2ekit.procs import Proc, descendants
@@ -20,13 +19,6 @@ from e2ekit.services import Services
 HTTP, WHO, HTTP4, WHO6, RANGE, SINK, SOURCE, UDP = 80, 81, 82, 83, 7000, 9000, 9001, 53
 
 BULK = 100 * 1024 * 1024
-
-
-@dataclass
-class Published:
-    container: Container
-    hook: HookEnv
-    port: dict[str, int]
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ Like test_forwarding, one container per runtime carries every mapping and the te
 import os
 import stat
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from e2ekit import clients
-from e2ekit.container import Container, ContainerFactory
+from e2ekit.container import ContainerFactory, Published
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import listeners, port_is_free
 from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
@@ -22,13 +21,6 @@ from e2ekit.users import process_uid
 from e2ekit.wait import wait_until
 
 HTTP, WHO, HTTP4, UDP = 80, 81, 82, 53
-
-
-@dataclass
-class Published:
-    container: Container
-    hook: HookEnv
-    port: dict[str, int]
 
 
 @pytest.fixture(scope="module")

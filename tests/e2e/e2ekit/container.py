@@ -30,6 +30,10 @@ class RunResult:
     def ok(self) -> bool:
         return self.returncode == 0
 
+    def __str__(self) -> str:
+        return (f"{' '.join(self.argv[-12:])} -> {self.returncode}\n"
+                f"stdout: {self.stdout.strip()}\nstderr: {self.stderr.strip()}")
+
 
 class ContainerStartError(AssertionError):
     pass
@@ -135,6 +139,15 @@ class Container:
         kwargs.setdefault("timeout", 30)
         kwargs.setdefault("check", False)
         return subprocess.run(["nsenter", f"--net={self.netns_path}", *argv], **kwargs)
+
+
+@dataclass
+class Published:
+    """A running container whose ports a module's tests share (name → host port)."""
+
+    container: Container
+    hook: HookEnv
+    port: dict[str, int]
 
 
 class ContainerFactory:

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .container import RunResult
 from .hookenv import HookEnv
 from .rootfs import INDEX_HTML
 from .users import TestUser
@@ -30,22 +31,6 @@ HTTPD = ["httpd", "-f", "-p", "80", "-h", "/www"]
 
 class PodmanError(AssertionError):
     pass
-
-
-@dataclass(frozen=True)
-class Result:
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def __str__(self) -> str:
-        return (f"{' '.join(self.argv[-12:])} -> {self.returncode}\n"
-                f"stdout: {self.stdout.strip()}\nstderr: {self.stderr.strip()}")
 
 
 def annotation_arg(key: str, value: str) -> str:
@@ -106,7 +91,7 @@ class PodmanStore:
         return [*prefix, "podman", *self.global_args(), *hooks, *args]
 
     def run(self, *args: str, hooks_dir: Path | None = None,
-            timeout: float = PODMAN_TIMEOUT) -> Result:
+            timeout: float = PODMAN_TIMEOUT) -> RunResult:
         # Files, not pipes: conmon and the hook's supervisor outlive the command, and a pipe
         # they inherited by mistake would hang the test instead of failing it.
         argv = self.argv(*args, hooks_dir=hooks_dir)
@@ -115,10 +100,10 @@ class PodmanStore:
                                   timeout=timeout, check=False, cwd="/")
             out.seek(0)
             err.seek(0)
-            return Result(argv, proc.returncode, out.read().decode(errors="replace"),
+            return RunResult(argv, proc.returncode, out.read().decode(errors="replace"),
                           err.read().decode(errors="replace"))
 
-    def must(self, *args: str, **kwargs) -> Result:
+    def must(self, *args: str, **kwargs) -> RunResult:
         result = self.run(*args, **kwargs)
         if not result.ok:
             raise PodmanError(f"podman {self.label} failed: {result}")
@@ -127,7 +112,7 @@ class PodmanStore:
     def import_image(self, tar: Path) -> None:
         self.must("import", "--change", 'CMD ["/bin/sh"]', str(tar), self.image)
 
-    def remove_image(self) -> Result:
+    def remove_image(self) -> RunResult:
         return self.run("rmi", "-f", self.image)
 
 
@@ -152,7 +137,7 @@ class Podman:
         self.hook = hook
         self._names: list[str] = []
 
-    def run(self, *args: str, **kwargs) -> Result:
+    def run(self, *args: str, **kwargs) -> RunResult:
         return self.store.run(*args, hooks_dir=self.hooks_dir, **kwargs)
 
     def start(self, ports: str | None, command: list[str] = HTTPD) -> PodmanContainer:
@@ -170,13 +155,13 @@ class Podman:
             raise PodmanError(f"podman {self.store.label}: container {name} has no pid")
         return PodmanContainer(self.store, name, cid, pid)
 
-    def stop(self, c: PodmanContainer) -> Result:
+    def stop(self, c: PodmanContainer) -> RunResult:
         return self.run("stop", "-t", "0", c.name)
 
-    def rm(self, c: PodmanContainer, force: bool = False) -> Result:
+    def rm(self, c: PodmanContainer, force: bool = False) -> RunResult:
         return self.run("rm", *(["-f", "-t", "0"] if force else []), c.name)
 
-    def exec(self, c: PodmanContainer, *argv: str) -> Result:
+    def exec(self, c: PodmanContainer, *argv: str) -> RunResult:
         return self.run("exec", c.name, *argv)
 
     def cleanup(self) -> None:
