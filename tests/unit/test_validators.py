@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from oci_portfwd import validators
 
 REPO = Path(__file__).resolve().parents[2]
