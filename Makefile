@@ -45,7 +45,7 @@ SOURCE_FILES := { if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 			-o -type f -print0; \
 	fi; }
 
-.PHONY: deps pkg-deps bench-deps bench venv validators test test-unit test-e2e test-packaging deb rpm demo clean
+.PHONY: deps pkg-deps bench-deps bench venv validators lint test test-unit test-e2e test-packaging deb rpm demo clean
 
 deps: PKGS = $(APT_PACKAGES)
 pkg-deps: PKGS = $(PKG_APT_PACKAGES)
@@ -83,7 +83,12 @@ $(VENV_STAMP): setup.cfg pyproject.toml | deps
 validators: venv
 	$(VENV)/bin/python schemas/compile_validators.py
 
-test: deps pkg-deps venv
+# ruff over everything, mypy over the hook (conventions.md); pinned in setup.cfg's [test].
+lint: venv
+	$(VENV)/bin/ruff check hook tests bench schemas
+	$(VENV)/bin/mypy hook/oci_portfwd
+
+test: deps pkg-deps venv lint
 	$(PYTEST) -ra $(PYTEST_ARGS) tests/
 
 test-unit: venv
