@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from . import __version__
 from .errors import PortfwdError
@@ -31,9 +30,10 @@ EXIT_BUG = 2
 EXIT_USAGE = 64
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The exit code: the console script and /usr/libexec's script both sys.exit() it."""
     args = list(sys.argv[1:] if argv is None else argv)
-    sys.exit(run(args))
+    return run(args)
 
 
 def run(args: list[str]) -> int:

@@ -18,14 +18,13 @@ import select
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 from .stats import Totals
 
-Address = tuple[Any, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
+Address = tuple[object, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
 MAX_DATAGRAM = 65535
 # Not exported by Python's socket module: <linux/in.h> and <linux/in6.h>.
 IP_RECVERR = 11

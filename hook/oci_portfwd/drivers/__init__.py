@@ -8,7 +8,6 @@ import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from ..errors import DriverError, quoted
 from ..listeners import Listener
@@ -32,15 +31,20 @@ class Capabilities:
     holds_listeners: frozenset[str]
 
 
-class Driver(Protocol):
+class Driver:
+    """What every driver provides (a plain base class: typing.Protocol would cost the start
+    path the typing import)."""
+
     name: str
     capabilities: Capabilities
 
     def check(self, plan: Plan, warn: Warn) -> Plan:
         """The plan this driver will serve (raises DriverError when it cannot)."""
+        raise NotImplementedError
 
     def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
         """Serve the plan in this (forked) process until signalled; returns an exit code."""
+        raise NotImplementedError
 
 
 DRIVER_NAMES = ("builtin", "slirp4netns", "pasta")

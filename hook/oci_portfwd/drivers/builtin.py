@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from ..listeners import Listener
 from ..plan import Plan
 from ..status import StatusWriter
-from . import Capabilities, Warn
+from . import Capabilities, Driver, Warn
 
 
-class BuiltinDriver:
+class BuiltinDriver(Driver):
     name = "builtin"
     capabilities = Capabilities(
         tcp=True,

@@ -25,11 +25,11 @@ from ..listeners import Listener
 from ..plan import Plan
 from ..ports import PortMapping
 from ..status import StatusWriter
-from . import Capabilities, Warn, check_capabilities
+from . import Capabilities, Driver, Warn, check_capabilities
 from .external import ContainerNamespaces, find_program, serve_until_exit, spawn, stop, wait_until_bound
 
 
-class PastaDriver:
+class PastaDriver(Driver):
     name = "pasta"
     capabilities = Capabilities(
         tcp=True,

@@ -29,7 +29,7 @@ from ..plan import Plan
 from ..polling import wait_readable
 from ..ports import PortMapping
 from ..status import StatusWriter
-from . import Capabilities, Warn, check_capabilities
+from . import Capabilities, Driver, Warn, check_capabilities
 from .external import ContainerNamespaces, find_program, serve_until_exit, spawn, stop
 
 TAP = "tap0"
@@ -37,7 +37,7 @@ GUEST_ADDRESS = "10.0.2.100"  # slirp4netns' default for the container (--cidr 1
 MTU = 65520
 
 
-class Slirp4netnsDriver:
+class Slirp4netnsDriver(Driver):
     name = "slirp4netns"
     capabilities = Capabilities(
         tcp=True,
