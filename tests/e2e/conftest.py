@@ -19,6 +19,7 @@ from e2ekit.netns import Netns
 from e2ekit.ports import PortAllocator
 from e2ekit.rootfs import build_rootfs
 from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
+from e2ekit.tools import need_tools
 from e2ekit.users import TestUser, UserUnavailable, ensure_test_user, release_test_user
 
 HERE = Path(__file__).resolve().parent
@@ -35,11 +36,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.root)
 
-
-def need_tools(*names: str) -> None:
-    missing = [n for n in names if shutil.which(n) is None]
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (make deps installs them)")
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ import socket
 import threading
 
 import pytest
-from conftest import need_tools
 from e2ekit import clients
 from e2ekit.procs import Proc, children, descendants
 from e2ekit.services import Services
+from e2ekit.tools import need_tools
 from e2ekit.wait import wait_until
 
 WHO, UDP, HTTP4 = 81, 53, 82

@@ -4,10 +4,10 @@ SIGKILL 5 s later), every stop waited for a grace period, and slirp4netns/pasta 
 their death signal."""
 
 import pytest
-from conftest import need_tools
 from e2ekit.hookenv import oci_state
 from e2ekit.procs import descendants
 from e2ekit.services import Services
+from e2ekit.tools import need_tools
 
 WHO = 81
 SIGTERM_BIT = 1 << (15 - 1)
