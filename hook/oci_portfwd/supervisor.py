@@ -62,10 +62,11 @@ def launch(ctx: Context, log: logging.Logger) -> Started:
         # nobody's child but init's (or a subreaper's), so the runtime never waits for it.
         os.close(read_fd)
         os.setsid()
-        fork_child(lambda: _supervisor_main(ctx, write_fd))
+        # The supervisor outlives the hook and this intermediate process by design.
+        fork_child(lambda: _supervisor_main(ctx, write_fd), die_with_parent=False)
         return 0
 
-    pid = fork_child(intermediate)
+    pid = fork_child(intermediate, die_with_parent=False)
     os.close(write_fd)
     os.waitpid(pid, 0)
     try:
