@@ -11,7 +11,6 @@ import json
 import logging
 import resource
 import select
-import signal
 import time
 from collections.abc import Sequence
 
@@ -38,7 +37,6 @@ def run_core(
 
     if until_readable is None:
         prctl.set_name("portfwd-core")
-    prctl.set_pdeathsig(signal.SIGKILL)
     prctl.set_dumpable(False)
     _raise_fd_limit(log)
 

@@ -63,7 +63,6 @@ def start_dialer(container_pid: int, want_addresses: bool, deadline: float) -> t
 def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, deadline: float) -> None:
     import prctl  # noqa: PLC0415 - only in the child
 
-    prctl.set_pdeathsig(signal.SIGKILL)
     prctl.set_name("portfwd-dialer")
     # Not dumpable: a process in the container's user namespace cannot ptrace or read us.
     prctl.set_dumpable(False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -52,7 +51,6 @@ class PastaDriver(Driver):
         import prctl  # noqa: PLC0415
 
         prctl.set_name("portfwd-pasta")
-        prctl.set_pdeathsig(signal.SIGKILL)
         program = find_program("pasta", "passt")
         options = supported_options(program)
         namespaces = ContainerNamespaces(plan, status, log)

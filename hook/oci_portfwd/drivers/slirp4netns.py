@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -61,7 +60,6 @@ class Slirp4netnsDriver(Driver):
         import prctl  # noqa: PLC0415
 
         prctl.set_name("portfwd-slirp")
-        prctl.set_pdeathsig(signal.SIGKILL)
         namespaces = ContainerNamespaces(plan, status, log)
         api_dir = Path(tempfile.mkdtemp(prefix="portfwd-slirp-"))
         api_socket = api_dir / "api.sock"
