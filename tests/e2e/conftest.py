@@ -20,7 +20,7 @@ from e2ekit.ports import PortAllocator
 from e2ekit.rootfs import build_rootfs
 from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
 from e2ekit.tools import need_tools
-from e2ekit.users import TestUser, UserUnavailable, ensure_test_user, release_test_user
+from e2ekit.users import TestUser, fresh_test_user
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -115,13 +115,8 @@ def netns_factory(e2e_host):
 @pytest.fixture(scope="session")
 def test_user(e2e_host) -> TestUser:
     """The unprivileged user of the rootless tests (created if absent, removed again then)."""
-    try:
-        user = ensure_test_user()
-    except UserUnavailable as exc:
-        pytest.skip(str(exc))
-    yield user
-    for note in release_test_user(user):
-        warnings.warn(note, stacklevel=2)
+    with fresh_test_user() as user:
+        yield user
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import os
 
 import pytest
 from e2ekit import clients
-from e2ekit.container import ContainerFactory, Published
-from e2ekit.hookenv import HookEnv, reap_leftovers
+from e2ekit.container import ContainerFactory, published
+from e2ekit.hookenv import HookEnv
 from e2ekit.ports import listeners
 from e2ekit.procs import Proc, descendants
 from e2ekit.services import Services
@@ -50,13 +50,8 @@ def pub(runtime, rootfs, hook_command, port_alloc, tmp_path_factory):
                 .whoami(WHO).whoami(WHO6, family="6").whoami(RANGE, RANGE + 2)
                 .sink(SINK).source(SOURCE).udp_echo(UDP))
     factory = ContainerFactory(runtime, rootfs, work / "bundles")
-    try:
-        container = factory.new(services.argv(), hook=hook, ports=spec)
-        services.wait_ready(container.start())
-        yield Published(container, hook, port)
-    finally:
-        factory.cleanup()
-        reap_leftovers(hook)
+    with published(factory, services, hook, spec, port) as pub:
+        yield pub
 
 
 def test_unspecified_address_binds_both_families(pub):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from e2ekit import clients
-from e2ekit.container import ContainerFactory, Published
-from e2ekit.hookenv import HookEnv, reap_leftovers
+from e2ekit.container import ContainerFactory, published
+from e2ekit.hookenv import HookEnv
 from e2ekit.ports import listeners, port_is_free
 from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
 from e2ekit.services import Services
@@ -41,13 +41,8 @@ def rpub(rootless_runtime, user_rootfs, user_area, rootless_hook_command, test_u
     ])
     services = Services().http(HTTP).http(HTTP4, ipv4_only=True).whoami(WHO).udp_echo(UDP)
     factory = ContainerFactory(rootless_runtime, user_rootfs, test_user.make_dir(work / "bundles"))
-    try:
-        container = factory.new(services.argv(), hook=hook, ports=spec)
-        services.wait_ready(container.start())
-        yield Published(container, hook, port)
-    finally:
-        factory.cleanup()
-        reap_leftovers(hook)
+    with published(factory, services, hook, spec, port) as pub:
+        yield pub
 
 
 def test_container_and_forwarding_run_as_the_user(rpub, test_user):

@@ -38,7 +38,10 @@ from e2ekit.measure import note
 from e2ekit.ports import port_is_free
 from e2ekit.procs import Proc, find_by_comm, supervisor_comm
 from e2ekit.services import Services
-from e2ekit.users import UserUnavailable, ensure_test_user, process_uid, release_test_user
+from e2ekit.users import (
+    fresh_test_user,
+    process_uid,
+)
 
 WHO = 81
 # Reads each path given, prints "PATH READ" or "PATH <exception> <errno>".
@@ -190,13 +193,8 @@ def test_poststop_does_not_follow_a_symlinked_state_file(hook_env, tmp_path, vic
 @pytest.fixture(scope="module")
 def other_user(test_user):
     """A second unprivileged user (a random name), made for this module and removed after it."""
-    try:
-        user = ensure_test_user()
-    except UserUnavailable as exc:
-        pytest.skip(str(exc))
-    yield user
-    for text in release_test_user(user):
-        warnings.warn(text, stacklevel=2)
+    with fresh_test_user() as user:
+        yield user
 
 
 def attempt_as(user, hook: Path, workdir: Path, owner_hook: HookEnv, cid: str,

@@ -7,6 +7,8 @@ child) inherits them, and a pipe would keep the test waiting for an EOF that nev
 import json
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from .bundle import make_config, make_rootless, write_bundle
 from .hookenv import HookEnv
 from .netns import Netns
 from .runtimes import Runtime
+from .services import Services
 
 PORTS_ANNOTATION = "io.oci-portfwd.ports"
 RUNTIME_TIMEOUT = 60
@@ -177,3 +180,19 @@ class ContainerFactory:
                     notes.append(f"{container.id}: killed leftover hook processes {killed}")
         self._made.clear()
         return notes
+
+
+@contextmanager
+def published(factory: ContainerFactory, services: Services, hook: HookEnv, spec: str,
+              port: dict[str, int]) -> Iterator[Published]:
+    """A container publishing `spec`, its services answering; removed, with anything the hook
+    left, whatever happens."""
+    from .hookenv import reap_leftovers
+
+    try:
+        container = factory.new(services.argv(), hook=hook, ports=spec)
+        services.wait_ready(container.start())
+        yield Published(container, hook, port)
+    finally:
+        factory.cleanup()
+        reap_leftovers(hook)

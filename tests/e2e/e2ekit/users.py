@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,3 +188,22 @@ def release_test_user(user: TestUser) -> list[str]:
         if r.returncode != 0:
             notes.append(f"userdel -r {user.name} failed ({r.returncode}): {r.stderr.strip()}")
     return notes
+
+
+@contextmanager
+def fresh_test_user() -> Iterator[TestUser]:
+    """A fresh unprivileged user, removed again afterwards; a skip that says why when the
+    machine cannot make one."""
+    import warnings
+
+    import pytest
+
+    try:
+        user = ensure_test_user()
+    except UserUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield user
+    finally:
+        for note in release_test_user(user):
+            warnings.warn(note, stacklevel=3)
