@@ -253,15 +253,7 @@ class Supervisor:
                 signal.pidfd_send_signal(core.pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self._close_core(core)
-
-    def _close_core(self, core: Core) -> None:
-        try:
-            os.waitpid(core.pid, 0)
-        except ChildProcessError:
-            pass
-        os.close(core.pidfd)
-        os.close(core.status.fd)
+        self.log.debug("core pid %d stopped (%s)", core.pid, self._reap_core(core))
 
     # the watch
     def _watch(self, container: int, core: Core) -> str:
