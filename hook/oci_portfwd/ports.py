@@ -1,9 +1,11 @@
-"""The port-request parser: docker's `-p` syntax, comma separated.
+"""The port-request parser: docker's `-p` syntax, specs separated by commas, whitespace or both.
 
     8080:80   127.0.0.2:8080:80/tcp   [::1]:5353:53/udp   8000-8002:8000-8002
 
-An omitted host address means every address of both families; `0.0.0.0` means IPv4
-only and `::` IPv6 only, as written.
+Whitespace as a separator is for podman: it splits `--annotation` values at commas, so
+`--annotation 'io.oci-portfwd.ports=8080:80 8443:443'` is the one way to write several ports
+there without CSV quoting. An omitted host address means every address of both families;
+`0.0.0.0` means IPv4 only and `::` IPv6 only, as written.
 """
 
 from __future__ import annotations
@@ -36,23 +38,32 @@ class PortMapping:
 
 
 def parse_port_specs(text: str, max_ports: int | None = None) -> tuple[PortMapping, ...]:
-    """Parse a comma-separated list of specs; every error names the spec at fault."""
+    """Parse specs separated by commas and/or whitespace (`8080:80, 8443:443 53:53/udp`);
+    every error names the spec at fault. Whitespace around a comma is part of the comma:
+    only an empty place between two commas (or before or after one) is an error."""
+    if not text.strip():
+        raise PortSpecError(f"no port spec in {quoted(text)}")
     mappings: list[PortMapping] = []
-    for raw in text.split(","):
-        spec = raw.strip()
-        if not spec:
-            raise PortSpecError(f"empty port spec in {quoted(text)} (stray comma?)")
-        mappings.extend(parse_port_spec(spec))
-        if max_ports is not None and len(mappings) > max_ports:
-            raise PortSpecError(
-                f"more than {max_ports} ports requested (the config's max_ports); "
-                "raise max_ports or request fewer ports"
-            )
+    for between_commas in text.split(","):
+        specs = between_commas.split()
+        if not specs:
+            raise PortSpecError(f"empty port spec in {quoted(text)} (a stray comma?)")
+        for spec in specs:
+            mappings.extend(parse_port_spec(spec))
+            if max_ports is not None and len(mappings) > max_ports:
+                raise PortSpecError(
+                    f"more than {max_ports} ports requested (the config's max_ports); "
+                    "raise max_ports or request fewer ports"
+                )
     _reject_duplicates(mappings)
     return tuple(mappings)
 
 
 def parse_port_spec(spec: str) -> list[PortMapping]:
+    if ";" in spec:
+        raise PortSpecError(
+            f"port spec {quoted(spec)}: ';' does not separate port specs; use commas or spaces"
+        )
     body, slash, proto = spec.partition("/")
     proto = proto.lower() if slash else "tcp"
     if proto not in PROTOCOLS:
