@@ -282,9 +282,18 @@ def _users_containers_conf(user, text: str):
 ], indirect=["podman_store"])
 def test_hooks_dir_from_containers_conf(podman, port_alloc, where):
     # No --hooks-dir (nor --ulimit): containers.conf's hooks_dir names the test's hooks dir,
-    # whose file points at the venv's hook with this test's config (hence its state dir).
+    # whose file points at the venv's hook with this test's config (hence its state dir). It
+    # comes after a dir standing for the packaged one, whose file of the same name would fail
+    # every start: the later dir's file must mask it, as the README says.
     store = podman.store
-    text = containers_conf_text(podman.hooks_dir, rootful=not store.rootless)
+    packaged = podman.hooks_dir.parent / "packaged-hooks.d"
+    packaged.mkdir(mode=0o755)
+    doc = json.loads((podman.hooks_dir / PACKAGED_HOOKS_FILE.name).read_text())
+    doc["hook"] = {"path": "/bin/false", "args": ["false"]}
+    (packaged / PACKAGED_HOOKS_FILE.name).write_text(json.dumps(doc))
+    if store.rootless:
+        store.user.give(packaged)
+    text = containers_conf_text([packaged, podman.hooks_dir], rootful=not store.rootless)
     with ExitStack() as stack:
         if where == "CONTAINERS_CONF":
             # The only containers.conf podman reads then: it carries the ulimits too.

@@ -57,15 +57,16 @@ def build_image_tar(workdir: Path) -> Path:
     return tar
 
 
-def containers_conf_text(hooks_dir: Path, rootful: bool) -> str:
-    """A containers.conf that registers `hooks_dir`. It is the only containers.conf podman
-    reads when CONTAINERS_CONF names it, so it carries what the tests otherwise pass as flags."""
+def containers_conf_text(hooks_dirs: list[Path], rootful: bool) -> str:
+    """A containers.conf whose `hooks_dir` lists `hooks_dirs` (a later one masks a file of the
+    same name in an earlier one). It is the only containers.conf podman reads when
+    CONTAINERS_CONF names it, so it carries what the tests otherwise pass as flags."""
     lines = ["# oci-portfwd-hook e2e test: the hooks dir without --hooks-dir"]
     if rootful:
         ulimits = [ROOTFUL_ULIMITS[i + 1] for i in range(0, len(ROOTFUL_ULIMITS), 2)]
         lines += ["[containers]", f"default_ulimits = {json.dumps(ulimits)}"]
     # TOML basic strings and JSON strings agree for paths like these.
-    lines += ["[engine]", f"hooks_dir = {json.dumps([str(hooks_dir)])}", ""]
+    lines += ["[engine]", f"hooks_dir = {json.dumps([str(d) for d in hooks_dirs])}", ""]
     return "\n".join(lines)
 
 
