@@ -20,6 +20,13 @@ from oci_portfwd.ports import PortMapping, parse_port_specs
         ),
         (" 1:2 , 3:4/udp ", [PortMapping(None, 1, 2, "tcp"), PortMapping(None, 3, 4, "udp")]),
         ("8080:80/tcp,8080:80/udp", [PortMapping(None, 8080, 80, "tcp"), PortMapping(None, 8080, 80, "udp")]),
+        ("8443:443/tcp+proxy", [PortMapping(None, 8443, 443, "tcp", proxy=True)]),
+        ("[::1]:8443:443/TCP+Proxy", [PortMapping("::1", 8443, 443, "tcp", proxy=True)]),
+        (
+            "8000-8001:9000-9001/tcp+proxy",
+            [PortMapping(None, 8000 + i, 9000 + i, "tcp", proxy=True) for i in range(2)],
+        ),
+        ("8080:80/tcp", [PortMapping(None, 8080, 80, "tcp", proxy=False)]),
     ],
 )
 def test_valid_specs(spec, expected):
@@ -45,6 +52,13 @@ def test_valid_specs(spec, expected):
         ("8080:80,8080:81", "requested twice"),
         ("８０:80", "not a number"),
         ("²:80", "not a number"),
+        ("5353:53/udp+proxy", "for TCP only"),
+        ("8443:443/+proxy", "name the protocol before +proxy (e.g. /tcp+proxy)"),
+        ("8443:443/tcp+pp2", "unknown option 'pp2'"),
+        ("8443:443/tcp+", "unknown option ''"),
+        ("8443:443/tcp+proxy+proxy", "unknown option"),
+        ("8443:443/sctp+proxy", "unknown protocol 'sctp'"),
+        ("8443:443/tcp,8443:443/tcp+proxy", "requested twice"),
     ],
 )
 def test_invalid_specs_name_the_spec(spec, words):
@@ -61,7 +75,7 @@ def test_max_ports_counts_range_members():
 
 
 def test_str_round_trips():
-    for spec in ["8080:80/tcp", "127.0.0.2:8080:80/tcp", "[::1]:5353:53/udp"]:
+    for spec in ["8080:80/tcp", "127.0.0.2:8080:80/tcp", "[::1]:5353:53/udp", "[::1]:8443:443/tcp+proxy"]:
         (m,) = parse_port_specs(spec)
         assert str(m) == spec
         assert parse_port_specs(str(m)) == (m,)
