@@ -16,6 +16,7 @@ from e2ekit.container import ContainerFactory, published
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import port_is_free
 from e2ekit.procs import find_by_comm, supervisor_comm
+from e2ekit.tools import need_tools
 
 # Ports inside the container: haproxy frontends with accept-proxy on both families, with
 # accept-proxy on IPv4 only, and a plain one.
@@ -147,6 +148,24 @@ def test_udp_proxy_is_refused_with_one_line(containers, hook_env, port_alloc):
     assert all(port_is_free(a, p, proto) for a in ("0.0.0.0", "::")
                for p, proto in ((port, "tcp"), (udp, "udp")))
     assert not find_by_comm(supervisor_comm(container.id))
+
+
+@pytest.mark.parametrize("driver", ["slirp4netns", "pasta"])
+def test_external_drivers_refuse_proxy(containers, hook_env, port_alloc, driver):
+    # Their own programs relay TCP: no header could be sent, and the service expects one.
+    need_tools(driver)
+    port = port_alloc.take()
+    container = containers.new(["/bin/sleep", "60"], hook=hook_env, ports=f"{port}:443/tcp+proxy",
+                               annotations={"io.oci-portfwd.driver": driver})
+    try:
+        result = container.create()
+        assert not result.ok, f"a +proxy mapping started with driver {driver}"
+        said = result.stderr + hook_env.log_text(container.id)
+        assert f"driver {driver} cannot send a PROXY protocol header ({port}:443/tcp+proxy)" in said
+    finally:
+        container.stop()
+        reap_leftovers(hook_env)
+    assert all(port_is_free(a, port) for a in ("0.0.0.0", "::"))
 
 
 def test_rootless(rootless_runtime, user_rootfs, user_area, rootless_hook_command, test_user,
