@@ -119,13 +119,14 @@ def test_header_survives_the_family_fallback(pub, client_addresses, src, dst):
 
 @pytest.mark.parametrize("dst, relay", [("127.0.0.1", "127.0.0.1"), ("::1", "::1")])
 def test_mapping_without_proxy_is_unchanged(pub, dst, relay):
-    # No header: haproxy without accept-proxy would answer 400 to one; it sees the relay.
+    # No header: haproxy without accept-proxy would answer 400 to one; it reports the TCP peer
+    # and the container-side address the relay dialled.
     body, _ = ask(dst, pub.port["plain"])
     assert body.split(" ")[1] == f"{relay}:{PLAIN}", body
     assert body.split(" ")[0].rsplit(":", 1)[0] == relay, body
 
 
-def test_state_and_ps_show_the_option(pub):
+def test_state_file_shows_the_option(pub):
     ports = pub.hook.read_state(pub.container.id)["ports"]
     assert f"{pub.port['proxied']}:{PROXIED}/tcp+proxy" in ports
     assert f"{pub.port['plain']}:{PLAIN}/tcp" in ports
