@@ -27,6 +27,13 @@ from oci_portfwd.ports import PortMapping, parse_port_specs
                                PortMapping("::1", 5, 6, "tcp")]),
         ("1:2, 3:4 5:6 ,7:8", [PortMapping(None, 2 * i + 1, 2 * i + 2, "tcp") for i in range(4)]),
         ("  1-2:3-4  ", [PortMapping(None, 1, 3, "tcp"), PortMapping(None, 2, 4, "tcp")]),
+        ("8443:443/tcp+proxy", [PortMapping(None, 8443, 443, "tcp", proxy=True)]),
+        ("[::1]:8443:443/TCP+Proxy", [PortMapping("::1", 8443, 443, "tcp", proxy=True)]),
+        (
+            "8000-8001:9000-9001/tcp+proxy",
+            [PortMapping(None, 8000 + i, 9000 + i, "tcp", proxy=True) for i in range(2)],
+        ),
+        ("8080:80/tcp", [PortMapping(None, 8080, 80, "tcp", proxy=False)]),
     ],
 )
 def test_valid_specs(spec, expected):
@@ -60,6 +67,13 @@ def test_valid_specs(spec, expected):
         ("8080:80,8080:81", "requested twice"),
         ("８０:80", "not a number"),
         ("²:80", "not a number"),
+        ("5353:53/udp+proxy", "for TCP only"),
+        ("8443:443/+proxy", "name the protocol before +proxy (e.g. /tcp+proxy)"),
+        ("8443:443/tcp+pp2", "unknown option 'pp2'"),
+        ("8443:443/tcp+", "unknown option ''"),
+        ("8443:443/tcp+proxy+proxy", "unknown option"),
+        ("8443:443/sctp+proxy", "unknown protocol 'sctp'"),
+        ("8443:443/tcp,8443:443/tcp+proxy", "requested twice"),
     ],
 )
 def test_invalid_specs_name_the_spec(spec, words):
@@ -76,7 +90,7 @@ def test_max_ports_counts_range_members():
 
 
 def test_str_round_trips():
-    for spec in ["8080:80/tcp", "127.0.0.2:8080:80/tcp", "[::1]:5353:53/udp"]:
+    for spec in ["8080:80/tcp", "127.0.0.2:8080:80/tcp", "[::1]:5353:53/udp", "[::1]:8443:443/tcp+proxy"]:
         (m,) = parse_port_specs(spec)
         assert str(m) == spec
         assert parse_port_specs(str(m)) == (m,)
