@@ -198,3 +198,27 @@ def test_rootless_state_goes_to_the_users_runtime_dir(podman, port_alloc):
             f"{path}: uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):o}"
     assert podman.rm(c, force=True).ok
     _assert_all_gone(procs, [("127.0.0.1", port, "tcp")], state)
+
+
+@pytest.mark.parametrize("driver", ["builtin", "slirp4netns"])
+@pytest.mark.parametrize("podman_store", MODES, indirect=True)
+def test_network_host_is_not_forwarded(podman, port_alloc, driver):
+    """`podman run --network host` with the annotation: one warning, nothing bound or started,
+    and the container's own httpd keeps its port (P:P) and serves."""
+    if driver == "slirp4netns":
+        _need("slirp4netns")
+    own, other = port_alloc.take(), port_alloc.take()
+    c = podman.start(f"127.0.0.1:{own}:{own},{other}:80",
+                     command=["httpd", "-f", "-p", f"127.0.0.1:{own}", "-h", "/www"],
+                     network="host", annotations={"io.oci-portfwd.driver": driver})
+    wait_until(lambda: clients.curl("127.0.0.1", own).returncode == 0, 10,
+               f"the container's httpd on 127.0.0.1:{own}")
+    clients.assert_http_ok("127.0.0.1", own)
+    log = podman.hook.log_text(c.id)
+    assert log.count("uses the host's network") == 1 and "not published" in log, log
+    assert not podman.hook.state_file(c.id).exists()
+    assert not find_by_comm(supervisor_comm(c.id))
+    assert all(port_is_free(*b) for b in _binds(other))
+    r = podman.run("inspect", "-f", "{{.State.Running}}", c.name)
+    assert r.stdout.strip() == "true", r
+    assert podman.rm(c, force=True).ok

@@ -140,12 +140,15 @@ class Podman:
     def run(self, *args: str, **kwargs) -> RunResult:
         return self.store.run(*args, hooks_dir=self.hooks_dir, **kwargs)
 
-    def start(self, ports: str | None, command: list[str] = HTTPD) -> PodmanContainer:
+    def start(self, ports: str | None, command: list[str] = HTTPD, network: str = "none",
+              annotations: dict[str, str] | None = None) -> PodmanContainer:
         name = f"pf-{uuid.uuid4().hex[:10]}"
         self._names.append(name)
         annotation = ["--annotation", annotation_arg(ANNOTATION, ports)] if ports is not None else []
+        for key, value in (annotations or {}).items():
+            annotation += ["--annotation", annotation_arg(key, value)]
         ulimits = [] if self.store.rootless else ROOTFUL_ULIMITS
-        result = self.run("run", "-d", "--name", name, "--network", "none", "--pull", "never",
+        result = self.run("run", "-d", "--name", name, "--network", network, "--pull", "never",
                           *ulimits, *annotation, self.store.image, *command)
         if not result.ok:
             raise PodmanError(f"podman {self.store.label} run failed: {result}")
