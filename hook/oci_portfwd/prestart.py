@@ -72,7 +72,10 @@ def _prestart(
     listeners = [listener for listener in listeners if listener.target.proto in held]
     try:
         started = launch(
-            Context(plan, listeners, driver, state_dir, log_file, config.log_level), log
+            Context(
+                plan, listeners, driver, state_dir, log_file, config.log_level, annotations, state.bundle
+            ),
+            log,
         )
     finally:
         # The supervisor holds its own copies; the hook must not keep any port open.

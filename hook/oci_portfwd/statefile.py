@@ -6,6 +6,7 @@ supervisor's start time so that a reused pid is never signalled.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -14,6 +15,9 @@ from pathlib import Path
 
 from .errors import StateDirError
 from .procfs import process_start_time
+from .regularfile import read_regular
+
+MAX_RECORD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,30 @@ class Record:
     log: str
     created: float
     stats: dict[str, int] | None = None  # the core's traffic totals (stats.Totals), for `ps`
+    name: str | None = None  # the engine's name for the container (names.py), for `ps`
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A state file that cannot be read, for `ps` to show with the reason."""
+
+    container_id: str
+    reason: str
+
+
+# Field types a state file must have: a damaged or forged one is reported, not used.
+RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "container_id": (str,),
+    "container_pid": (int,),
+    "supervisor_pid": (int,),
+    "supervisor_start_time": (int,),
+    "driver": (str,),
+    "ports": (list,),
+    "log": (str,),
+    "created": (int, float),
+    "stats": (dict, type(None)),
+    "name": (str, type(None)),
+}
 
 
 def prepare_state_dir(path: Path) -> Path:
@@ -74,19 +102,30 @@ def write_record(state_dir: Path, record: Record) -> None:
 def read_record(state_dir: Path, container_id: str) -> Record | None:
     path = record_path(state_dir, container_id)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw = read_regular(path, MAX_RECORD_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StateDirError(f"cannot open state file {path}: {e.strerror} (a symlink is refused)") from None
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(1 << 20)
+        hint = " (a symlink is refused)" if e.errno == errno.ELOOP else ""
+        raise StateDirError(f"cannot read state file {path}: {e.strerror}{hint}") from None
     try:
         doc = json.loads(raw)
-        doc["ports"] = tuple(doc["ports"])
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        for key, value in doc.items():
+            types = RECORD_TYPES.get(key)
+            if types is None:
+                raise ValueError(f"unknown key {key!r}")
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ValueError(f"{key} is a {type(value).__name__}")
+        if not all(isinstance(p, str) for p in doc.get("ports", ())):
+            raise ValueError("ports holds a non-string")
+        if not all(type(v) is int for v in (doc.get("stats") or {}).values()):
+            raise ValueError("stats holds a non-integer")
+        doc["ports"] = tuple(doc.get("ports", ()))
         return Record(**doc)
-    except (ValueError, TypeError, KeyError) as e:
-        raise StateDirError(f"state file {path} is damaged ({e}); remove it") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise StateDirError(f"state file {path} is damaged ({str(e)[:100]}); remove it") from None
 
 
 def remove_record(state_dir: Path, container_id: str, *, owner_pid: int | None = None) -> None:
@@ -118,8 +157,8 @@ def prune_logs(state_dir: Path, max_age: float, now: float) -> None:
             pass
 
 
-def list_records(state_dir: Path) -> list[Record]:
-    records = []
+def list_records(state_dir: Path) -> list[Record | Damaged]:
+    records: list[Record | Damaged] = []
     try:
         names = sorted(os.listdir(state_dir))
     except FileNotFoundError:
@@ -130,7 +169,8 @@ def list_records(state_dir: Path) -> list[Record]:
         if name.endswith(".json") and not name.startswith("."):
             try:
                 record = read_record(state_dir, name[: -len(".json")])
-            except StateDirError:
+            except StateDirError as e:
+                records.append(Damaged(name[: -len(".json")], str(e)))
                 continue
             if record is not None:
                 records.append(record)

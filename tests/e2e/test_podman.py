@@ -142,6 +142,11 @@ def test_annotation_publishes_and_rm_frees(podman, port_alloc):
     if podman.store.rootless:
         owners = {p.pid: process_uid(p.pid) for p in procs}
         assert set(owners.values()) == {podman.store.user.uid}, owners
+    # podman's name (from containers/storage's containers.json: podman 4 puts no name in the
+    # annotations), recorded at start and shown by `ps`.
+    assert podman.hook.read_state(c.id).get("name") == c.name
+    listing = podman.hook.run("ps").stdout.decode()
+    assert any(r.startswith(c.id[:12] + " ") and f" {c.name} " in r for r in listing.splitlines()), listing
     r = podman.exec(c, "ps", "-o", "pid,comm")
     assert r.ok and "portfwd" not in r.stdout, f"forwarding visible in the container: {r}"
 
