@@ -58,24 +58,80 @@ RECORD_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def prepare_state_dir(path: Path) -> Path:
-    """Create the dir 0700 if needed; refuse a symlink or a dir someone else owns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise StateDirError(f"cannot create state dir {path}: {e.strerror}") from None
+    """Create the dir 0700 if needed, and every missing parent 0700 too; refuse a state dir
+    that someone else could change under us: a symlink, one owned by another user or
+    writable by group or others, or one below a dir that another user could write to
+    (where the state dir could be renamed away and replaced)."""
+    me = os.geteuid()
+    # Resolved parents: the checks below are then about the dirs really walked through.
+    path = Path(os.path.realpath(path.parent)) / path.name
+    missing = []
+    existing = path
+    while not os.path.lexists(existing):
+        missing.append(existing)
+        existing = existing.parent
+    owners = _trusted_owners(me)
+    for parent in [existing, *existing.parents] if existing != path else list(path.parents):
+        _check_parent(path, parent, me, owners)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StateDirError(f"cannot create state dir {path}: {directory}: {e.strerror}") from None
+        if directory != path:
+            _check_parent(path, directory, me, owners)
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise StateDirError(f"state dir {path} is a symlink; refusing to follow it")
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"state dir {path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise StateDirError(f"state dir {path} belongs to uid {st.st_uid}, not to us (uid {os.geteuid()})")
+    if st.st_uid != me:
+        raise StateDirError(f"state dir {path} belongs to uid {st.st_uid}, not to us (uid {me})")
+    if st.st_mode & 0o022:
+        raise StateDirError(
+            f"state dir {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "make it 0700 or choose another state_dir"
+        )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
+
+
+def _check_parent(state_dir: Path, parent: Path, me: int, owners: set[int]) -> None:
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise StateDirError(f"cannot use state dir {state_dir}: {parent}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"cannot use state dir {state_dir}: {parent} is not a directory")
+    if st.st_uid not in owners:
+        raise StateDirError(
+            f"cannot use state dir {state_dir}: its parent {parent} belongs to uid {st.st_uid}, "
+            f"neither root nor us (uid {me}); choose another state_dir"
+        )
+    # Sticky (like /tmp): others may add entries but not rename or remove ours.
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise StateDirError(
+            f"cannot use state dir {state_dir}: its parent {parent} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}) without the sticky bit; choose another state_dir"
+        )
+
+
+def _trusted_owners(me: int) -> set[int]:
+    owners = {0, me}
+    # In a user namespace (rootless podman runs hooks as its uid 0), host root's dirs show
+    # the overflow uid, as do any other user's: there is no telling them apart from inside.
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            identity = f.read(4096).split() == [b"0", b"0", b"4294967295"]
+        if not identity:
+            with open("/proc/sys/kernel/overflowuid", "rb") as f:
+                owners.add(int(f.read(64)))
+    except (OSError, ValueError):
+        pass
+    return owners
 
 
 def record_path(state_dir: Path, container_id: str) -> Path:
