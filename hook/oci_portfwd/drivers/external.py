@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import DriverError, StartError
-from ..listeners import Listener
+from ..listeners import Listener, socket_address
 from ..namespaces import open_namespaces, same_file
 from ..plan import Plan
 from ..ports import PortMapping
@@ -117,7 +117,7 @@ def _can_bind(m: PortMapping) -> bool:
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            s.bind((m.host_ip, m.host_port))
+            s.bind(socket_address(m.host_ip, m.host_port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return False
