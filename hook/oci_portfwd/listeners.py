@@ -147,6 +147,6 @@ def _explain(t: BindTarget, e: OSError) -> str:
 def _unprivileged_port_start() -> int | None:
     try:
         with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-            return int(f.read().strip())
+            return int(f.read(64).strip())
     except (OSError, ValueError):
         return None

@@ -105,3 +105,17 @@ def test_state_file_that_is_a_fifo(hook_env, tmp_path):
     out = r.stdout.decode()
     row = next((x for x in out.splitlines() if x.startswith("oddstate")), None)
     assert row is not None and "a FIFO, not a regular file" in row, out
+
+
+def test_prestart_with_a_fifo_as_the_log(hook_env, tmp_path, netns_pid, port_alloc):
+    """The log is opened for writing: a FIFO in its place would block that open too."""
+    hook_env.state_dir.mkdir(mode=0o700, parents=True)
+    os.mkfifo(hook_env.log_file("oddlog"))
+    port = port_alloc.take()
+    state = oci_state("oddlog", "creating", tmp_path, pid=netns_pid,
+                      annotations={PORTS: f"127.0.0.1:{port}:80"})
+    r = hook_env.run("prestart", stdin=state, timeout=TIMEOUT)
+    assert r.returncode == 1, r
+    line = one_line(r.stderr, "prestart")
+    assert str(hook_env.log_file("oddlog")) in line, line
+    assert port_is_free("127.0.0.1", port)
