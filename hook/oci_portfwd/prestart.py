@@ -46,6 +46,7 @@ def _prestart(
     if not plan.mappings:
         log.info("container %s requests no ports; nothing to do", state.id)
         return 0
+    driver = get_driver(plan.driver)  # an unknown driver is an error, host network or not
     if shares_our_netns(plan.container_pid, lambda: bundle_namespaces(state.bundle)):
         # What docker does with --network host -p: the container's own services are on
         # the host already; binding their ports here would take them from the container
@@ -59,7 +60,6 @@ def _prestart(
         return 0
     if _already_forwarding(state_dir, plan.container_id, plan.container_pid, log):
         return 0
-    driver = get_driver(plan.driver)
     plan = driver.check(plan, log.warning)
     targets = bind_targets(plan.mappings, ipv6_available(), log.warning)
     listeners = bind_all(targets)

@@ -118,3 +118,14 @@ def test_dialer_refuses_its_own_netns(e2e_host):
     finally:
         sock.close()
         os.waitpid(pid, 0)
+
+
+def test_unknown_driver_is_still_an_error(hook_env, port_alloc, tmp_path):
+    """Host network or not, a mistyped driver annotation is the user's error to hear about."""
+    from e2ekit.hookenv import oci_state
+
+    state = oci_state("hostnet02", "creating", tmp_path, pid=os.getpid(),
+                      annotations={"io.oci-portfwd.ports": f"127.0.0.1:{port_alloc.take()}:80",
+                                   DRIVER_ANNOTATION: "no-such-driver"})
+    r = hook_env.run("prestart", stdin=state, cwd=tmp_path)
+    assert r.returncode == 1 and b"no-such-driver" in r.stderr, r
