@@ -23,6 +23,7 @@ from .errors import PortfwdError
 USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop|auto   (OCI state JSON on stdin)
        oci-portfwd-hook check-config [FILE]
        oci-portfwd-hook ps
+       oci-portfwd-hook COMMAND --help
        oci-portfwd-hook --version"""
 MAX_STDIN = (1 << 20) + 1
 STAGE_HELP = """usage: oci-portfwd-hook {stage}   (OCI state JSON on stdin)
@@ -172,7 +173,7 @@ def _ps() -> int:
         conns = f"{s.get('tcp_open', 0)}/{s.get('tcp_total', 0)}" if r.stats else "-"
         print(
             f"{cid:<{width}} {r.name or '-':<16} {r.driver:<11} {r.supervisor_pid:>7} {status:<7} {conns:>11} "
-            f"{_size(s.get('bytes_to_container')):>9} {_size(s.get('bytes_to_client')):>9}  {', '.join(r.ports)}"
+            f"{_size(s.get('bytes_to_container')):>9} {_size(s.get('bytes_to_client')):>9}  {_printable(', '.join(r.ports))}"
         )
     print("CONNS: TCP open/total; IN: bytes to the container, OUT: bytes to clients (builtin relay only)")
     return 0
