@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import load_config, state_dir_of
+from .config import Config, load_config, state_dir_of
 from .errors import ConfigError
 from .logs import close_log, open_log
 from .polling import wait_readable
@@ -27,15 +27,22 @@ FAILURE_MARKS = (b" ERROR ", b"Traceback (most recent call last)")
 
 def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
     state = parse_state(raw_state, full_validation=False)
+    broken_config = None
     try:
         config = load_config(env, validate_schema=False)
-    except ConfigError:
+    except ConfigError as e:
         # A config broken since the container started must not keep its ports bound:
         # fall back to the defaults, which name the default state dir.
-        config = load_config({}, explicit=None)
+        broken_config = str(e)
+        try:
+            config = load_config({}, explicit=None, validate_schema=False)
+        except ConfigError:
+            config = Config()
     state_dir = state_dir_of(config, env)
     log = open_log(None, config.log_level, stderr=True)
     try:
+        if broken_config is not None:
+            log.warning("%s; looking for the forwarding in the default state dir %s", broken_config, state_dir)
         record = read_record(state_dir, state.id)
         if record is None:
             log.info("container %s has no forwarding (already stopped)", state.id)
