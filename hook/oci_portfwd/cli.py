@@ -116,6 +116,7 @@ def _check_config(rest: list[str]) -> int:
     for key in ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level"):
         print(f"  {key}: {getattr(config, key)}")
     print(f"  state_dir: {state_dir_of(config, os.environ)}")
+    print(f"  runtime: {config.runtime or 'runc, else crun, on PATH'} (oci-portfwd-runtime)")
     return 0
 
 

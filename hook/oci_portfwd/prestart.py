@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import Config, load_config, state_dir_of
 from .drivers import get_driver
 from .errors import PortfwdError
+from .hostnet import refuse_unless_host_netns
 from .listeners import bind_all, bind_targets, ipv6_available
 from .logs import close_log, open_log
 from .plan import make_plan
@@ -45,6 +46,7 @@ def _prestart(
     if not plan.mappings:
         log.info("container %s requests no ports; nothing to do", state.id)
         return 0
+    refuse_unless_host_netns()
     if _already_forwarding(state_dir, plan.container_id, plan.container_pid, log):
         return 0
     driver = get_driver(plan.driver)
