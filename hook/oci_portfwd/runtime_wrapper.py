@@ -55,6 +55,10 @@ GLOBAL_VALUE_FLAGS = frozenset({"root", "log", "log-format", "log-level", "criu"
 # create/run flags that take a value (crun's -f/--config names another spec file).
 CREATE_VALUE_FLAGS = frozenset({"bundle", "b", "console-socket", "pid-file", "preserve-fds", "config", "f"})
 FLAG_ALIASES = {"b": "bundle", "f": "config"}
+# containerd's CRI marks a pod's sandbox "sandbox" and the pod's other containers "container";
+# with pod_annotations every one of them carries the pod's request, and all share the
+# sandbox's network namespace: the sandbox forwards for the pod, the others would only collide.
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 MAX_SPEC_BYTES = 16 << 20
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -233,7 +237,7 @@ def prepare_bundle(invocation: Invocation, env: Mapping[str, str], own: str) -> 
     if not isinstance(spec, dict):
         raise BundleError(f"the bundle's spec {path} is not a JSON object")
     requests = requested_annotations(spec)
-    if not requests.get(PORTS_ANNOTATION, "").strip() or carries_our_hook(spec):
+    if not requests.get(PORTS_ANNOTATION, "").strip() or carries_our_hook(spec) or _cri_pod_member(spec):
         return False
     check_requests(requests, invocation, env)
     hook = hook_path(own)
@@ -287,6 +291,11 @@ def carries_our_hook(spec: Mapping[str, Any]) -> bool:
             if any(isinstance(n, str) and os.path.basename(n) == HOOK_NAME for n in names):
                 return True
     return False
+
+
+def _cri_pod_member(spec: Mapping[str, Any]) -> bool:
+    annotations = spec.get("annotations")
+    return isinstance(annotations, dict) and annotations.get(CRI_CONTAINER_TYPE) == "container"
 
 
 def check_requests(requests: Mapping[str, str], invocation: Invocation, env: Mapping[str, str]) -> None:

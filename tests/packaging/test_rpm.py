@@ -24,6 +24,7 @@ def expected_paths(tree) -> set[str]:
     paths = {
         "/etc/containers/oci-portfwd.json",
         "/usr/bin/oci-portfwd-hook",
+        "/usr/bin/oci-portfwd-runtime",
         "/usr/libexec/oci",
         "/usr/libexec/oci/hooks.d",
         "/usr/libexec/oci/hooks.d/oci-portfwd-hook",
@@ -31,6 +32,7 @@ def expected_paths(tree) -> set[str]:
         "/usr/share/containers/oci/hooks.d",
         "/usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
         "/usr/share/man/man1/oci-portfwd-hook.1.gz",
+        "/usr/share/man/man1/oci-portfwd-runtime.1.gz",
         "/usr/share/man/man5/oci-portfwd.json.5.gz",
         "/usr/share/oci-portfwd-hook",
         "/usr/share/oci-portfwd-hook/schemas",

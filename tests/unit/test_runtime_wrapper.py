@@ -158,6 +158,13 @@ def test_spec_with_our_hook_from_hooks_d_is_left_alone(tmp_path, env, install):
     assert (b / "config.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("container_type, rewritten", [("sandbox", True), ("container", False)])
+def test_cri_pod_sandbox_forwards_for_the_pod(tmp_path, env, install, container_type, rewritten):
+    b = bundle_with(tmp_path, spec(annotations={"io.oci-portfwd.ports": "8080:80",
+                                                "io.kubernetes.cri.container-type": container_type}))
+    assert rw.prepare_bundle(create(b), env, str(install / "oci-portfwd-runtime")) is rewritten
+
+
 def test_packaged_layout_prefers_libexec(tmp_path):
     usr = tmp_path / "usr"
     (usr / "bin").mkdir(parents=True)
