@@ -12,7 +12,11 @@ containers get the host's /usr read-only (busybox, python3 and servers.py's serv
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from e2ekit.ports import port_is_free
 from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
 from e2ekit.services import Services
 from e2ekit.tools import need_tools
+from e2ekit.users import USER_PATH, has_subids
 from e2ekit.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,3 +337,98 @@ def test_nothing_left_behind(dockerd, engine_hook):
     wait_until(lambda: not dockerd.shims(), GONE_TIMEOUT, "the shims to end")
     wait_until(lambda: not list(engine_hook.state_dir.glob("*.json")), GONE_TIMEOUT, "the state files to go")
     assert not reap_leftovers(engine_hook)
+
+
+# --- rootless Docker (dockerd-rootless.sh: rootlesskit) ------------------------------------------
+
+ROOTLESS_SCRIPT = Path("/usr/share/docker.io/contrib/dockerd-rootless.sh")
+TUN = Path("/dev/net/tun")
+
+
+@pytest.fixture
+def rootless_dockerd(e2e_host, test_user, user_tmp, user_rootfs, rootless_hook_command):
+    """Debian's dockerd-rootless.sh as the test user: dockerd and its containerd in
+    rootlesskit's user and network namespaces (slirp4netns, which needs /dev/net/tun: opened
+    to the user for this test only, its mode restored after)."""
+    if not ROOTLESS_SCRIPT.exists():
+        pytest.skip(f"{ROOTLESS_SCRIPT} is missing (package docker.io)")
+    need_tools("rootlesskit", "slirp4netns", "newuidmap", "newgidmap", "tar")
+    if not has_subids(test_user):
+        pytest.skip(f"{test_user.name} has no range in /etc/subuid and /etc/subgid")
+    hook = HookEnv(rootless_hook_command, test_user.make_dir(user_tmp / "hook"))
+    # Short: containerd's socket under the exec root must fit a unix socket path (108 bytes).
+    work = test_user.make_dir(Path(tempfile.mkdtemp(prefix="pfrl-", dir="/tmp")))
+    sock = work / "docker.sock"
+    env = [*test_user.env(), f"PATH=/usr/share/docker.io/contrib:{USER_PATH}",
+           f"OCI_PORTFWD_CONFIG={hook.config_path}"]
+    argv = ["runuser", "-u", test_user.name, "--", "env", "-i", *env, str(ROOTLESS_SCRIPT),
+            "--data-root", str(work / "data"), "--exec-root", str(work / "exec"),
+            "-H", f"unix://{sock}", "--pidfile", str(work / "docker.pid"),
+            "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-masq=false",
+            "--add-runtime", f"portfwd={WRAPPER}"]
+    tun_mode = TUN.stat().st_mode & 0o7777
+    log = open(user_tmp / "dockerd.log", "wb")
+    proc = None
+    try:
+        TUN.chmod(0o666)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+
+        def docker(*args: str, stdin=None) -> subprocess.CompletedProcess:
+            return test_user.run([DOCKER, "-H", f"unix://{sock}", *args], timeout=90,
+                                 **({"stdin": stdin} if stdin is not None else {}))
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise DockerError(f"dockerd-rootless.sh exited ({proc.returncode}): "
+                                  f"{(user_tmp / 'dockerd.log').read_text(errors='replace')[-3000:]}")
+            return sock.exists() and docker("version").returncode == 0
+
+        wait_until(up, 60, "rootless dockerd to answer", interval=0.2)
+        tar = test_user.give(Path(shutil.make_archive(str(user_tmp / "image"), "tar", user_rootfs)))
+        with open(tar, "rb") as f:
+            r = docker("import", "-", IMAGE, stdin=f)
+        assert r.returncode == 0, r.stderr
+        yield docker, hook
+    finally:
+        if proc is not None:
+            # rootlesskit (the script exec'd it) ends dockerd, containerd and slirp4netns with it.
+            kit = [p for p in descendants(proc.pid) if p.comm() == "rootlesskit"]
+            for p in kit:
+                os.kill(p.pid, signal.SIGTERM)
+            try:
+                wait_gone(kit, 30)
+            finally:
+                for p in descendants(proc.pid):
+                    p.kill()
+                proc.kill()
+                proc.wait(timeout=30)
+            busy = test_user.wait_quiet(10)
+            if busy:
+                warnings.warn(f"{test_user.name} still runs {[(p.pid, p.comm()) for p in busy]}",
+                              stacklevel=1)
+        TUN.chmod(tun_mode)
+        log.close()
+        reap_leftovers(hook)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_rootless_docker_refuses_with_a_clear_line(rootless_dockerd, port_alloc):
+    """Under rootlesskit the hook would bind in rootlesskit's network namespace, out of the
+    host's reach (checked by hand: the container started, the host got "connection refused",
+    the port answered only inside rootlesskit's namespace). So the wrapper refuses, naming why,
+    and a container without ports still runs through it."""
+    docker, hook = rootless_dockerd
+    port = port_alloc.take()
+    r = docker("run", "-d", "--name", "refused", "--runtime", "portfwd", "--network", "none", *USR,
+               "-e", f"OCI_PORTFWD_PORTS=127.0.0.1:{port}:80", IMAGE, "/bin/true")
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode != 0
+    assert ("oci-portfwd-runtime: this runs in a network namespace made inside its own user "
+            "namespace (rootless Docker or nerdctl: rootlesskit's)") in err, err
+    assert port_is_free("127.0.0.1", port)
+    assert not (hook.state_dir.exists() and list(hook.state_dir.glob("*.json")))
+
+    r = docker("run", "--name", "plain", "--runtime", "portfwd", "--network", "none", *USR, IMAGE,
+               "/bin/sh", "-c", "echo ran")
+    assert r.returncode == 0 and r.stdout.decode().strip() == "ran", r.stderr
