@@ -14,6 +14,7 @@ import pytest
 from oci_portfwd import config as config_module
 from oci_portfwd import plan as plan_module
 from oci_portfwd import runtime_wrapper as rw
+from oci_portfwd.drivers import DRIVER_NAMES
 from oci_portfwd.errors import ConfigError, PortSpecError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +108,9 @@ def test_constants_match_the_hooks_own():
     assert rw.CONFIG_ENV == config_module.CONFIG_ENV
     assert rw.ANNOTATION_PREFIX == plan_module.ANNOTATION_PREFIX
     assert rw.PORTS_ANNOTATION == plan_module.PORTS_ANNOTATION
+    # The wrapper checks a driver's name against the config schema's enum.
+    schema = json.loads((REPO / "schemas" / "config.schema.json").read_text())
+    assert tuple(schema["properties"]["driver"]["enum"]) == DRIVER_NAMES
 
 
 # --- the bundle ---------------------------------------------------------------------------------
@@ -192,7 +196,7 @@ def test_bad_request_fails_before_the_spec_changes(tmp_path, env, install, ports
 
 
 @pytest.mark.parametrize("extra_env, words", [
-    ("OCI_PORTFWD_DRIVER=nope", "unknown driver 'nope'"),
+    ("OCI_PORTFWD_DRIVER=nope", "io.oci-portfwd.driver='nope': must be one of \\['builtin', "),
     ("OCI_PORTFWD_LOOPBACK=maybe", "io.oci-portfwd.loopback='maybe'"),
 ])
 def test_bad_override_fails(tmp_path, env, install, extra_env, words):
