@@ -266,6 +266,18 @@ def test_configured_runtime_is_read_lightly(tmp_path):
         load_runtime_key(cfg, '{"runtime": "bin/crun"}')
 
 
+def test_check_config_prints_the_runtime(tmp_path):
+    cfg = tmp_path / "c.json"
+    hook = REPO / ".venv" / "bin" / "oci-portfwd-hook"
+    for text, expected in [('{}', "runtime: default: runc, else crun -> "),
+                           ('{"runtime": "/bin/sh"}', "runtime: /bin/sh -> /bin/sh (oci-portfwd-runtime"),
+                           ('{"runtime": "nope"}', "runtime: nope -> NOT FOUND (the configured runtime 'nope'")]:
+        cfg.write_text(text)
+        r = subprocess.run([str(hook), "check-config", str(cfg)], capture_output=True, text=True,
+                           timeout=30, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        assert r.returncode == 0 and expected in r.stdout, r.stdout + r.stderr
+
+
 def load_runtime_key(path: Path, text: str):
     path.write_text(text)
     return config_module.load_config({"OCI_PORTFWD_CONFIG": str(path)}).runtime
