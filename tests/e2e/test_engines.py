@@ -143,6 +143,8 @@ def test_docker_seed_cases_stop_start_restart_rm(docker, port_alloc):
     cid = docker.start("seeds", ports, services)
     check()
     procs = docker.forwarding(cid)
+    r = docker.daemon.docker("exec", "seeds", "/bin/sh", "-c", "exit 3")  # runc exec, passed through
+    assert r.returncode == 3, r
     state = docker.hook.state_file(cid)
 
     assert docker.daemon.docker("stop", "seeds").ok
