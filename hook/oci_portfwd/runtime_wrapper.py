@@ -78,12 +78,10 @@ class Invocation:
 
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
-        self.options, first = _scan(self.args, GLOBAL_VALUE_FLAGS, stop_at_positional=True)
-        self.command = self.args[first] if first < len(self.args) else None
-        rest = self.args[first + 1 :] if self.command is not None else []
+        self.options, rest = _scan(self.args, GLOBAL_VALUE_FLAGS, stop_at_positional=True)
+        self.command = rest[0] if rest else None
         value_flags = CREATE_VALUE_FLAGS if self.command in CREATE_COMMANDS else frozenset()
-        self.command_options, _ = _scan(rest, value_flags, stop_at_positional=False)
-        self.positionals = _positionals(rest, value_flags)
+        self.command_options, self.positionals = _scan(rest[1:], value_flags, stop_at_positional=False)
 
     @property
     def bundle(self) -> str:
@@ -99,18 +97,25 @@ class Invocation:
         return self.positionals[-1] if self.positionals else "container"
 
 
-def _scan(args: Sequence[str], value_flags: frozenset[str], *, stop_at_positional: bool) -> tuple[dict[str, str], int]:
+def _scan(
+    args: Sequence[str], value_flags: frozenset[str], *, stop_at_positional: bool
+) -> tuple[dict[str, str], list[str]]:
     """Go's and argp's flag forms (-x, --x, -x=V, --x V, -x V): the options (the last one
-    wins) and the index where the positionals start."""
+    wins) and the positionals; with stop_at_positional (runc's global flags end at the
+    command) the first positional and everything after it."""
     options: dict[str, str] = {}
+    positionals: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--":
-            return options, i + 1
+            positionals += args[i + 1 :]
+            break
         if not arg.startswith("-") or arg == "-":
             if stop_at_positional:
+                positionals += args[i:]
                 break
+            positionals.append(arg)
             i += 1
             continue
         name, eq, value = arg.lstrip("-").partition("=")
@@ -119,19 +124,7 @@ def _scan(args: Sequence[str], value_flags: frozenset[str], *, stop_at_positiona
             value = args[i]
         options[FLAG_ALIASES.get(name, name)] = value
         i += 1
-    return options, i
-
-
-def _positionals(args: Sequence[str], value_flags: frozenset[str]) -> list[str]:
-    found, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg.startswith("-") and arg != "-":
-            skip = "=" not in arg and arg.lstrip("-") in value_flags
-        else:
-            found.append(arg)
-    return found
+    return options, positionals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PortfwdError as e:
         return fail(str(e), invocation)
     except Exception as e:  # noqa: BLE001 - a bug: the engine must still show one line
+        if env.get("OCI_PORTFWD_DEBUG"):
+            import traceback  # noqa: PLC0415 - bugs only
+
+            traceback.print_exc(file=sys.stderr)
         return fail(f"internal error (a bug, please report it): {type(e).__name__}: {e}", invocation)
     try:
         os.execv(runtime, [runtime, *args])
