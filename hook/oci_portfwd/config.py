@@ -31,6 +31,7 @@ class Config:
     ready_timeout: float = 10.0
     log_level: str = "info"
     allow_host_loopback: bool = False
+    source_address: str = "client"
     source: str = "built-in defaults"
 
 
