@@ -140,10 +140,13 @@ class Podman:
     def run(self, *args: str, **kwargs) -> RunResult:
         return self.store.run(*args, hooks_dir=self.hooks_dir, **kwargs)
 
-    def start(self, ports: str | None, command: list[str] = HTTPD) -> PodmanContainer:
+    def start(self, ports: str | None, command: list[str] = HTTPD,
+              extra: list[str] | None = None) -> PodmanContainer:
+        """extra: more `podman run` options (volumes, annotations)."""
         name = f"pf-{uuid.uuid4().hex[:10]}"
         self._names.append(name)
         annotation = ["--annotation", annotation_arg(ANNOTATION, ports)] if ports is not None else []
+        annotation += extra or []
         ulimits = [] if self.store.rootless else ROOTFUL_ULIMITS
         result = self.run("run", "-d", "--name", name, "--network", "none", "--pull", "never",
                           *ulimits, *annotation, self.store.image, *command)
