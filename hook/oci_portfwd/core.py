@@ -47,7 +47,7 @@ def run_core(
         plan.container_pid,
         plan.loopback == "container-address",
         deadline,
-        client_udp_ports(plan, listeners) if plan.source_address == "client" else None,
+        client_udp_ports(listeners) if plan.source_address == "client" else None,
     )
     log.debug("dialer started, pid %d", dialer_pid)
     addresses = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
@@ -122,7 +122,7 @@ def run_core(
     return 3
 
 
-def client_udp_ports(plan: Plan, listeners: Sequence[Listener]) -> list[tuple[int, int]]:
+def client_udp_ports(listeners: Sequence[Listener]) -> list[tuple[int, int]]:
     """The container's UDP ports this core forwards to, as ranges (one routing rule each)."""
     ports = sorted({listener.target.mapping.container_port for listener in listeners if listener.target.proto == "udp"})
     ranges: list[tuple[int, int]] = []
