@@ -31,6 +31,7 @@ import os
 import socket
 
 from .forking import fork_child
+from .netns_setup import reachable
 
 TABLE = 7071
 MARK = 0x7071
@@ -92,6 +93,10 @@ def _set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
         lo = ipr.link_lookup(ifname="lo")[0]
         for family in (socket.AF_INET, socket.AF_INET6):
             name = "IPv" + FAMILY_KEY[family]
+            if not reachable(family, LOCAL_SOURCE[family]):
+                ready[family] = False
+                notes.append(f"{name}: not available in the container's network namespace")
+                continue
             try:
                 _add(ipr, NetlinkError, "route", "add", family=family, dst=_any(family), dst_len=0,
                      type="local", table=TABLE, oif=lo, prefsrc=LOCAL_SOURCE[family], scope=254)

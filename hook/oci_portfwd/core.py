@@ -76,7 +76,7 @@ def run_core(
     def on_routing(notes: list[str], took_ms: int) -> None:
         ready = [f"IPv{4 if f == socket.AF_INET else 6}" for f, ok in pool.routing.ready.items() if ok]
         for note in notes:
-            log.warning("client addresses: %s", note)
+            log.info("client addresses: %s", note)
         if ready:
             log.info(
                 "client addresses: routing ready for %s in %d ms; services see their clients",

@@ -154,3 +154,19 @@ def test_log_says_what_the_service_sees(pub):
         assert "client addresses: routing ready for IPv4 and IPv6" in log, log
     else:
         assert "client addresses" not in log, log
+
+
+def test_client_reusing_its_port_at_once_is_answered_every_time(pub):
+    # Whichever side of the last connection waits in TIME_WAIT in the container, a client that
+    # comes back from the same address and port is answered (from loopback at worst).
+    with socket.socket() as probe:
+        probe.bind((V4_CLIENT, 0))
+        port = probe.getsockname()[1]
+    for i in range(5):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(5)
+            sock.bind((V4_CLIENT, port))
+            sock.connect(("127.0.0.1", pub.port["peer"]))
+            answer = clients.read_to_eof(sock).decode().split()
+        assert answer[0] in (V4_CLIENT, "127.0.0.1"), (i, answer)

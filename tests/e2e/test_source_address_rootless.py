@@ -2,6 +2,7 @@
 under podman (hooks.d, rootful and rootless): TCP and UDP, IPv4 and IPv6, a loopback client."""
 
 import json
+import socket
 import uuid
 from pathlib import Path
 
@@ -86,3 +87,21 @@ def test_podman_service_sees_the_client(addresses, podman, port_alloc):
     services.wait_ready(c.pid)
     for source, host in CASES:
         _check(port, source, host, podman.hook.log_text(c.id))
+
+
+def test_rootless_client_port_below_1024_is_kept(rpub):
+    # Binding a port below ip_unprivileged_port_start (1024) in the container's netns takes
+    # CAP_NET_BIND_SERVICE in its user namespace. The rootless core has it without holding any
+    # capability: it runs, in the parent namespace, as the owner of the container's one.
+    for proto in ("tcp", "udp"):
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.settimeout(5)
+            sock.bind(("127.0.0.5", 700 + (proto == "udp")))
+            if proto == "tcp":
+                sock.connect(("127.0.0.1", rpub.port["peer"]))
+                answer = clients.read_to_eof(sock).decode().split()
+            else:
+                sock.sendto(b"low", ("127.0.0.1", rpub.port["upeer"]))
+                answer = sock.recv(100).decode().split()
+        assert answer[:2] == ["127.0.0.5", str(700 + (proto == "udp"))], (proto, answer)
