@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 
 from .forking import fork_child
 from .netns_setup import reachable
+from .polling import wait_readable
 
 TABLE = 7071
 MARK = 0x7071
@@ -45,6 +47,7 @@ SYSCTLS: dict[int, tuple[str, str]] = {
 }
 LOCAL_SOURCE: dict[int, str] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 FAMILY_KEY: dict[int, str] = {socket.AF_INET: "4", socket.AF_INET6: "6"}
+SETUP_TIMEOUT = 10.0
 
 PortRange = tuple[int, int]
 
@@ -72,8 +75,14 @@ def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
 
     pid = fork_child(child)
     os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        raw = f.read()
+    # Bounded: every connection waits for this, a stuck child must not hold them forever.
+    if wait_readable([read_fd], SETUP_TIMEOUT):
+        with os.fdopen(read_fd, "rb") as f:
+            raw = f.read()
+    else:
+        os.close(read_fd)
+        os.kill(pid, signal.SIGKILL)
+        raw = b""
     os.waitpid(pid, 0)
     try:
         report = json.loads(raw)
