@@ -9,12 +9,13 @@ Non-loopback clients bind to addresses added to the host's lo (e2ekit.clientaddr
 
 import ipaddress
 import socket
+from dataclasses import dataclass
 
 import pytest
 from e2ekit import clients
 from e2ekit.clientaddrs import V4_CLIENT, V6_CLIENT, on_loopback
-from e2ekit.container import ContainerFactory
-from e2ekit.hookenv import HookEnv
+from e2ekit.container import Container, ContainerFactory
+from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.services import Services
 
 # Ports inside the container: the peer services, per family they listen on.
@@ -47,6 +48,14 @@ def addresses(e2e_host):
         yield
 
 
+@dataclass
+class Pub:
+    container: Container
+    hook: HookEnv
+    port: dict[str, int]
+    mode: str  # source_address
+
+
 @pytest.fixture(scope="module", params=["client", "loopback"])
 def pub(request, addresses, runtime, rootfs, hook_command, port_alloc, tmp_path_factory):
     mode = request.param
@@ -60,19 +69,10 @@ def pub(request, addresses, runtime, rootfs, hook_command, port_alloc, tmp_path_
     try:
         container = factory.new(services.argv(), hook=hook, ports=peer_spec(port), annotations=annotations)
         services.wait_ready(container.start())
-        pub = published_view(container, hook, port)
-        pub.mode = mode
-        yield pub
+        yield Pub(container, hook, port, mode)
     finally:
         factory.cleanup()
-        from e2ekit.hookenv import reap_leftovers
         reap_leftovers(hook)
-
-
-class published_view:
-    def __init__(self, container, hook, port):
-        self.container, self.hook, self.port = container, hook, port
-        self.mode = ""
 
 
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
