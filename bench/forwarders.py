@@ -415,13 +415,16 @@ class CrunContainer:
         return elapsed
 
 
-def setup_ours(env: Env, driver: str) -> Instance:
-    name = f"ours-{driver}"
+def setup_ours(env: Env, driver: str, source_address: str = "client") -> Instance:
+    """source_address: what the service sees (the default, `client`, binds each container-side
+    socket to the client's address; `loopback` does not)."""
+    name = f"ours-{driver}" + ("-loopback" if source_address == "loopback" else "")
     inst = _new_instance(env, name)
     ports = (f"127.0.0.1:{inst.iperf_port}:{IPERF_INNER}/tcp,"
              f"127.0.0.1:{inst.iperf_port}:{IPERF_INNER}/udp,"
              f"127.0.0.1:{inst.http_port}:{HTTP_INNER}/tcp")
-    annotations = {"io.oci-portfwd.ports": ports, "io.oci-portfwd.driver": driver}
+    annotations = {"io.oci-portfwd.ports": ports, "io.oci-portfwd.driver": driver,
+                   "io.oci-portfwd.source-address": source_address}
     args = ["/bin/sh", "-c", servers_script("/srv/bench-httpd")]
     c = CrunContainer(env, inst.cleanup, args, annotations, hooks=True)
     env.cmdlog.note(name, "config.json: annotations " + json.dumps(annotations)
@@ -455,10 +458,12 @@ FORWARDERS = {
     "loopback": setup_loopback,
     "ours-slirp4netns": lambda env: setup_ours(env, "slirp4netns"),
     "ours-pasta": lambda env: setup_ours(env, "pasta"),
+    "ours-builtin-loopback": lambda env: setup_ours(env, "builtin", "loopback"),
 }
 
 LABELS = {
     "ours-builtin": "ours, builtin (hook + crun)",
+    "ours-builtin-loopback": "ours, builtin, source_address loopback",
     "ours-slirp4netns": "ours, slirp4netns driver",
     "ours-pasta": "ours, pasta driver",
     "rootlesskit-builtin": "rootlesskit --port-driver=builtin",

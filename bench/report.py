@@ -17,6 +17,7 @@ from forwarders import FORWARDERS, LABELS
 
 REF, BASE = "rootlesskit-builtin", "loopback"
 OURS = "ours-builtin"
+OURS_LOOPBACK = "ours-builtin-loopback"  # the same with source_address loopback
 
 # key, column title, format, higher is better
 FIGURES = {
@@ -351,6 +352,11 @@ def _targets(rounds: dict, hs: dict | None) -> str:
     cmp("new-connection rate (ab) ≥ 1.0 × rootlesskit builtin", "newconn_rps", REF, 1.0, True)
     cmp("new-connection rate (wrk) ≥ 1.0 × rootlesskit builtin (same target, client not ab-bound)",
         "newconn_wrk_rps", REF, 1.0, True)
+    # source_address: `client` (ours-builtin, the default) against `loopback`, same run.
+    for key, what in (("tcp_up_gbps", "TCP host→ctr"), ("tcp_down_gbps", "TCP ctr→host"),
+                      ("newconn_rps", "new-connection rate (ab)"),
+                      ("newconn_wrk_rps", "new-connection rate (wrk)")):
+        cmp(f"{what}, source_address client ≥ 0.95 × loopback", key, OURS_LOOPBACK, 0.95, True)
     cmp("p99 latency (ab) ≤ rootlesskit's", "newconn_p99_ms", REF, 1.0, False)
     cmp("p99 latency (wrk, new connections) ≤ rootlesskit's", "newconn_wrk_p99_ms", REF, 1.0, False)
     for key, limit, label in (("core_rss_idle_mb", 20, "core RSS idle ≤ 20 MB"),

@@ -139,7 +139,7 @@ def _check_config(rest: list[str]) -> int:
     path, _ = config_path(os.environ, explicit)
     where = config.source if config.source != "built-in defaults" else f"{path} absent: built-in defaults"
     print(f"config OK ({where})")
-    keys = ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level", "allow_host_loopback")
+    keys = ("driver", "loopback", "source_address", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level", "allow_host_loopback")
     for key in keys:
         value = getattr(config, key)
         # As JSON writes it: the config's 2 stays 2 (not 2.0), false stays false.

@@ -32,6 +32,7 @@ class Config:
     ready_timeout: float = 10
     log_level: str = "info"
     allow_host_loopback: bool = False
+    source_address: str = "client"
     # oci-portfwd-runtime's real runtime (None: runc, else crun, on PATH); the hook ignores it.
     runtime: str | None = None
     source: str = "built-in defaults"

@@ -11,6 +11,7 @@ import json
 import logging
 import resource
 import select
+import socket
 import time
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
+from .source_address import SourceBinder
 from .stats import REPORT_EVERY, Totals
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
@@ -42,7 +44,10 @@ def run_core(
 
     deadline = time.monotonic() + plan.ready_timeout
     dialer_pid, dialer_sock = start_dialer(
-        plan.container_pid, plan.loopback == "container-address", deadline
+        plan.container_pid,
+        plan.loopback == "container-address",
+        deadline,
+        client_udp_ports(listeners) if plan.source_address == "client" else None,
     )
     log.debug("dialer started, pid %d", dialer_pid)
     addresses = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
@@ -68,6 +73,21 @@ def run_core(
     pool = SocketPool(dialer_sock, on_hello, on_error)
     pipes = PipePool()
 
+    def on_routing(notes: list[str], took_ms: int) -> None:
+        ready = [f"IPv{4 if f == socket.AF_INET else 6}" for f, ok in pool.routing.ready.items() if ok]
+        for note in notes:
+            log.info("client addresses: %s", note)
+        if ready:
+            log.info(
+                "client addresses: routing ready for %s in %d ms; services see their clients",
+                " and ".join(ready),
+                took_ms,
+            )
+        else:
+            log.warning("client addresses unavailable: services see loopback")
+
+    pool.on_routing = on_routing
+
     def on_dialer(_events: int) -> None:
         if not pool.on_readable():
             log.error("the dialer (pid %d) is gone; the core exits to be restarted", dialer_pid)
@@ -80,10 +100,11 @@ def run_core(
         targets = targets_for(listener, addresses or {})
         kinds.update(kind_of(target.family, t.proto) for target in targets)
         server: TcpListener | UdpListener
+        source = SourceBinder(str(t), pool.routing, log) if plan.source_address == "client" else None
         if t.proto == "tcp":
-            server = TcpListener(loop, pool, pipes, listener.sock, targets, log, t.mapping.proxy)
+            server = TcpListener(loop, pool, pipes, listener.sock, targets, log, t.mapping.proxy, source)
         else:
-            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log)
+            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log, source)
         server.start()
         servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
@@ -99,6 +120,18 @@ def run_core(
     _report_totals(loop, [server for _, server in servers], status, None)
     loop.run()
     return 3
+
+
+def client_udp_ports(listeners: Sequence[Listener]) -> list[tuple[int, int]]:
+    """The container's UDP ports this core forwards to, as ranges (one routing rule each)."""
+    ports = sorted({listener.target.mapping.container_port for listener in listeners if listener.target.proto == "udp"})
+    ranges: list[tuple[int, int]] = []
+    for port in ports:
+        if ranges and ranges[-1][1] == port - 1:
+            ranges[-1] = (ranges[-1][0], port)
+        else:
+            ranges.append((port, port))
+    return ranges
 
 
 def _report_totals(

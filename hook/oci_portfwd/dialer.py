@@ -10,6 +10,12 @@ Protocol (one datagram each):
                                                                        has not exec'd yet
                  b"K" + JSON {"addresses": {"4": [...], "6": [...]}}   joined, ready
                  b"E" + message                                        failed, exiting
+                 b"T" + JSON {"ready": {"4": bool, "6": bool}, "notes": [...]},
+                       with a NETLINK_ROUTE socket of the netns as SCM_RIGHTS
+                                                                       client-address routing
+                                                                       (source_address client:
+                                                                       after the hello, before
+                                                                       any socket)
                  b"S" + kind, with the sockets as SCM_RIGHTS           sockets
   core → dialer  kind + b" " + count                                   please make sockets
 kind is b"t4", b"t6", b"u4" or b"u6".
@@ -25,11 +31,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from .client_routing import make_transparent
 from .errors import NamespaceError, StartError
 from .forking import fork_child
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
 from .procfs import close_fds_except
+from .source_address import ReplyRoutes, Routing
 
 KINDS = {
     b"t4": (socket.AF_INET, socket.SOCK_STREAM),
@@ -38,21 +46,29 @@ KINDS = {
     b"u6": (socket.AF_INET6, socket.SOCK_DGRAM),
 }
 MAX_BATCH = 32
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def kind_of(family: int, proto: str) -> bytes:
     return (b"t" if proto == "tcp" else b"u") + (b"4" if family == socket.AF_INET else b"6")
 
 
-def start_dialer(container_pid: int, want_addresses: bool, deadline: float) -> tuple[int, socket.socket]:
-    """Fork the dialer; returns its pid and the core's end of the socketpair."""
+def start_dialer(
+    container_pid: int,
+    want_addresses: bool,
+    deadline: float,
+    client_udp_ports: list[tuple[int, int]] | None = None,
+) -> tuple[int, socket.socket]:
+    """Fork the dialer; returns its pid and the core's end of the socketpair.
+    client_udp_ports: set up client-address routing (source_address client) for these
+    container UDP ports; None: no client addresses (source_address loopback)."""
     core_end, dialer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def child() -> int:
         # Keep nothing of the core's: above all not the host listeners, which must never
         # be reachable from inside the container's namespaces.
         close_fds_except({dialer_end.fileno()})
-        _dialer_main(dialer_end, container_pid, want_addresses, deadline)
+        _dialer_main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports)
         return 1
 
     pid = fork_child(child)
@@ -60,7 +76,13 @@ def start_dialer(container_pid: int, want_addresses: bool, deadline: float) -> t
     return pid, core_end
 
 
-def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, deadline: float) -> None:
+def _dialer_main(
+    sock: socket.socket,
+    container_pid: int,
+    want_addresses: bool,
+    deadline: float,
+    client_udp_ports: list[tuple[int, int]] | None,
+) -> None:
     import prctl  # noqa: PLC0415 - only in the child
 
     prctl.set_name("portfwd-dialer")
@@ -91,6 +113,9 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         return
     hello = {"addresses": {str(4 if f == socket.AF_INET else 6): a for f, a in addresses.items()}}
     sock.send(b"K" + json.dumps(hello).encode())
+    # After the hello: the container's start does not wait for this (~130 ms, mostly the
+    # pyroute2 import); connections do, since no socket leaves before it.
+    transparent = _set_up_client_routing(sock, client_udp_ports) if client_udp_ports is not None else {}
     while True:
         request = sock.recv(64)
         if not request:
@@ -99,9 +124,32 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         family, kind_type = KINDS[kind]
         count = max(1, min(MAX_BATCH, int(count_text or b"1")))
         made = [socket.socket(family, kind_type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) for _ in range(count)]
+        if transparent.get(family):
+            try:
+                for s in made:
+                    make_transparent(s)
+            except OSError:
+                # Not expected once the routing is set up; the core's bind of such a socket
+                # then fails and it dials from loopback.
+                transparent[family] = False
         socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:
             s.close()
+
+
+def _set_up_client_routing(sock: socket.socket, udp_ports: list[tuple[int, int]]) -> dict[int, bool]:
+    from .client_routing import set_up  # noqa: PLC0415 - source_address client only
+
+    started = time.monotonic()
+    ready, notes = set_up(udp_ports)
+    report = {
+        "ready": {"4" if f == socket.AF_INET else "6": ok for f, ok in ready.items()},
+        "notes": notes,
+        "ms": round((time.monotonic() - started) * 1000),
+    }
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as routes:
+        socket.send_fds(sock, [b"T" + json.dumps(report).encode()], [routes.fileno()])
+    return ready
 
 
 Addresses = dict[int, list[str]]
@@ -156,6 +204,8 @@ class SocketPool:
         self.waiters: dict[bytes, deque[Waiter]] = {k: deque() for k in KINDS}
         self.pending: dict[bytes, int] = {k: 0 for k in KINDS}
         self.broken = False
+        self.routing = Routing()
+        self.on_routing: Callable[[list[str], int], None] | None = None
 
     def prefill(self, kinds: set[bytes]) -> None:
         for kind in kinds:
@@ -187,7 +237,7 @@ class SocketPool:
                 self._fail_waiters()
                 return False
             if data[:1] != b"S":
-                self._on_control(data)
+                self._on_control(data, fds)
                 continue
             kind = data[1:3]
             self.pending[kind] = max(0, self.pending[kind] - len(fds))
@@ -203,8 +253,19 @@ class SocketPool:
                     self.ready[kind].append(sock)
             self._refill(kind)
 
-    def _on_control(self, message: bytes) -> None:
+    def _on_control(self, message: bytes, fds: list[int]) -> None:
         # After a deferred start (b"W"), the dialer's hello or failure arrives here.
+        if message.startswith(b"T"):
+            report = json.loads(message[1:])
+            ready = report.get("ready", {})
+            self.routing.ready = {f: bool(ready.get("4" if f == socket.AF_INET else "6")) for f in FAMILIES}
+            if fds:
+                self.routing.replies = ReplyRoutes(socket.socket(fileno=fds[0]))
+            if self.on_routing is not None:
+                self.on_routing(list(report.get("notes", [])), int(report.get("ms", 0)))
+            return
+        for fd in fds:
+            os.close(fd)
         if message.startswith(b"K"):
             self.on_hello(decode_hello(message))
         elif message.startswith(b"E"):
@@ -232,6 +293,8 @@ class SocketPool:
         for ready in self.ready.values():
             while ready:
                 ready.popleft().close()
+        if self.routing.replies is not None:
+            self.routing.replies.close()
         self.sock.close()
 
 

@@ -14,8 +14,10 @@ ANNOTATION_PREFIX = "io.oci-portfwd."
 PORTS_ANNOTATION = ANNOTATION_PREFIX + "ports"
 DRIVER_ANNOTATION = ANNOTATION_PREFIX + "driver"
 LOOPBACK_ANNOTATION = ANNOTATION_PREFIX + "loopback"
-KNOWN_ANNOTATIONS = {PORTS_ANNOTATION, DRIVER_ANNOTATION, LOOPBACK_ANNOTATION}
+SOURCE_ADDRESS_ANNOTATION = ANNOTATION_PREFIX + "source-address"
+KNOWN_ANNOTATIONS = {PORTS_ANNOTATION, DRIVER_ANNOTATION, LOOPBACK_ANNOTATION, SOURCE_ADDRESS_ANNOTATION}
 LOOPBACK_POLICIES = ("preserve", "loopback", "container-address")
+SOURCE_ADDRESSES = ("client", "loopback")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Plan:
     udp_idle_timeout: float
     ready_timeout: float
     allow_host_loopback: bool = False
+    source_address: str = "client"
 
 
 def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Config) -> Plan:
@@ -45,6 +48,11 @@ def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Con
         raise ConfigError(
             f"annotation {LOOPBACK_ANNOTATION}={quoted(loopback)}: use one of {', '.join(LOOPBACK_POLICIES)}"
         )
+    source_address = annotations.get(SOURCE_ADDRESS_ANNOTATION, config.source_address)
+    if source_address not in SOURCE_ADDRESSES:
+        raise ConfigError(
+            f"annotation {SOURCE_ADDRESS_ANNOTATION}={quoted(source_address)}: use one of {', '.join(SOURCE_ADDRESSES)}"
+        )
     return Plan(
         container_id=state.id,
         container_pid=state.pid,
@@ -56,4 +64,5 @@ def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Con
         udp_idle_timeout=config.udp_idle_timeout,
         ready_timeout=config.ready_timeout,
         allow_host_loopback=config.allow_host_loopback,
+        source_address=source_address,
     )

@@ -2,7 +2,8 @@
 
     client ─▶ host listener ─accept─▶ TcpConnection
       1. take a container-side socket from the dialer's pool
-      2. connect it to the container's address; refused → the next target (other family)
+      2. bind it to the client's address (source_address client), connect it to the
+         container's address; refused → the next target (other family)
          (a `+proxy` mapping then writes its PROXY protocol header, before any client byte)
       3. splice both ways, zero copy, through a pipe borrowed from a shared pool while
          bytes are in flight (an idle connection holds two descriptors, not six)
@@ -25,6 +26,7 @@ from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 from .proxy_header import header_for
+from .source_address import Address, SourceBinder
 from .stats import Totals
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -46,6 +48,9 @@ DIAL_FALLBACK_ERRNOS = {
     errno.EAFNOSUPPORT,
     errno.EHOSTUNREACH,
 }
+# A connect from the client's address that collides with a connection the container still
+# knows (TIME_WAIT) is retried from loopback, not moved to the other family.
+SOURCE_COLLISION_ERRNOS = {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
 
 
 class ConnectionReset(Exception):
@@ -169,6 +174,8 @@ class TcpConnection:
         targets: Sequence[Target],
         log: logging.Logger,
         on_close: Callable[[TcpConnection], None],
+        peer: Address = (),
+        source: SourceBinder | None = None,
         preamble: bytes = b"",
     ) -> None:
         self.loop = loop
@@ -184,6 +191,9 @@ class TcpConnection:
         self.closed = False
         self.answered = False
         self.tried: list[str] = []
+        self.peer = peer
+        self.source = source
+        self.from_client = False
 
     # 1. a container-side socket
     def start(self) -> None:
@@ -210,7 +220,19 @@ class TcpConnection:
         target = self.targets.pop(0)
         self.tried.append(str(target))
         self.upstream = sock
+        if self.source is not None:
+            self.from_client = self.source.bind(sock, self.peer, target.family, target.port)
         err = sock.connect_ex((target.address, target.port))
+        if err in SOURCE_COLLISION_ERRNOS and self.from_client:
+            self.log.debug("dial of %s from the client's address failed (%s); dialling from loopback",
+                           target, os.strerror(err))
+            self.loop.unregister(sock.fileno())
+            sock.close()
+            self.upstream = None
+            self.source = None
+            self.targets.insert(0, target)
+            self._dial_next()
+            return
         if err == errno.EINPROGRESS:
             # Registered once, for the connect and then the relay: one epoll_ctl, not three.
             self.loop.register(sock.fileno(), ET_EVENTS, self._on_connected)
@@ -344,6 +366,7 @@ class TcpListener:
         targets: Sequence[Target],
         log: logging.Logger,
         proxy: bool = False,
+        source: SourceBinder | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -352,6 +375,7 @@ class TcpListener:
         self.targets = tuple(targets)
         self.log = log
         self.proxy = proxy  # each connection starts with a PROXY protocol v2 header
+        self.source = source
         self.connections: set[TcpConnection] = set()
         self.totals = Totals()
 
@@ -400,7 +424,8 @@ class TcpListener:
                 client.close()  # reset before we could ask its address: nobody to serve
                 continue
             conn = TcpConnection(
-                self.loop, self.pool, self.pipes, client, self.targets, self.log, self._closed, preamble
+                self.loop, self.pool, self.pipes, client, self.targets, self.log, self._closed, peer,
+                self.source, preamble
             )
             self.connections.add(conn)
             self.totals.tcp_total += 1

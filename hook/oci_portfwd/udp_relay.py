@@ -4,6 +4,8 @@
       1. a container-side UDP socket from the dialer's pool, not connected: a service bound
          to the wildcard answers a dial of 127.0.0.2 from 127.0.0.1, which a connected
          socket would drop; IP_RECVERR still reports ICMP refusals on it
+         (source_address client: bound to the client's address and port, so the service
+         sees the client and answers it on its own port; one socket per client)
       2. datagrams to the container with sendto(target); its replies back with sendto(client)
       3. ICMP refusal (ECONNREFUSED) before any reply → the other family, resending the
          last datagram, as TCP does on a refused dial
@@ -22,9 +24,9 @@ from collections.abc import Sequence
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
+from .source_address import Address, SourceBinder
 from .stats import Totals
 
-Address = tuple[object, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
 MAX_DATAGRAM = 65535
 # Not exported by Python's socket module: <linux/in.h> and <linux/in6.h>.
 IP_RECVERR = 11
@@ -44,6 +46,7 @@ class UdpListener:
         targets: Sequence[Target],
         idle_timeout: float,
         log: logging.Logger,
+        source: SourceBinder | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -51,6 +54,7 @@ class UdpListener:
         self.targets = tuple(targets)
         self.idle_timeout = idle_timeout
         self.log = log
+        self.source = source
         self.sessions: dict[Address, UdpSession] = {}
         self.totals = Totals()
         # One buffer per listener: no allocation per datagram on the way in.
@@ -131,6 +135,8 @@ class UdpSession:
                 sock.close()
             return
         target = self.targets.pop(0)
+        if self.listener.source is not None:
+            self.listener.source.bind(sock, self.client, target.family, target.port)
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:

@@ -7,8 +7,11 @@ Usage: servers.py SPEC...   SPEC = KIND:FAMILY:PORTS
           sink      TCP: reads to EOF, then replies the sha256 hex of what it read (needs the
                     client's half-close to get through)
           source    TCP: reads a line "N\\n", sends pattern(N) and closes its side
+          peer      TCP: replies "<peer address> <peer port>\n" and closes: the client the service sees
           udp-echo  UDP: sends every datagram back to its sender
-  FAMILY  4 (0.0.0.0 only), 6 (:: with IPV6_V6ONLY), 46 (both, as two sockets)
+          udp-peer  UDP: answers every datagram with "<peer address> <peer port> " and the datagram
+  FAMILY  4 (0.0.0.0 only), 6 (:: with IPV6_V6ONLY), 46 (both, as two sockets),
+          dual (one :: socket without IPV6_V6ONLY: IPv4 arrives as ::ffff:a.b.c.d)
   PORTS   N or N-M
 
 The tests import pattern() from here, so both ends agree on the bytes; keep this module free of
@@ -75,7 +78,12 @@ def _source(conn: socket.socket) -> None:
         conn.sendall(chunk)
 
 
-TCP_HANDLERS = {"whoami": _whoami, "sink": _sink, "source": _source}
+def _peer(conn: socket.socket) -> None:
+    addr, port = conn.getpeername()[:2]
+    conn.sendall(f"{addr} {port}\n".encode())
+
+
+TCP_HANDLERS = {"whoami": _whoami, "sink": _sink, "source": _source, "peer": _peer}
 
 
 def _serve_conn(handler, conn: socket.socket) -> None:
@@ -102,12 +110,18 @@ def _udp_echo_loop(sock: socket.socket) -> None:
         sock.sendto(data, peer)
 
 
-def _bind(family: int, kind: int, port: int) -> socket.socket:
+def _udp_peer_loop(sock: socket.socket) -> None:
+    while True:
+        data, peer = sock.recvfrom(65535)
+        sock.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
+
+
+def _bind(family: int, kind: int, port: int, v6only: bool = True) -> socket.socket:
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         # Separate v4 and v6 sockets, so that "IPv6 only" really refuses IPv4.
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
     sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     if kind == socket.SOCK_STREAM:
         sock.listen(128)
@@ -117,15 +131,16 @@ def _bind(family: int, kind: int, port: int) -> socket.socket:
 def _start(spec: str) -> None:
     kind, family, ports = spec.split(":")
     first, _, last = ports.partition("-")
-    families = {"4": [socket.AF_INET], "6": [socket.AF_INET6],
+    families = {"4": [socket.AF_INET], "6": [socket.AF_INET6], "dual": [socket.AF_INET6],
                 "46": [socket.AF_INET, socket.AF_INET6]}[family]
+    v6only = family != "dual"
     for port in range(int(first), int(last or first) + 1):
         for fam in families:
-            if kind == "udp-echo":
-                sock = _bind(fam, socket.SOCK_DGRAM, port)
-                target, args = _udp_echo_loop, (sock,)
+            if kind in ("udp-echo", "udp-peer"):
+                sock = _bind(fam, socket.SOCK_DGRAM, port, v6only)
+                target, args = (_udp_echo_loop if kind == "udp-echo" else _udp_peer_loop), (sock,)
             else:
-                sock = _bind(fam, socket.SOCK_STREAM, port)
+                sock = _bind(fam, socket.SOCK_STREAM, port, v6only)
                 target, args = _accept_loop, (sock, TCP_HANDLERS[kind])
             threading.Thread(target=target, args=args, daemon=True).start()
 

@@ -55,3 +55,17 @@ def test_tcp_forwarding_with_debian_packages(containers, system_hook, port_alloc
     assert clients.whoami("::1", port) == ("::1", 81)
     c.stop()
     assert port_is_free("0.0.0.0", port) and port_is_free("::", port)
+
+
+def test_client_addresses_with_debian_packages(containers, system_hook, port_alloc):
+    # The client-address routing is set up with Debian's pyroute2 0.7.2 here.
+    port, uport = port_alloc.take(), port_alloc.take()
+    services = Services().peer(80).udp_peer(53)
+    c = containers.new(services.argv(), hook=system_hook, ports=f"{port}:80,{uport}:53/udp")
+    services.wait_ready(c.start())
+    for source, host in (("127.0.0.5", "127.0.0.1"), ("::1", "::1")):
+        seen, seen_port, own = clients.tcp_peer(source, host, port)
+        assert (seen, seen_port) == (source, own)
+        got = clients.udp_peer(source, host, uport)
+        assert got is not None and (got[0], got[1]) == (source, got[2])
+    assert "routing ready for IPv4 and IPv6" in system_hook.log_text(c.id)

@@ -134,7 +134,7 @@ def test_a_preamble_that_does_not_fit_one_send_is_finished_before_the_client_is_
     loop = EventLoop()
     closed: list = []
     conn = TcpConnection(
-        loop, FreshSockets(), PipePool(), relay_end, [service.target], _log(), closed.append, preamble
+        loop, FreshSockets(), PipePool(), relay_end, [service.target], _log(), closed.append, preamble=preamble
     )
     client_end.sendall(b"client bytes")
     client_end.shutdown(socket.SHUT_WR)
@@ -157,7 +157,7 @@ def test_a_service_that_resets_during_the_preamble_resets_the_client():
     loop = EventLoop()
     closed: list = []
     conn = TcpConnection(
-        loop, FreshSockets(), PipePool(), relay_end, [target], _log(), closed.append, b"x" * (8 << 20)
+        loop, FreshSockets(), PipePool(), relay_end, [target], _log(), closed.append, preamble=b"x" * (8 << 20)
     )
 
     def reset_the_first_connection():

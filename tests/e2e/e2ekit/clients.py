@@ -101,3 +101,36 @@ def assert_http_ok(host: str, port: int) -> None:
     r = curl(host, port)
     assert r.returncode == 0, f"curl {url(host, port)}: {r.stderr.decode().strip()}"
     assert r.stdout == INDEX_HTML, f"body of {len(r.stdout)} bytes, expected {len(INDEX_HTML)}"
+
+
+def tcp_peer(source: str, host: str, port: int) -> tuple[str, int, int]:
+    """Connect from `source` (port chosen by the kernel) to a `peer` service; returns the address
+    and port the service saw, and our own port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.bind((source, 0))
+        sock.connect((host, port))
+        own = sock.getsockname()[1]
+        addr, seen = read_to_eof(sock).decode().split()
+    return addr, int(seen), own
+
+
+def udp_peer(source: str, host: str, port: int, payload: bytes = b"hi",
+             tries: int = 3) -> tuple[str, int, int] | None:
+    """One datagram from `source` to a `udp-peer` service; returns the address and port it
+    saw, and our own port (None: no answer). The answer must carry our payload back."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(CLIENT_TIMEOUT / tries)
+        sock.bind((source, 0))
+        for _ in range(tries):
+            sock.sendto(payload, (host, port))
+            try:
+                data = sock.recv(65535)
+            except TimeoutError:
+                continue
+            addr, seen, rest = data.split(b" ", 2)
+            assert rest == payload, data
+            return addr.decode(), int(seen), sock.getsockname()[1]
+    return None

@@ -170,12 +170,15 @@ class Podman:
         return self.store.run(*args, hooks_dir=hooks_dir, env=self._env, **kwargs)
 
     def start(self, ports: str | None, command: list[str] = HTTPD, network: str = "none",
-              annotations: dict[str, str] | None = None) -> PodmanContainer:
+              annotations: dict[str, str] | None = None,
+              extra: list[str] | None = None) -> PodmanContainer:
+        """extra: more `podman run` options (volumes, annotations)."""
         name = f"pf-{uuid.uuid4().hex[:10]}"
         self._names.append(name)
         annotation = ["--annotation", annotation_arg(ANNOTATION, ports)] if ports is not None else []
         for key, value in (annotations or {}).items():
             annotation += ["--annotation", annotation_arg(key, value)]
+        annotation += extra or []
         ulimits = ROOTFUL_ULIMITS if self._ulimit_flags else []
         result = self.run("run", "-d", "--name", name, "--network", network, "--pull", "never",
                           *ulimits, *annotation, self.store.image, *command)

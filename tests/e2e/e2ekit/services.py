@@ -37,6 +37,14 @@ class Services:
     def source(self, port: int, family: str = "46") -> "Services":
         return self._add("source", family, port, port, "tcp")
 
+    def peer(self, port: int, family: str = "46") -> "Services":
+        """TCP: answers with the client address and port the service sees."""
+        return self._add("peer", family, port, port, "tcp")
+
+    def udp_peer(self, port: int, family: str = "46") -> "Services":
+        """UDP: answers each datagram with the client address and port the service sees."""
+        return self._add("udp-peer", family, port, port, "udp")
+
     def udp_echo(self, port: int, family: str = "46") -> "Services":
         return self._add("udp-echo", family, port, port, "udp")
 
