@@ -7,7 +7,6 @@ is signalled. It never joins the container's namespaces itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import select
@@ -19,7 +18,7 @@ from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
-from .stats import REPORT_EVERY, Totals
+from .stats import new_counters
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
 from .udp_relay import UdpListener
@@ -67,6 +66,7 @@ def run_core(
 
     pool = SocketPool(dialer_sock, on_hello, on_error)
     pipes = PipePool()
+    counts = status.counters if status.counters is not None else new_counters()
 
     def on_dialer(_events: int) -> None:
         if not pool.on_readable():
@@ -81,9 +81,9 @@ def run_core(
         kinds.update(kind_of(target.family, t.proto) for target in targets)
         server: TcpListener | UdpListener
         if t.proto == "tcp":
-            server = TcpListener(loop, pool, pipes, listener.sock, targets, log)
+            server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log)
         else:
-            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log)
+            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, counts, log)
         server.start()
         servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
@@ -95,23 +95,8 @@ def run_core(
 
         loop.register(until_readable, select.EPOLLIN, stop)
     status.ready()
-    # After "ready": before it, the supervisor reads nothing but the ready line.
-    _report_totals(loop, [server for _, server in servers], status, None)
     loop.run()
     return 3
-
-
-def _report_totals(
-    loop: EventLoop, servers: Sequence[TcpListener | UdpListener], status: StatusWriter, last: dict[str, int] | None
-) -> None:
-    """Every few seconds, the totals up the status pipe when they changed (for `ps`)."""
-    totals = Totals()
-    for server in servers:
-        totals.add(server.snapshot())
-    now = totals.as_dict()
-    if now != last:
-        status.send("stats " + json.dumps(now, separators=(",", ":")))
-    loop.call_later(REPORT_EVERY, lambda: _report_totals(loop, servers, status, now))
 
 
 def _raise_fd_limit(log: logging.Logger) -> None:

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +39,7 @@ KINDS = {
     b"u6": (socket.AF_INET6, socket.SOCK_DGRAM),
 }
 MAX_BATCH = 32
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def kind_of(family: int, proto: str) -> bytes:
@@ -90,6 +92,11 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         family, kind_type = KINDS[kind]
         count = max(1, min(MAX_BATCH, int(count_text or b"1")))
         made = [socket.socket(family, kind_type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) for _ in range(count)]
+        if kind_type == socket.SOCK_STREAM:
+            # Reset, not FIN, if the core dies holding the connection (see tcp_relay):
+            # set here, so that it costs the core nothing per connection.
+            for s in made:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:
             s.close()

@@ -7,6 +7,12 @@
          bytes are in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
          reset on one side → reset on the other (SO_LINGER 0)
+
+Both sockets carry SO_LINGER {1, 0} from the start (the client's inherited from the
+listener, the container side's set by the dialer): when this process dies without closing
+them (SIGKILL, a crash, its supervisor killed), the kernel resets both ends, so a truncated
+transfer never looks like a complete one. Only the orderly close of step 4 clears it first,
+so that FIN follows the last byte.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Callable, Sequence
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
-from .stats import Totals
+from .stats import TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CLIENT, TO_CONTAINER, Counters
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bigger pipes mean fewer splice calls per byte; the kernel caps an unprivileged pipe at
@@ -36,6 +42,7 @@ ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLE
 # Events that mean "something to read" (data, EOF, an error) on a socket.
 INPUT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_OFF = struct.pack("ii", 0, 0)
 # A refused or unreachable dial of one family falls back to the next target.
 DIAL_FALLBACK_ERRNOS = {
     errno.ECONNREFUSED,
@@ -48,15 +55,6 @@ DIAL_FALLBACK_ERRNOS = {
 
 class ConnectionReset(Exception):
     """One side was reset; the other must be reset too."""
-
-
-def reset(sock: socket.socket) -> None:
-    """Close so that the peer gets an RST, as a closed port or a crashed peer would give."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
 
 
 class PipePool:
@@ -89,9 +87,11 @@ class PipePool:
 class Direction:
     """One way of a connection: src → pipe → dst with splice; no bytes through Python."""
 
-    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done", "moved")
+    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done", "counts", "slot")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, pipes: PipePool, counts: Counters, slot: int
+    ) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
@@ -100,7 +100,8 @@ class Direction:
         self.buffered = 0
         self.eof = False
         self.done = False
-        self.moved = 0
+        self.counts = counts
+        self.slot = slot  # TO_CONTAINER or TO_CLIENT
 
     def pump(self) -> None:
         """Move what can be moved now; returns at EAGAIN (edge-triggered: drain fully)."""
@@ -111,7 +112,7 @@ class Direction:
                     assert self.pipe is not None
                     sent = splice(self.pipe[0], self.dst, self.buffered, flags=SPLICE_FLAGS)
                     self.buffered -= sent
-                    self.moved += sent
+                    self.counts[self.slot] += sent
                 elif self.eof:
                     self._return_pipe()
                     shutdown_write(self.dst_sock)
@@ -165,12 +166,14 @@ class TcpConnection:
         pipes: PipePool,
         client: socket.socket,
         targets: Sequence[Target],
+        counts: Counters,
         log: logging.Logger,
         on_close: Callable[[TcpConnection], None],
     ) -> None:
         self.loop = loop
         self.pool = pool
         self.pipes = pipes
+        self.counts = counts
         self.client = client
         self.targets = list(targets)
         self.log = log
@@ -236,8 +239,8 @@ class TcpConnection:
         assert self.upstream is not None
         self.answered = True
         self.ways = (
-            Direction(self.client, self.upstream, self.pipes),
-            Direction(self.upstream, self.client, self.pipes),
+            Direction(self.client, self.upstream, self.pipes, self.counts, TO_CONTAINER),
+            Direction(self.upstream, self.client, self.pipes, self.counts, TO_CLIENT),
         )
         self.loop.register(self.client.fileno(), ET_EVENTS, self._on_client)
         if self.upstream.fileno() in self.loop.handlers:
@@ -290,9 +293,14 @@ class TcpConnection:
                 continue
             self.loop.unregister(sock.fileno())
             if graceful:
-                sock.close()
-            else:
-                reset(sock)
+                # Both ways ended in FIN: turn the crash-time reset off, or close() would
+                # drop the bytes still in the send buffer and reset the peer.
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+                except OSError:
+                    pass
+            # Otherwise SO_LINGER {1, 0}, set since accept/socket(): close() resets the peer.
+            sock.close()
         if self.ways:
             for way in self.ways:
                 way.close()
@@ -311,6 +319,7 @@ class TcpListener:
         pipes: PipePool,
         sock: socket.socket,
         targets: Sequence[Target],
+        counts: Counters,
         log: logging.Logger,
     ) -> None:
         self.loop = loop
@@ -318,27 +327,19 @@ class TcpListener:
         self.pipes = pipes
         self.sock = sock
         self.targets = tuple(targets)
+        self.counts = counts
         self.log = log
         self.connections: set[TcpConnection] = set()
-        self.totals = Totals()
+        # Accepted sockets inherit SO_LINGER from the listener (the kernel clones it): every
+        # client socket resets its peer if this process dies holding it, at no cost per
+        # connection. Set again by each core; a listener's own close is unaffected.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
 
     def _closed(self, conn: TcpConnection) -> None:
         self.connections.discard(conn)
-        if conn.ways:
-            self.totals.bytes_to_container += conn.ways[0].moved
-            self.totals.bytes_to_client += conn.ways[1].moved
+        self.counts[TCP_OPEN] -= 1
         if not conn.answered:
-            self.totals.tcp_unanswered += 1
-
-    def snapshot(self) -> Totals:
-        """Totals of closed connections plus the open ones' bytes so far."""
-        now = Totals(tcp_open=len(self.connections))
-        now.add(self.totals)
-        for conn in self.connections:
-            if conn.ways:
-                now.bytes_to_container += conn.ways[0].moved
-                now.bytes_to_client += conn.ways[1].moved
-        return now
+            self.counts[TCP_UNANSWERED] += 1
 
     def start(self) -> None:
         self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
@@ -361,7 +362,10 @@ class TcpListener:
                     continue
                 raise
             client.setblocking(False)
-            conn = TcpConnection(self.loop, self.pool, self.pipes, client, self.targets, self.log, self._closed)
+            conn = TcpConnection(
+                self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed
+            )
             self.connections.add(conn)
-            self.totals.tcp_total += 1
+            self.counts[TCP_OPEN] += 1
+            self.counts[TCP_TOTAL] += 1
             conn.start()

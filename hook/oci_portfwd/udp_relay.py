@@ -8,6 +8,9 @@
       3. ICMP refusal (ECONNREFUSED) before any reply → the other family, resending the
          last datagram, as TCP does on a refused dial
       4. no traffic for udp_idle_timeout → the session is forgotten
+
+UDP has no connection to reset: when this process dies, clients just stop getting replies
+and the restarted core starts new sessions.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
-from .stats import Totals
+from .stats import TO_CLIENT, TO_CONTAINER, UDP_DATAGRAMS, UDP_SESSIONS, Counters
 
 Address = tuple[object, ...]  # what recvfrom gives: (host, port) or (host, port, flow, scope)
 MAX_DATAGRAM = 65535
@@ -43,6 +46,7 @@ class UdpListener:
         sock: socket.socket,
         targets: Sequence[Target],
         idle_timeout: float,
+        counts: Counters,
         log: logging.Logger,
     ) -> None:
         self.loop = loop
@@ -52,7 +56,7 @@ class UdpListener:
         self.idle_timeout = idle_timeout
         self.log = log
         self.sessions: dict[Address, UdpSession] = {}
-        self.totals = Totals()
+        self.counts = counts
         # One buffer per listener: no allocation per datagram on the way in.
         self.buffer = bytearray(MAX_DATAGRAM)
         self.view = memoryview(self.buffer)
@@ -74,17 +78,14 @@ class UdpListener:
             if session is None:
                 session = UdpSession(self, client)
                 self.sessions[client] = session
-                self.totals.udp_sessions += 1
+                self.counts[UDP_SESSIONS] += 1
                 session.start()
-            self.totals.udp_datagrams += 1
-            self.totals.bytes_to_container += size
+            self.counts[UDP_DATAGRAMS] += 1
+            self.counts[TO_CONTAINER] += size
             session.to_container(self.view[:size])
 
-    def snapshot(self) -> Totals:
-        return Totals(**self.totals.as_dict())
-
     def send_to_client(self, data: memoryview, client: Address) -> None:
-        self.totals.bytes_to_client += len(data)
+        self.counts[TO_CLIENT] += len(data)
         try:
             self.sock.sendto(data, client)
         except (BlockingIOError, InterruptedError):
