@@ -9,7 +9,8 @@
 - Connections queued in the listeners' backlog while the core is stopped are served by the
   restarted core (the supervisor holds the listeners).
 - Traffic counters survive a core restart: the state file's figures after three SIGKILLs are
-  the bytes the client exchanged, to the byte.
+  the bytes the client exchanged, short of at most the one splice each way that the kill
+  interrupted.
 """
 
 import hashlib
@@ -29,6 +30,7 @@ from netserver import stream
 ECHO, EVENTS = 7, 8
 TIMEOUT = 20
 IN_FLIGHT = 4 << 20  # bytes each way before the kill: the transfer is well under way
+SPLICE_MAX = 1 << 20  # tcp_relay.CHUNK: the most one splice moves
 
 
 def serve(containers, hook_env, port_alloc):
@@ -209,7 +211,7 @@ def test_backlog_queued_while_the_core_dies_is_served_by_the_next(containers, ho
 
 def test_counters_survive_core_restarts(containers, hook_env, port_alloc):
     """Known amounts through the echo service, the core SIGKILLed after each (three times): the
-    state file (what `ps` shows) counts every byte of the dead cores."""
+    state file (what `ps` shows) counts the dead cores' bytes up to their last splice."""
     c, echo, _events = serve(containers, hook_env, port_alloc)
     fw = forwarding_of(hook_env, c.id)
     core, exchanged, connections = fw.core, 0, 0
@@ -227,9 +229,12 @@ def test_counters_survive_core_restarts(containers, hook_env, port_alloc):
             core = wait_until(lambda old=old: child_by_comm(fw.supervisor.pid, CORE, (old,)), TIMEOUT,
                               "a restarted core")
             # The supervisor updates the state file when it sees the death, before the restart.
+            # A core counts after each splice returns: killed between a splice and its count,
+            # it loses that splice (at most a pipe's worth) per direction, never more.
             stats = hook_env.read_state(c.id)["stats"]
-            assert stats["bytes_to_container"] == exchanged, (stats, exchanged)
-            assert stats["bytes_to_client"] == exchanged, (stats, exchanged)
+            lost = (round_ + 1) * SPLICE_MAX
+            for key in ("bytes_to_container", "bytes_to_client"):
+                assert exchanged - lost <= stats[key] <= exchanged, (key, stats, exchanged)
             assert stats["tcp_total"] == connections and stats["tcp_open"] == 0, stats
     ps = hook_env.run("ps")
     assert ps.returncode == 0 and " 0/3 " in ps.stdout.decode(), ps.stdout.decode()
