@@ -105,14 +105,14 @@ class Direction:
 
     def pump(self) -> None:
         """Move what can be moved now; returns at EAGAIN (edge-triggered: drain fully)."""
-        splice = os.splice
+        splice, counts, slot = os.splice, self.counts, self.slot
         while not self.done:
             try:
                 if self.buffered:
                     assert self.pipe is not None
                     sent = splice(self.pipe[0], self.dst, self.buffered, flags=SPLICE_FLAGS)
                     self.buffered -= sent
-                    self.counts[self.slot] += sent
+                    counts[slot] += sent  # shared with the supervisor: survives a crash
                 elif self.eof:
                     self._return_pipe()
                     shutdown_write(self.dst_sock)

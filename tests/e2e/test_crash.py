@@ -1,4 +1,5 @@
-"""A relay that dies must not look like a clean end, under crun and runc.
+"""A relay that dies must not look like a clean end, under crun and runc (rootful; the core's
+death also rootless).
 
 - The core, or the supervisor, SIGKILLed during a download without a length and an upload:
   the host client gets a reset (not EOF) and the service in the container sees a reset (not
@@ -119,6 +120,17 @@ def report_in_container(c, token: str) -> str:
 @pytest.mark.parametrize("victim", ["core", "supervisor"])
 def test_relay_killed_mid_transfer_resets_both_sides(containers, hook_env, port_alloc, victim):
     c, _echo, events = serve(containers, hook_env, port_alloc)
+    kill_mid_transfer(c, hook_env, events, victim)
+
+
+def test_rootless_core_killed_mid_transfer_resets_both_sides(rootless_containers, rootless_hook_env,
+                                                             port_alloc):
+    """The container-side sockets come from a dialer in the container's user namespace."""
+    c, _echo, events = serve(rootless_containers, rootless_hook_env, port_alloc)
+    kill_mid_transfer(c, rootless_hook_env, events, "core")
+
+
+def kill_mid_transfer(c, hook_env, events: int, victim: str) -> None:
     fw = forwarding_of(hook_env, c.id)
     down_token, up_token = uuid.uuid4().hex, uuid.uuid4().hex
 
