@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 
 # Runtimes, network tools and clients the e2e tests and the demo drive, plus what
 # `pip install python-prctl` needs to compile (libcap-dev, python3-dev, gcc) and Debian's own
-# hook dependencies (one e2e test runs the hook against them).
+# hook dependencies (one e2e test runs the hook against them). haproxy is the PROXY protocol
+# parser the e2e tests run inside a container (its service is not started: see deps).
 APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit uidmap iperf3 \
 	socat curl ncat iproute2 python3-venv python3-dev libcap-dev gcc \
-	python3-pyroute2 python3-jsonschema python3-prctl
+	python3-pyroute2 python3-jsonschema python3-prctl haproxy
 
 # What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild), and the checkers the
 # packaging tests run on their output.
@@ -52,6 +53,10 @@ pkg-deps: PKGS = $(PKG_APT_PACKAGES)
 bench-deps: PKGS = $(BENCH_APT_PACKAGES)
 
 # One dpkg-query for the whole list keeps this instant when everything is there.
+# Nothing installed here may start a service on the host (haproxy's postinst would start one
+# through invoke-rc.d): without a policy-rc.d of the admin's, one that denies every start is in
+# place for the install and removed afterwards.
+POLICY_RC_D := /usr/sbin/policy-rc.d
 deps pkg-deps bench-deps:
 	@installed=$$(dpkg-query -W -f='$${Package} $${db:Status-Abbrev}\n' $(PKGS) 2>/dev/null \
 		| awk '$$2 == "ii" {print $$1}' || true); \
@@ -62,6 +67,12 @@ deps pkg-deps bench-deps:
 	if [ -n "$$missing" ]; then \
 		echo "$@: installing$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null; \
+		if [ ! -e $(POLICY_RC_D) ]; then \
+			trap '$(SUDO) rm -f $(POLICY_RC_D)' EXIT; \
+			printf '#!/bin/sh\n# make deps: start no service while installing\nexit 101\n' \
+				| $(SUDO) tee $(POLICY_RC_D) >/dev/null; \
+			$(SUDO) chmod 755 $(POLICY_RC_D); \
+		fi; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing </dev/null; \
 	fi
 

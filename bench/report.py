@@ -1,10 +1,19 @@
-"""bench/RESULTS.md from the raw results (results.json has the same data, every round)."""
+"""bench/RESULTS.md from the raw results (results.json has the same data, every round), and
+its summary table, which `make bench` also writes into README.md between the SUMMARY markers.
 
+    .venv/bin/python bench/report.py [bench/results.json]   # re-render both, nothing measured
+"""
+
+import json
+import re
 import shlex
 import statistics
+import sys
+import textwrap
+from pathlib import Path
 
 import clients
-from forwarders import LABELS
+from forwarders import FORWARDERS, LABELS
 
 REF, BASE = "rootlesskit-builtin", "loopback"
 OURS = "ours-builtin"
@@ -40,6 +49,27 @@ TABLES = [
     ("Memory (sum over the forwarder's processes, idle and with 1,000 connections held open)",
      ["rss_idle_mb", "rss_1k_mb", "pss_idle_mb", "pss_1k_mb", "core_rss_idle_mb", "core_rss_1k_mb"]),
 ]
+# The summary: ours against the best peer of each figure. Peers are the other forwarders; ours
+# with the other drivers and direct loopback (the ceiling) are not.
+PEERS = {"rootlesskit-builtin": "rootlesskit builtin", "rootlesskit-slirp4netns": "rootlesskit slirp4netns",
+         "pasta": "pasta", "slirp4netns": "slirp4netns", "socat": "socat"}
+SUMMARY_ROWS = [
+    ("tcp_up_gbps", "TCP host→container, Gbit/s"),
+    ("tcp_down_gbps", "TCP container→host, Gbit/s"),
+    ("tcp_up_after_1k_gbps", "TCP host→container after 1,000 connections, Gbit/s"),
+    ("udp_mbps", "UDP, Mbit/s received of 1,000 sent"),
+    ("newconn_rps", "new connection per request (ab, 50 concurrent), req/s"),
+    ("newconn_p99_ms", "p99 of those, ms"),
+    ("newconn_wrk_rps", "new connection per request (wrk), req/s"),
+    ("keepalive_rps", "keep-alive requests (wrk), req/s"),
+    ("pss_idle_mb", "memory idle, PSS of all its processes, MB"),
+    ("pss_1k_mb", "memory with 1,000 connections open, PSS, MB"),
+]
+# Within this factor ours and the best peer are "even": the noise of a shared 2-core machine.
+EVEN = 0.15
+SUMMARY_BEGIN = "<!-- SUMMARY BEGIN: written by `make bench` (bench/report.py) from bench/results.json -->"
+SUMMARY_END = "<!-- SUMMARY END -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
 RATIO_FIGS = ["tcp_up_gbps", "tcp_down_gbps", "tcp_up_after_1k_gbps", "udp_mbps", "newconn_rps", "newconn_p99_ms",
               "newconn_wrk_rps", "newconn_wrk_p99_ms", "keepalive_rps", "rss_idle_mb", "rss_1k_mb", "pss_idle_mb",
               "pss_1k_mb"]
@@ -82,6 +112,81 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
+def best_peer(rounds: dict[str, list[dict]], key: str) -> tuple[str, float] | None:
+    """The peer with the best median of `key` (highest rate, lowest latency or memory)."""
+    higher = FIGURES[key][2]
+    found = [(m, n) for n in PEERS if n in rounds and (m := med(rounds[n], key)) is not None]
+    if not found:
+        return None
+    m, n = (max if higher else min)(found, key=lambda f: f[0])
+    return n, m
+
+
+def verdict(ours: float, peer: float, higher: bool) -> str:
+    """'ahead' / 'behind' / 'even' (within EVEN) for ours against a peer, with the ratio."""
+    if peer == 0:
+        return "—"
+    r = ours / peer
+    if abs(r - 1) <= EVEN:
+        word = "even"
+    else:
+        word = "ahead" if (r > 1) == higher else "behind"
+    return f"{r:.2f}× {word}"
+
+
+def summary(res: dict) -> str:
+    """The summary table and the figures of ours that have no peer (the README's copy)."""
+    rounds: dict[str, list[dict]] = res["rounds"]
+    ours, base = rounds.get(OURS), rounds.get(BASE)
+    if not ours:
+        return f"{OURS} was not measured in this run."
+    n = res.get("params", {}).get("rounds", "?")
+    out = [_wrap(f"Ours (builtin driver, rootful crun) against the best peer of each row: medians of "
+                 f"{n} interleaved rounds of the run of {res.get('date', '?')}. Peers: "
+                 + ", ".join(PEERS.values()) + f". \"even\": within {EVEN:.0%} of each other, the "
+                 "noise of this shared machine."), "",
+           "| | ours (builtin) | best peer | ours ÷ best peer | direct loopback |",
+           "|---|---|---|---|---|"]
+    for key, title in SUMMARY_ROWS:
+        fmt, higher = FIGURES[key][1], FIGURES[key][2]
+        mine = med(ours, key)
+        best = best_peer(rounds, key)
+        loop = med(base, key) if base else None
+        peer_cell = f"{fmt.format(best[1])} ({PEERS[best[0]]})" if best else "—"
+        ratio_cell = verdict(mine, best[1], higher) if best and mine is not None else "—"
+        out.append(f"| {title} | {fmt.format(mine) if mine is not None else '—'} | {peer_cell} | "
+                   f"{ratio_cell} | {fmt.format(loop) if loop is not None else '—'} |")
+    missing = {PEERS[p] for p in PEERS if p in rounds and med(rounds[p], "udp_mbps") is None}
+    notes = []
+    if missing:
+        notes.append(f"UDP: no figure for {', '.join(sorted(missing))} (no reply datagram reached "
+                     "the client).")
+    core = [med(ours, k) for k in ("core_rss_idle_mb", "core_rss_1k_mb")]
+    if None not in core:
+        notes.append(f"Ours alone: the relay process (`portfwd-core`) has an RSS of {core[0]:.1f} MB "
+                     f"idle and {core[1]:.1f} MB with 1,000 connections.")
+    hs = res.get("hook_start") or {}
+    if hs.get("no hook", {}).get("run_ms") and hs.get("hook, builtin", {}).get("run_ms"):
+        added = statistics.median(hs["hook, builtin"]["run_ms"]) - statistics.median(hs["no hook"]["run_ms"])
+        notes.append(f"The hook adds {added:+.0f} ms (median) to `crun run -d`.")
+    if notes:
+        out += ["", _wrap(" ".join(notes))]
+    return "\n".join(out)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=95, break_long_words=False, break_on_hyphens=False)
+
+
+def with_summary(text: str, res: dict) -> str | None:
+    """`text` (README.md) with the part between the SUMMARY markers replaced by `summary(res)`;
+    None when the markers are not there."""
+    pattern = re.compile(re.escape(SUMMARY_BEGIN) + r"\n.*?" + re.escape(SUMMARY_END), re.S)
+    if not pattern.search(text):
+        return None
+    return pattern.sub(lambda _: f"{SUMMARY_BEGIN}\n{summary(res)}\n{SUMMARY_END}", text, count=1)
+
+
 def render(res: dict) -> str:
     rounds: dict[str, list[dict]] = res["rounds"]
     names = list(rounds)
@@ -106,6 +211,9 @@ def render(res: dict) -> str:
       "Per round and forwarder, two fresh instances: the first for the throughput and HTTP "
       "figures and idle memory, the second for memory with 1,000 connections held open and the "
       "TCP throughput after them (\"after 1k conns\").\n")
+
+    w("\n## Summary: ours against the best peer\n")
+    w(summary(res) + "\n")
 
     for title, keys in TABLES:
         w(f"\n## {title}\n")
@@ -312,3 +420,30 @@ def _notes(rounds: dict, res: dict) -> str:
             why = next((text for key, pat, text in WHY if key == k and any(pat in e for e in es)), "")
             lines.append(f"- {LABELS.get(n, n)}, {k}{why}: " + "; ".join(es)[:500])
     return "\n".join(lines) if lines else "- nothing to note"
+
+
+def main(argv: list[str]) -> int:
+    """Re-render RESULTS.md next to results.json, and README.md's summary when the run measured
+    every forwarder (a partial run would make a partial "best peer")."""
+    src = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results.json"
+    res = json.loads(src.read_text())
+    (src.parent / "RESULTS.md").write_text(render(res))
+    print(f"wrote {src.parent / 'RESULTS.md'}")
+    print(update_readme(res))
+    return 0
+
+
+def update_readme(res: dict, readme: Path = README) -> str:
+    """Write the summary into README.md; returns what was done, for the log."""
+    absent = [n for n in FORWARDERS if not res["rounds"].get(n)]
+    if absent:
+        return f"{readme} left alone: this run did not measure {', '.join(absent)}"
+    new = with_summary(readme.read_text(), res)
+    if new is None:
+        return f"{readme} left alone: no {SUMMARY_BEGIN!r} … {SUMMARY_END!r} in it"
+    readme.write_text(new)
+    return f"wrote the summary into {readme}"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

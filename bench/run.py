@@ -5,7 +5,8 @@
 
 Rounds are interleaved (A B C … A B C …): each forwarder gets a fresh instance per round and
 only one forwarder exists at a time. Writes bench/RESULTS.md (and bench/results.json, the raw
-figures of every round). Everything made is undone on exit, failures and signals included.
+figures of every round) and, after a run of every forwarder, README.md's performance table.
+Everything made is undone on exit, failures and signals included.
 Needs root (crun, netns, veth, mknod). See bench/README.md for the method.
 """
 
@@ -362,6 +363,9 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     md = report.render(results)
     (args.out / "RESULTS.md").write_text(md)
+    if args.out.resolve() == HERE:
+        # README.md's performance table is RESULTS.md's summary, from this same run.
+        log("bench: " + report.update_readme(results))
     log(f"bench: done in {results['duration_s'] / 60:.1f} min; results in "
         f"{args.out / 'RESULTS.md'} (raw: {args.out / 'results.json'})")
     return 0

@@ -81,7 +81,7 @@ def run_core(
         kinds.update(kind_of(target.family, t.proto) for target in targets)
         server: TcpListener | UdpListener
         if t.proto == "tcp":
-            server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log)
+            server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy)
         else:
             server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, counts, log)
         server.start()

@@ -1,9 +1,15 @@
-"""The port-request parser: docker's `-p` syntax, comma separated.
+"""The port-request parser: docker's `-p` syntax, specs separated by commas, whitespace or both.
 
     8080:80   127.0.0.2:8080:80/tcp   [::1]:5353:53/udp   8000-8002:8000-8002
 
-An omitted host address means every address of both families; `0.0.0.0` means IPv4
-only and `::` IPv6 only, as written.
+Whitespace as a separator is for podman: it splits `--annotation` values at commas, so
+`--annotation 'io.oci-portfwd.ports=8080:80 8443:443'` is the one way to write several ports
+there without CSV quoting. An omitted host address means every address of both families;
+`0.0.0.0` means IPv4 only and `::` IPv6 only, as written.
+
+Our one addition: `/tcp+proxy` (8443:443/tcp+proxy) sends the service a PROXY protocol
+v2 header ahead of each connection's bytes (proxy_header.py). The protocol is spelled
+out with it: a bare `/+proxy` is refused rather than guessed, and so is `udp+proxy`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from .errors import PortSpecError, quoted
 
 PROTOCOLS = ("tcp", "udp")
+PROXY_OPTION = "proxy"
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class PortMapping:
     host_port: int
     container_port: int
     proto: str  # "tcp" | "udp"
+    proxy: bool = False  # send a PROXY protocol v2 header first (TCP only)
 
     def __str__(self) -> str:
         if self.host_ip is None:
@@ -32,31 +40,39 @@ class PortMapping:
             host = f"[{self.host_ip}]:"
         else:
             host = f"{self.host_ip}:"
-        return f"{host}{self.host_port}:{self.container_port}/{self.proto}"
+        option = f"+{PROXY_OPTION}" if self.proxy else ""
+        return f"{host}{self.host_port}:{self.container_port}/{self.proto}{option}"
 
 
 def parse_port_specs(text: str, max_ports: int | None = None) -> tuple[PortMapping, ...]:
-    """Parse a comma-separated list of specs; every error names the spec at fault."""
+    """Parse specs separated by commas and/or whitespace (`8080:80, 8443:443 53:53/udp`);
+    every error names the spec at fault. Whitespace around a comma is part of the comma:
+    only an empty place between two commas (or before or after one) is an error."""
+    if not text.strip():
+        raise PortSpecError(f"no port spec in {quoted(text)}")
     mappings: list[PortMapping] = []
-    for raw in text.split(","):
-        spec = raw.strip()
-        if not spec:
-            raise PortSpecError(f"empty port spec in {quoted(text)} (stray comma?)")
-        mappings.extend(parse_port_spec(spec))
-        if max_ports is not None and len(mappings) > max_ports:
-            raise PortSpecError(
-                f"more than {max_ports} ports requested (the config's max_ports); "
-                "raise max_ports or request fewer ports"
-            )
+    for between_commas in text.split(","):
+        specs = between_commas.split()
+        if not specs:
+            raise PortSpecError(f"empty port spec in {quoted(text)} (a stray comma?)")
+        for spec in specs:
+            mappings.extend(parse_port_spec(spec))
+            if max_ports is not None and len(mappings) > max_ports:
+                raise PortSpecError(
+                    f"more than {max_ports} ports requested (the config's max_ports); "
+                    "raise max_ports or request fewer ports"
+                )
     _reject_duplicates(mappings)
     return tuple(mappings)
 
 
 def parse_port_spec(spec: str) -> list[PortMapping]:
-    body, slash, proto = spec.partition("/")
-    proto = proto.lower() if slash else "tcp"
-    if proto not in PROTOCOLS:
-        raise PortSpecError(f"port spec {quoted(spec)}: unknown protocol {quoted(proto)} (use tcp or udp)")
+    if ";" in spec:
+        raise PortSpecError(
+            f"port spec {quoted(spec)}: ';' does not separate port specs; use commas or spaces"
+        )
+    body, slash, suffix = spec.partition("/")
+    proto, proxy = _parse_protocol(spec, suffix.lower()) if slash else ("tcp", False)
     host_ip, host_part, container_part = _split_fields(spec, body)
     host_first, host_last = _parse_range(spec, host_part, "host")
     cont_first, cont_last = _parse_range(spec, container_part, "container")
@@ -67,8 +83,30 @@ def parse_port_spec(spec: str) -> list[PortMapping]:
             "differ in length; give ranges of the same length"
         )
     return [
-        PortMapping(host_ip, host_first + i, cont_first + i, proto) for i in range(count)
+        PortMapping(host_ip, host_first + i, cont_first + i, proto, proxy) for i in range(count)
     ]
+
+
+def _parse_protocol(spec: str, suffix: str) -> tuple[str, bool]:
+    """`tcp`, `udp` or `tcp+proxy`; returns (protocol, proxy)."""
+    proto, plus, option = suffix.partition("+")
+    if proto not in PROTOCOLS:
+        if not proto and plus:
+            raise PortSpecError(
+                f"port spec {quoted(spec)}: name the protocol before +{option} (e.g. /tcp+{PROXY_OPTION})"
+            )
+        raise PortSpecError(f"port spec {quoted(spec)}: unknown protocol {quoted(proto)} (use tcp or udp)")
+    if not plus:
+        return proto, False
+    if option != PROXY_OPTION:
+        raise PortSpecError(
+            f"port spec {quoted(spec)}: unknown option {quoted(option)} after {proto}+ (the one option is +{PROXY_OPTION})"
+        )
+    if proto != "tcp":
+        raise PortSpecError(
+            f"port spec {quoted(spec)}: +{PROXY_OPTION} (a PROXY protocol header) is for TCP only; drop it from this UDP mapping"
+        )
+    return proto, True
 
 
 def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:

@@ -3,6 +3,7 @@
     client ─▶ host listener ─accept─▶ TcpConnection
       1. take a container-side socket from the dialer's pool
       2. connect it to the container's address; refused → the next target (other family)
+         (a `+proxy` mapping then writes its PROXY protocol header, before any client byte)
       3. splice both ways, zero copy, through a pipe borrowed from a shared pool while
          bytes are in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
+from .proxy_header import header_for
 from .stats import TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CLIENT, TO_CONTAINER, Counters
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -55,6 +57,15 @@ DIAL_FALLBACK_ERRNOS = {
 
 class ConnectionReset(Exception):
     """One side was reset; the other must be reset too."""
+
+
+def reset(sock: socket.socket) -> None:
+    """Close so that the peer gets an RST, as a closed port or a crashed peer would give."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 class PipePool:
@@ -169,6 +180,7 @@ class TcpConnection:
         counts: Counters,
         log: logging.Logger,
         on_close: Callable[[TcpConnection], None],
+        preamble: bytes = b"",
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -178,6 +190,7 @@ class TcpConnection:
         self.targets = list(targets)
         self.log = log
         self.on_close = on_close
+        self.preamble = preamble  # what the service gets before the client's bytes
         self.upstream: socket.socket | None = None
         self.ways: tuple[Direction, Direction] | None = None
         self.closed = False
@@ -234,9 +247,11 @@ class TcpConnection:
             self.log.info("dial of %s failed: %s", self.tried[-1], os.strerror(err))
             self._abort()
 
-    # 3. splice both ways
+    # 3. splice both ways (once the preamble is out: the client is not read before)
     def _start_relay(self) -> None:
         assert self.upstream is not None
+        if self.preamble and not self._send_preamble():
+            return
         self.answered = True
         self.ways = (
             Direction(self.client, self.upstream, self.pipes, self.counts, TO_CONTAINER),
@@ -248,6 +263,31 @@ class TcpConnection:
         else:
             self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_upstream)
         self._pump(*self.ways)
+
+    def _send_preamble(self) -> bool:
+        """True once it is all written. A fresh socket takes the ~50 bytes at once; if it does
+        not, the rest goes when the socket is writable again (_start_relay is called back)."""
+        assert self.upstream is not None
+        try:
+            sent = self.upstream.send(self.preamble)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self.log.debug("the service closed before the PROXY header was written: %s", e.strerror)
+            self._abort()
+            return False
+        self.preamble = self.preamble[sent:]
+        if not self.preamble:
+            return True
+        fd = self.upstream.fileno()
+        if fd in self.loop.handlers:
+            self.loop.rebind(fd, self._on_preamble_writable)
+        else:
+            self.loop.register(fd, ET_EVENTS, self._on_preamble_writable)
+        return False
+
+    def _on_preamble_writable(self, _events: int) -> None:
+        self._start_relay()
 
     # An event pumps only the way it concerns: input on a socket feeds the way it is the
     # source of; EPOLLOUT (which edge-triggered TCP raises whenever acks free buffer space)
@@ -321,6 +361,7 @@ class TcpListener:
         targets: Sequence[Target],
         counts: Counters,
         log: logging.Logger,
+        proxy: bool = False,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -329,6 +370,7 @@ class TcpListener:
         self.targets = tuple(targets)
         self.counts = counts
         self.log = log
+        self.proxy = proxy  # each connection starts with a PROXY protocol v2 header
         self.connections: set[TcpConnection] = set()
         # Accepted sockets inherit SO_LINGER from the listener (the kernel clones it): every
         # client socket resets its peer if this process dies holding it, at no cost per
@@ -347,7 +389,7 @@ class TcpListener:
     def _on_readable(self, _events: int) -> None:
         for _ in range(self.ACCEPT_BATCH):
             try:
-                client, _addr = self.sock.accept()
+                client, peer = self.sock.accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -362,8 +404,14 @@ class TcpListener:
                     continue
                 raise
             client.setblocking(False)
+            try:
+                preamble = header_for(client, peer) if self.proxy else b""
+            except OSError:
+                client.close()  # reset before we could ask its address: nobody to serve
+                continue
             conn = TcpConnection(
-                self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed
+                self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed,
+                preamble,
             )
             self.connections.add(conn)
             self.counts[TCP_OPEN] += 1

@@ -1,6 +1,8 @@
 """Podman 4.3.1 with the packaged hooks.d file, rootful and rootless: the ports annotation turns
 the forwarding on, a container without it runs no hook, and `podman stop` / `podman rm` free the
-ports and end the supervisor (podman runs poststop itself, in `podman container cleanup`).
+ports and end the supervisor (podman runs poststop itself, in `podman container cleanup`). The
+hooks dir comes from `--hooks-dir` or, as the README tells users, from containers.conf's
+`hooks_dir`; several ports go in one `--annotation`, separated by spaces or (CSV-quoted) commas.
 
 A busybox image made by `podman import` (no registry), `--runtime runc` (crun hits the hybrid
 cgroup problem), `--network none` (/dev/net/tun is 0600 here, so rootless podman's default
@@ -13,16 +15,21 @@ import shutil
 import stat
 import tempfile
 import uuid
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 from e2ekit import clients
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.podman import (
+    ANNOTATION,
+    HTTPD,
     Podman,
     PodmanContainer,
     PodmanStore,
+    annotation_arg,
     build_image_tar,
+    containers_conf_text,
     hooks_file,
     remove_private_storage,
 )
@@ -198,3 +205,114 @@ def test_rootless_state_goes_to_the_users_runtime_dir(podman, port_alloc):
             f"{path}: uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):o}"
     assert podman.rm(c, force=True).ok
     _assert_all_gone(procs, [("127.0.0.1", port, "tcp")], state)
+
+
+# Two busybox httpd: the first daemonizes once it listens on 81, the second is the container's init.
+TWO_HTTPD = ["sh", "-c", "httpd -p 81 -h /www && exec httpd -f -p 80 -h /www"]
+
+
+@pytest.mark.parametrize("podman_store, layout", [
+    pytest.param("rootful", "{} {} {}", id="rootful-spaces"),
+    pytest.param("rootless", "{} {} {}", id="rootless-spaces"),
+    pytest.param("rootful", "{},{},{}", id="rootful-commas"),
+    pytest.param("rootless", "{},{},{}", id="rootless-commas"),
+    pytest.param("rootful", "{}, {}\t{}", id="rootful-mixed"),
+], indirect=["podman_store"])
+def test_several_ports_in_one_annotation(podman, port_alloc, layout):
+    # podman splits --annotation values at commas: spaces need no quoting, commas need
+    # podman's CSV quoting (annotation_arg), both reach the hook as one value.
+    p1, p2, p3 = port_alloc.take(), port_alloc.take(), port_alloc.take()
+    specs = [f"{p1}:80", f"{p2}:81", f"127.0.0.1:{p3}:80"]
+    value = layout.format(*specs)
+    if "," not in value:
+        assert annotation_arg(ANNOTATION, value) == f"{ANNOTATION}={value}"
+    c = podman.start(value, command=TWO_HTTPD)
+    Services().http(80).http(81).wait_ready(c.pid)
+    state = podman.hook.read_state(c.id) if podman.hook.state_file(c.id).exists() else {}
+    assert sorted(state.get("ports", ())) == sorted(f"{s}/tcp" for s in specs), \
+        f"the hook's ports for {value!r}: {state}\n{podman.hook.log_text(c.id)}"
+    for host, port in (("127.0.0.1", p1), ("::1", p1), ("127.0.0.1", p2), ("::1", p2),
+                       ("127.0.0.1", p3)):
+        clients.assert_http_ok(host, port)
+    procs = _forwarding_of(podman, c)
+    assert podman.rm(c, force=True).ok
+    _assert_all_gone(procs, [*_binds(p1), *_binds(p2), ("127.0.0.1", p3, "tcp")],
+                     podman.hook.state_file(c.id))
+
+
+@pytest.mark.parametrize("podman_store", ["rootful"], indirect=True)
+def test_podman_refuses_unquoted_commas(podman, port_alloc):
+    # What the README says happens to `--annotation io.oci-portfwd.ports=A,B`, and why spaces
+    # (or CSV quoting) are the way to write several ports with podman.
+    p1, p2 = port_alloc.take(), port_alloc.take()
+    name = f"pf-{uuid.uuid4().hex[:10]}"
+    r = podman.run("run", "-d", "--name", name, "--network", "none", "--pull", "never",
+                   "--annotation", f"{ANNOTATION}={p1}:80,{p2}:80", podman.store.image, *HTTPD)
+    podman.run("rm", "-f", "-t", "0", "--ignore", name)
+    assert not r.ok and "annotations must be formatted KEY=VALUE" in r.stderr, r
+
+
+USER_CONF = Path(".config") / "containers" / "containers.conf"
+
+
+@contextmanager
+def _users_containers_conf(user, text: str):
+    """~/.config/containers/containers.conf of the test user, removed again with the dirs
+    made for it."""
+    conf = user.home / USER_CONF
+    if conf.exists():
+        pytest.skip(f"{conf} exists already: not replacing the user's own file")
+    made = [d for d in (conf.parent.parent, conf.parent) if not d.exists()]
+    try:
+        for d in made:
+            user.make_dir(d, 0o755)
+        conf.write_text(text)
+        user.give(conf)
+        yield conf
+    finally:
+        conf.unlink(missing_ok=True)
+        for d in reversed(made):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("podman_store, where", [
+    pytest.param("rootful", "CONTAINERS_CONF", id="rootful-CONTAINERS_CONF"),
+    pytest.param("rootless", "CONTAINERS_CONF", id="rootless-CONTAINERS_CONF"),
+    pytest.param("rootless", "user", id="rootless-user-containers.conf"),
+], indirect=["podman_store"])
+def test_hooks_dir_from_containers_conf(podman, port_alloc, where):
+    # No --hooks-dir (nor --ulimit): containers.conf's hooks_dir names the test's hooks dir,
+    # whose file points at the venv's hook with this test's config (hence its state dir). It
+    # comes after a dir standing for the packaged one, whose file of the same name would fail
+    # every start: the later dir's file must mask it, as the README says.
+    store = podman.store
+    packaged = podman.hooks_dir.parent / "packaged-hooks.d"
+    packaged.mkdir(mode=0o755)
+    doc = json.loads((podman.hooks_dir / PACKAGED_HOOKS_FILE.name).read_text())
+    doc["hook"] = {"path": "/bin/false", "args": ["false"]}
+    (packaged / PACKAGED_HOOKS_FILE.name).write_text(json.dumps(doc))
+    if store.rootless:
+        store.user.give(packaged)
+    text = containers_conf_text([packaged, podman.hooks_dir], rootful=not store.rootless)
+    with ExitStack() as stack:
+        if where == "CONTAINERS_CONF":
+            # The only containers.conf podman reads then: it carries the ulimits too.
+            conf = podman.hooks_dir.parent / "containers.conf"
+            conf.write_text(text)
+            if store.rootless:
+                store.user.give(conf)
+            podman.use_containers_conf(conf)
+        else:
+            stack.enter_context(_users_containers_conf(store.user, text))
+            podman.use_containers_conf(None)
+        # Containers go before the file that registered their hooks.
+        stack.callback(podman.cleanup)
+        port = port_alloc.take()
+        c = podman.start(f"{port}:80")
+        _serving(c)
+        procs = _forwarding_of(podman, c)
+        for host in ("127.0.0.1", "::1"):
+            clients.assert_http_ok(host, port)
+        r = podman.rm(c, force=True)
+        assert r.ok, r
+        _assert_all_gone(procs, _binds(port), podman.hook.state_file(c.id))

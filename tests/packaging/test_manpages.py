@@ -38,3 +38,10 @@ def test_page_renders_without_warnings(page):
                         str(MAN / page)], capture_output=True, text=True, timeout=30,
                        env={"LC_ALL": "C.UTF-8", "MANWIDTH": "80", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0 and not r.stderr, r.stderr
+
+
+def test_command_page_says_how_to_name_a_hooks_directory():
+    page = (MAN / "oci-portfwd-hook.1").read_text()
+    for words in ("\\-\\-hooks\\-dir", "hooks_dir", "[engine]", "CONTAINERS_CONF",
+                  "[crio.runtime]", "containers.conf (5)", "whitespace"):
+        assert words in page, words

@@ -72,6 +72,12 @@ def check_capabilities(plan: Plan, driver: str, caps: Capabilities, warn: Warn) 
     for m in plan.mappings:
         if m.proto == "udp" and not caps.udp or m.proto == "tcp" and not caps.tcp:
             raise DriverError(f"driver {driver} cannot forward {m.proto.upper()} ({m})")
+        if m.proxy and m.proto not in caps.holds_listeners:
+            # The header is written by our relay; the driver's own program relays this port.
+            raise DriverError(
+                f"driver {driver} cannot send a PROXY protocol header ({m}); "
+                "use the builtin driver or drop +proxy"
+            )
         mapped = _ipv4_for(m, driver, caps, warn)
         if mapped is None:
             continue

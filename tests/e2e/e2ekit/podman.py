@@ -1,5 +1,7 @@
 """Podman (4.3.1) as the tests drive it: a busybox image made by `podman import` (no registry),
-the packaged hooks.d file pointed at the venv's hook, `--runtime runc --network none`.
+the packaged hooks.d file pointed at the venv's hook, `--runtime runc --network none`. The hooks
+dir goes on the command line (`--hooks-dir`), or, as a user would set it up for good, into a
+containers.conf's `hooks_dir` (`Podman.use_containers_conf`).
 
 Rootful podman gets a storage of its own per session (--root/--runroot/--tmpdir), so the tests
 never see other containers; rootless podman uses the test user's default storage. Either way
@@ -12,6 +14,7 @@ import subprocess
 import tempfile
 import uuid
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,19 @@ def build_image_tar(workdir: Path) -> Path:
     return tar
 
 
+def containers_conf_text(hooks_dirs: list[Path], rootful: bool) -> str:
+    """A containers.conf whose `hooks_dir` lists `hooks_dirs` (a later one masks a file of the
+    same name in an earlier one). It is the only containers.conf podman reads when
+    CONTAINERS_CONF names it, so it carries what the tests otherwise pass as flags."""
+    lines = ["# oci-portfwd-hook e2e test: the hooks dir without --hooks-dir"]
+    if rootful:
+        ulimits = [ROOTFUL_ULIMITS[i + 1] for i in range(0, len(ROOTFUL_ULIMITS), 2)]
+        lines += ["[containers]", f"default_ulimits = {json.dumps(ulimits)}"]
+    # TOML basic strings and JSON strings agree for paths like these.
+    lines += ["[engine]", f"hooks_dir = {json.dumps([str(d) for d in hooks_dirs])}", ""]
+    return "\n".join(lines)
+
+
 def hooks_file(packaged: Path, hook_path: Path, env: list[str]) -> dict:
     """The packaged hooks.d file, pointed at `hook_path`, with an `env` of the test's own."""
     doc = json.loads(packaged.read_text())
@@ -85,16 +101,17 @@ class PodmanStore:
                      str(self.workdir / "runroot"), "--tmpdir", str(self.workdir / "tmp")]
         return args
 
-    def argv(self, *args: str, hooks_dir: Path | None = None) -> list[str]:
+    def argv(self, *args: str, hooks_dir: Path | None = None, env: Sequence[str] = ()) -> list[str]:
         prefix = self.user.prefix() if self.user is not None else []
         hooks = ["--hooks-dir", str(hooks_dir)] if hooks_dir is not None else []
-        return [*prefix, "podman", *self.global_args(), *hooks, *args]
+        setenv = ["env", *env] if env else []
+        return [*prefix, *setenv, "podman", *self.global_args(), *hooks, *args]
 
-    def run(self, *args: str, hooks_dir: Path | None = None,
+    def run(self, *args: str, hooks_dir: Path | None = None, env: Sequence[str] = (),
             timeout: float = PODMAN_TIMEOUT) -> RunResult:
         # Files, not pipes: conmon and the hook's supervisor outlive the command, and a pipe
         # they inherited by mistake would hang the test instead of failing it.
-        argv = self.argv(*args, hooks_dir=hooks_dir)
+        argv = self.argv(*args, hooks_dir=hooks_dir, env=env)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                   timeout=timeout, check=False, cwd="/")
@@ -136,15 +153,27 @@ class Podman:
         self.hooks_dir = hooks_dir
         self.hook = hook
         self._names: list[str] = []
+        self._hooks_dir_flag = True
+        self._ulimit_flags = not store.rootless
+        self._env: list[str] = []
+
+    def use_containers_conf(self, conf: Path | None) -> None:
+        """From now on no --hooks-dir (and no --ulimit): podman must find the hooks dir in a
+        containers.conf (`containers_conf_text`), the file `conf` names through CONTAINERS_CONF,
+        or with None the files podman reads by itself (e.g. ~/.config/containers/)."""
+        self._hooks_dir_flag = False
+        self._ulimit_flags = False
+        self._env = [f"CONTAINERS_CONF={conf}"] if conf is not None else []
 
     def run(self, *args: str, **kwargs) -> RunResult:
-        return self.store.run(*args, hooks_dir=self.hooks_dir, **kwargs)
+        hooks_dir = self.hooks_dir if self._hooks_dir_flag else None
+        return self.store.run(*args, hooks_dir=hooks_dir, env=self._env, **kwargs)
 
     def start(self, ports: str | None, command: list[str] = HTTPD) -> PodmanContainer:
         name = f"pf-{uuid.uuid4().hex[:10]}"
         self._names.append(name)
         annotation = ["--annotation", annotation_arg(ANNOTATION, ports)] if ports is not None else []
-        ulimits = [] if self.store.rootless else ROOTFUL_ULIMITS
+        ulimits = ROOTFUL_ULIMITS if self._ulimit_flags else []
         result = self.run("run", "-d", "--name", name, "--network", "none", "--pull", "never",
                           *ulimits, *annotation, self.store.image, *command)
         if not result.ok:
