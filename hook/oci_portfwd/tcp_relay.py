@@ -12,8 +12,8 @@
 Both sockets carry SO_LINGER {1, 0} from the start (the client's inherited from the
 listener, the container side's set by the dialer): when this process dies without closing
 them (SIGKILL, a crash, its supervisor killed), the kernel resets both ends, so a truncated
-transfer never looks like a complete one. Only the orderly close of step 4 clears it first,
-so that FIN follows the last byte.
+transfer never looks like a complete one. Step 4 clears it on a socket when its outgoing
+way is complete (shutdown_write), so that FIN follows the last byte whatever happens next.
 """
 
 from __future__ import annotations
@@ -162,7 +162,12 @@ class Direction:
 
 
 def shutdown_write(sock: socket.socket) -> None:
+    """Every byte of this way is queued: FIN after it. From here this socket's close must
+    deliver, not reset, what is still in its send buffer (even if this process dies): the
+    way towards its peer is complete. Its incoming way is still guarded: unread bytes at
+    close, or any the peer sends after it, get a reset from the kernel."""
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
         sock.shutdown(socket.SHUT_WR)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
@@ -332,14 +337,9 @@ class TcpConnection:
             if sock is None:
                 continue
             self.loop.unregister(sock.fileno())
-            if graceful:
-                # Both ways ended in FIN: turn the crash-time reset off, or close() would
-                # drop the bytes still in the send buffer and reset the peer.
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
-                except OSError:
-                    pass
-            # Otherwise SO_LINGER {1, 0}, set since accept/socket(): close() resets the peer.
+            # Graceful: both ways ended in FIN, and shutdown_write() turned the crash-time
+            # reset off on both sockets. Otherwise SO_LINGER {1, 0}, set since
+            # accept/socket(), is still on: close() resets the peer.
             sock.close()
         if self.ways:
             for way in self.ways:

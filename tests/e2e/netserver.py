@@ -14,6 +14,7 @@ Usage: netserver.py SPEC...   SPEC = KIND:PORT   (each on 0.0.0.0 and on :: with
                              side down and read to the end
             stream           send without a length (a CGI stream, a log tail) until the
                              connection fails; record "reset N" or "error N ERRNO"
+            exit             end the server process at once (the container's init: it exits)
             report           (TOKEN is the one to report on) reply what was recorded for it,
                              waiting up to 10 s for it, then close
   A test sees what the server saw through "report", never through timing.
@@ -21,6 +22,7 @@ Usage: netserver.py SPEC...   SPEC = KIND:PORT   (each on 0.0.0.0 and on :: with
 
 import errno
 import hashlib
+import os
 import random
 import select
 import socket
@@ -223,6 +225,8 @@ def _events_conn(conn: socket.socket) -> None:
                 pass
         elif action == "stream":
             _stream(conn, token)
+        elif action == "exit":
+            os._exit(0)
         elif action == "report":
             with _results_cond:
                 _results_cond.wait_for(lambda: token in _results, timeout=10)

@@ -18,6 +18,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import uuid
 
@@ -176,6 +177,39 @@ def test_orderly_end_is_fin_after_every_byte_even_for_a_lagging_reader(container
         data = read_to_eof(sock)
     assert len(data) == size and hashlib.sha256(data).digest() == hashlib.sha256(stream(size, seed)).digest()
     assert fw.core.alive()
+
+
+def test_a_reply_complete_before_the_container_exits_reaches_the_client_whole(containers, hook_env,
+                                                                               port_alloc):
+    """The service sends its reply, shuts its side down and the container exits while the client
+    (its own side still open) lags behind: the teardown kills the core with the connection open
+    and most of the reply still in the relay's send buffer. The way to the client was complete
+    (FIN queued after the last byte), so the kernel delivers it: every byte, then EOF."""
+    c, _echo, events = serve(containers, hook_env, port_alloc)
+    fw = forwarding_of(hook_env, c.id)
+    size, seed = 1 << 20, 99
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # most of it stays with the relay
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", events))
+        sock.sendall(f"{uuid.uuid4().hex} send {size} {seed}\n".encode())
+        client_port = sock.getsockname()[1]
+        wait_until(lambda: relay_sent_fin(events, client_port), TIMEOUT,
+                   "the relay to queue its FIN after the whole reply")
+        request(events, "x exit").close()
+        wait_dead(list(fw.procs.values()), TIMEOUT)  # the supervisor saw the exit and tore down
+        data = read_to_eof(sock)
+    finally:
+        sock.close()
+    assert len(data) == size and data == stream(size, seed)
+
+
+def relay_sent_fin(port: int, client_port: int) -> bool:
+    """The relay's socket to the client is in FIN-WAIT-1: FIN queued behind unacked bytes."""
+    r = subprocess.run(["ss", "-Htn", "state", "fin-wait-1", "sport", "=", f":{port}", "and",
+                        "dport", "=", f":{client_port}"], capture_output=True, timeout=10, check=True)
+    return bool(r.stdout.strip())
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
