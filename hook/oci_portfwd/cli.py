@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -22,8 +23,27 @@ from .errors import PortfwdError
 USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop|auto   (OCI state JSON on stdin)
        oci-portfwd-hook check-config [FILE]
        oci-portfwd-hook ps
+       oci-portfwd-hook COMMAND --help
        oci-portfwd-hook --version"""
 MAX_STDIN = (1 << 20) + 1
+STAGE_HELP = """usage: oci-portfwd-hook {stage}   (OCI state JSON on stdin)
+Run by an OCI runtime (config.json hooks, or a hooks.d file), not by people.
+  prestart, createRuntime: bind the ports of the annotation io.oci-portfwd.ports and
+                           start the forwarding; fail the start on any error
+  poststop:                stop the container's forwarding and free its ports
+  auto:                    the stage from the state's status (creating/created: prestart,
+                           stopped: poststop), for hooks.d files
+Config: /etc/containers/oci-portfwd.json or $OCI_PORTFWD_CONFIG. See oci-portfwd-hook(1)."""
+HELP = {
+    "check-config": """usage: oci-portfwd-hook check-config [FILE]
+Validate the config (FILE, else $OCI_PORTFWD_CONFIG, else /etc/containers/oci-portfwd.json)
+against its schema and print the effective values, the state dir included.""",
+    "ps": """usage: oci-portfwd-hook ps
+List the forwarded containers of the caller's state dir: container id (as long as needed to
+tell them apart) and the engine's name for it, driver, supervisor pid, status (up, stale,
+or damaged with the reason), TCP connections open/total, bytes each way, ports.""",
+    **{stage: STAGE_HELP.format(stage=stage) for stage in ("prestart", "createRuntime", "poststop", "auto")},
+}
 
 EXIT_USER_ERROR = 1
 EXIT_BUG = 2
@@ -45,6 +65,9 @@ def run(args: list[str]) -> int:
         print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else EXIT_USAGE
     command, rest = args[0], args[1:]
+    if command in HELP and any(a in ("-h", "--help") for a in rest):
+        print(HELP[command])
+        return 0
     try:
         if command == "--version":
             print(f"oci-portfwd-hook {__version__}")
@@ -60,10 +83,13 @@ def run(args: list[str]) -> int:
             from .prestart import prestart  # noqa: PLC0415
 
             return prestart(raw, os.environ)
-        if command == "check-config":
+        if command == "check-config" and len(rest) <= 1:
             return _check_config(rest)
-        if command == "ps":
+        if command == "ps" and not rest:
             return _ps()
+        if command in HELP:
+            _say(f"{command}: unexpected arguments {' '.join(rest)!r}\n{HELP[command]}")
+            return EXIT_USAGE
     except PortfwdError as e:
         _say(f"{command}: {e}")
         return EXIT_USER_ERROR
@@ -113,32 +139,57 @@ def _check_config(rest: list[str]) -> int:
     path, _ = config_path(os.environ, explicit)
     where = config.source if config.source != "built-in defaults" else f"{path} absent: built-in defaults"
     print(f"config OK ({where})")
-    for key in ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level"):
-        print(f"  {key}: {getattr(config, key)}")
+    keys = ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level", "allow_host_loopback")
+    for key in keys:
+        value = getattr(config, key)
+        # As JSON writes it: the config's 2 stays 2 (not 2.0), false stays false.
+        print(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
     print(f"  state_dir: {state_dir_of(config, os.environ)}")
     return 0
 
 
 def _ps() -> int:
     from .config import load_config, state_dir_of  # noqa: PLC0415
-    from .statefile import is_alive, list_records  # noqa: PLC0415
+    from .statefile import Damaged, is_alive, list_records  # noqa: PLC0415
 
     state_dir = state_dir_of(load_config(os.environ), os.environ)
     records = list_records(state_dir)
     if not records:
         print(f"no forwarded containers (state dir {state_dir})")
         return 0
-    print(f"{'CONTAINER':<20} {'DRIVER':<11} {'PID':>7} {'STATUS':<6} {'CONNS':>11} {'IN':>9} {'OUT':>9}  PORTS")
+    width = max(9, id_width([r.container_id for r in records]))
+    print(
+        f"{'CONTAINER':<{width}} {'NAME':<16} {'DRIVER':<11} {'PID':>7} {'STATUS':<7} "
+        f"{'CONNS':>11} {'IN':>9} {'OUT':>9}  PORTS"
+    )
     for r in records:
+        cid = _printable(r.container_id[:width])
+        if isinstance(r, Damaged):
+            reason = _printable(r.reason)
+            print(f"{cid:<{width}} {'-':<16} {'-':<11} {'-':>7} {'damaged':<7} {'-':>11} {'-':>9} {'-':>9}  {reason}")
+            continue
         status = "up" if is_alive(r) else "stale"
         s = r.stats or {}
         conns = f"{s.get('tcp_open', 0)}/{s.get('tcp_total', 0)}" if r.stats else "-"
         print(
-            f"{r.container_id[:20]:<20} {r.driver:<11} {r.supervisor_pid:>7} {status:<6} {conns:>11} "
-            f"{_size(s.get('bytes_to_container')):>9} {_size(s.get('bytes_to_client')):>9}  {', '.join(r.ports)}"
+            f"{cid:<{width}} {r.name or '-':<16} {r.driver:<11} {r.supervisor_pid:>7} {status:<7} {conns:>11} "
+            f"{_size(s.get('bytes_to_container')):>9} {_size(s.get('bytes_to_client')):>9}  {_printable(', '.join(r.ports))}"
         )
     print("CONNS: TCP open/total; IN: bytes to the container, OUT: bytes to clients (builtin relay only)")
     return 0
+
+
+def _printable(text: str) -> str:
+    # File names in the state dir become rows: a newline in one must not forge another row.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def id_width(ids: list[str], shortest: int = 12) -> int:
+    """The shortest prefix length, at least `shortest`, that tells every id apart."""
+    width = shortest
+    while len({i[:width] for i in ids}) < len(set(ids)):
+        width += 1
+    return width
 
 
 def _size(count: int | None) -> str:

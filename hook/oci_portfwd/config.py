@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError, loads_strict
+from .regularfile import read_regular
 from .schema import validate
 
 # typing costs ~5 ms to import on the container's start path; annotations need it only
@@ -26,9 +27,9 @@ class Config:
     driver: str = "builtin"
     loopback: str = "preserve"
     state_dir: str | None = None
-    udp_idle_timeout: float = 60.0
+    udp_idle_timeout: float = 60
     max_ports: int = 1024
-    ready_timeout: float = 10.0
+    ready_timeout: float = 10
     log_level: str = "info"
     allow_host_loopback: bool = False
     source: str = "built-in defaults"
@@ -50,16 +51,13 @@ def load_config(
     state dir, fast) unknown keys are ignored and a broken file raises ConfigError."""
     path, required = config_path(env, explicit)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        raw = read_regular(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
         return Config()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         doc = loads_strict(raw)
     except (ValueError, RecursionError) as e:
@@ -85,8 +83,7 @@ def host_uid(euid: int, uid_map: str = "/proc/self/uid_map") -> int:
     """Our uid as the host sees it: rootless podman runs hooks as uid 0 of its own user
     namespace, which is the unprivileged user outside."""
     try:
-        with open(uid_map) as f:
-            lines = f.read().splitlines()
+        lines = read_regular(uid_map, 1 << 16).decode().splitlines()
     except OSError:
         return euid
     for line in lines:

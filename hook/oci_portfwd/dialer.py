@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from .errors import NamespaceError, StartError
 from .forking import fork_child
-from .namespaces import join_container
+from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
 from .procfs import close_fds_except
 
@@ -72,7 +72,16 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         def tell_waiting() -> None:
             sock.send(b"W")
 
+        ours = os.stat("/proc/self/ns/net")
         join_container(container_pid, deadline, on_wait=tell_waiting)
+        if same_file(os.stat("/proc/self/ns/net"), ours):
+            # The hook checks this before anything starts; this is the safety net: a
+            # socket made here would dial the core's own listeners, each connection
+            # making the next until no descriptor is left.
+            raise NamespaceError(
+                f"container pid {container_pid} shares the forwarder's network namespace "
+                "(host network): refusing to forward into it"
+            )
         if not loopback_is_up():
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}

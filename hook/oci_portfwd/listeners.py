@@ -94,13 +94,35 @@ def _bind_one(t: BindTarget) -> socket.socket:
             # Rebinding right after a restart must not fail on TIME_WAIT; on Linux this
             # never lets two listeners share a port. Never on UDP: there it would.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((t.address, t.port))
+        sock.bind(socket_address(t.address, t.port))
         if t.proto == "tcp":
             sock.listen(LISTEN_BACKLOG)
+    except NoSuchInterface as e:
+        sock.close()
+        raise BindError(f"cannot bind {t} (port request {t.mapping}): interface {e} does not exist") from None
     except OSError as e:
         sock.close()
         raise BindError(_explain(t, e)) from None
     return sock
+
+
+class NoSuchInterface(OSError):
+    pass
+
+
+def socket_address(address: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """bind()'s address. A scoped IPv6 address (fe80::1%eth0) goes as the 4-tuple with the
+    interface's index: given as text, Python resolves it through getaddrinfo, which fails
+    with EINVAL, or "Name or service not known" for a missing interface."""
+    host, percent, scope = address.partition("%")
+    if not percent:
+        return (address, port)
+    if scope.isdigit():
+        return (host, port, 0, int(scope))
+    try:
+        return (host, port, 0, socket.if_nametoindex(scope))
+    except OSError:
+        raise NoSuchInterface(scope) from None
 
 
 def _explain(t: BindTarget, e: OSError) -> str:
@@ -117,12 +139,14 @@ def _explain(t: BindTarget, e: OSError) -> str:
         return f"{where}: permission denied"
     if e.errno == errno.EADDRNOTAVAIL:
         return f"{where}: {t.address} is not an address of this host"
+    if e.errno == errno.ENODEV:
+        return f"{where}: interface {t.address.partition('%')[2]} does not exist"
     return f"{where}: {e.strerror}"
 
 
 def _unprivileged_port_start() -> int | None:
     try:
         with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-            return int(f.read().strip())
+            return int(f.read(64).strip())
     except (OSError, ValueError):
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -18,10 +19,15 @@ def open_log(path: Path | None, level: str, *, stderr: bool) -> logging.Logger:
     # state is shared through logging's module-level registry.
     logger = logging.Logger("oci-portfwd", level=level.upper())
     if path is not None:
+        # O_NONBLOCK: opening a FIFO left in the log's place must fail (ENXIO), not wait.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, flags, 0o600)
         except OSError as e:
-            raise StateDirError(f"cannot open the log {path}: {e.strerror} (a symlink is refused)") from None
+            raise StateDirError(f"cannot open the log {path}: {e.strerror} (a symlink or FIFO is refused)") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateDirError(f"cannot open the log {path}: not a regular file")
         handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
         handler.setFormatter(logging.Formatter(FORMAT))
         logger.addHandler(handler)
@@ -52,12 +58,14 @@ def append_line(path: Path, level: str, message: str) -> None:
     line = logging.Formatter(FORMAT).format(
         logging.LogRecord("oci-portfwd", logging.getLevelName(level), "", 0, message, None, None)
     )
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError:
         return  # the log cannot be written: poststop still says so on stderr and syslog
     try:
-        os.write(fd, (line + "\n").encode(errors="replace"))
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.write(fd, (line + "\n").encode(errors="replace"))
     finally:
         os.close(fd)
 

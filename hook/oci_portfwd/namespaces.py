@@ -14,6 +14,12 @@ from collections.abc import Callable
 from .errors import NamespaceError
 from .forking import fork_child
 
+# typing costs ~5 ms to import on the container's start path; annotations need it only
+# for the type checker, which treats TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 
@@ -30,6 +36,40 @@ def setns(fd: int, nstype: int) -> None:
     if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def shares_our_netns(pid: int, bundle_namespaces: Callable[[], list[Any] | None]) -> bool:
+    """Whether the container's process lives in our network namespace (the runtime's, since
+    hooks run in it: the host's, rootless too). Forwarding there would forward into itself.
+
+    Rootless crun makes /proc/PID/ns/* unreadable until the container exec'd (EACCES at
+    prestart): then the bundle's linux.namespaces says the same: no network namespace, or
+    a path to ours, means ours.
+    """
+    ours = os.stat("/proc/self/ns/net")
+    try:
+        return same_file(os.stat(f"/proc/{pid}/ns/net"), ours)
+    except FileNotFoundError:
+        return False  # the container is gone: its start fails further on, with that reason
+    except PermissionError:
+        pass
+    namespaces = bundle_namespaces()
+    if namespaces is None:
+        return False  # nothing to tell by; the dialer refuses our own netns anyway
+    network = [ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == "network"]
+    if not network:
+        return True
+    path = network[0].get("path")
+    if not isinstance(path, str) or not path:
+        return False
+    try:
+        return same_file(os.stat(path), ours)
+    except OSError:
+        return False
 
 
 def open_namespaces(

@@ -15,12 +15,15 @@ out with it: a bare `/+proxy` is refused rather than guessed, and so is `udp+pro
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from .errors import PortSpecError, quoted
 
 PROTOCOLS = ("tcp", "udp")
 PROXY_OPTION = "proxy"
+# A Linux interface name (IFNAMSIZ: 15 characters) or index, as the scope of fe80::1%eth0.
+INTERFACE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 
 
 @dataclass(frozen=True)
@@ -134,9 +137,20 @@ def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
 
 def _parse_address(spec: str, text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise PortSpecError(f"port spec {quoted(spec)}: {quoted(text)} is not an IP address") from None
+    if address.is_link_local and isinstance(address, ipaddress.IPv6Address) and not address.scope_id:
+        # Every interface has fe80::/64: the kernel cannot tell which one is meant.
+        raise PortSpecError(
+            f"port spec {quoted(spec)}: {text} is a link-local address; name its interface: "
+            f"[{text}%IFACE]"
+        )
+    scope = getattr(address, "scope_id", None)
+    if scope is not None and not INTERFACE.fullmatch(scope):
+        raise PortSpecError(f"port spec {quoted(spec)}: {quoted(scope)} is not an interface name")
+    # str() keeps the scope (fe80::1%eth0): logs, `ps` and the bind need it.
+    return str(address)
 
 
 def _parse_range(spec: str, text: str, side: str) -> tuple[int, int]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import load_config, state_dir_of
+from .config import Config, load_config, state_dir_of
 from .errors import ConfigError
 from .logs import append_line, close_log, open_log
 from .polling import wait_readable
@@ -35,15 +36,22 @@ FAILURE_MARKS = (b" ERROR ", b"Traceback (most recent call last)")
 
 def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
     state = parse_state(raw_state, full_validation=False)
+    broken_config = None
     try:
         config = load_config(env, validate_schema=False)
-    except ConfigError:
+    except ConfigError as e:
         # A config broken since the container started must not keep its ports bound:
         # fall back to the defaults, which name the default state dir.
-        config = load_config({}, explicit=None)
+        broken_config = str(e)
+        try:
+            config = load_config({}, explicit=None, validate_schema=False)
+        except ConfigError:
+            config = Config()
     state_dir = state_dir_of(config, env)
     log = open_log(None, config.log_level, stderr=True)
     try:
+        if broken_config is not None:
+            log.warning("%s; looking for the forwarding in the default state dir %s", broken_config, state_dir)
         record = read_record(state_dir, state.id)
         died = None
         if record is None:
@@ -115,7 +123,10 @@ def _first_error(path: Path) -> str | None:
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        size = st.st_size
         f.seek(max(0, size - (1 << 20)))
         text = f.read(1 << 20)
     for line in text.splitlines():

@@ -11,10 +11,11 @@ from .drivers import get_driver
 from .errors import PortfwdError
 from .listeners import bind_all, bind_targets, ipv6_available
 from .logs import close_log, open_log
+from .namespaces import shares_our_netns
 from .plan import make_plan
 from .poststop import stop_supervisor
 from .procfs import process_start_time
-from .state import ContainerState, bundle_annotations, parse_state
+from .state import ContainerState, bundle_annotations, bundle_namespaces, parse_state
 from .statefile import is_alive, log_path, prepare_state_dir, read_record, remove_record
 from .supervisor import Context, launch
 
@@ -45,9 +46,20 @@ def _prestart(
     if not plan.mappings:
         log.info("container %s requests no ports; nothing to do", state.id)
         return 0
+    driver = get_driver(plan.driver)  # an unknown driver is an error, host network or not
+    if shares_our_netns(plan.container_pid, lambda: bundle_namespaces(state.bundle)):
+        # What docker does with --network host -p: the container's own services are on
+        # the host already; binding their ports here would take them from the container
+        # and forward every connection back into itself.
+        log.warning(
+            "container %s uses the host's network (no network namespace of its own): "
+            "its ports are not published (%s)",
+            state.id,
+            ", ".join(str(m) for m in plan.mappings),
+        )
+        return 0
     if _already_forwarding(state_dir, plan.container_id, plan.container_pid, log):
         return 0
-    driver = get_driver(plan.driver)
     plan = driver.check(plan, log.warning)
     targets = bind_targets(plan.mappings, ipv6_available(), log.warning)
     listeners = bind_all(targets)
@@ -60,7 +72,10 @@ def _prestart(
     listeners = [listener for listener in listeners if listener.target.proto in held]
     try:
         started = launch(
-            Context(plan, listeners, driver, state_dir, log_file, config.log_level), log
+            Context(
+                plan, listeners, driver, state_dir, log_file, config.log_level, annotations, state.bundle
+            ),
+            log,
         )
     finally:
         # The supervisor holds its own copies; the hook must not keep any port open.

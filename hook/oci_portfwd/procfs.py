@@ -10,7 +10,7 @@ def process_start_time(pid: int) -> int | None:
     None when there is no such running process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+            data = f.read(4096)
     except OSError:
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PortfwdError
+from .errors import PortfwdError, quoted
 
 # typing costs ~5 ms to import on the container's start path; annotations need it only
 # for the type checker, which treats TYPE_CHECKING as true.
@@ -36,12 +36,17 @@ def schema_dirs() -> list[Path]:
 
 
 def load_schema(name: str) -> dict[str, Any]:
+    from .regularfile import read_regular  # noqa: PLC0415 - check-config only
+
     for directory in schema_dirs():
         path = directory / name
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                schema: dict[str, Any] = json.load(f)
-                return schema
+        try:
+            schema: dict[str, Any] = json.loads(read_regular(path, 1 << 20))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise PortfwdError(f"cannot read schema {path}: {e.strerror}") from None
+        return schema
     searched = ", ".join(str(d) for d in schema_dirs())
     raise PortfwdError(f"schema {name} not found (searched {searched}); reinstall the package")
 
@@ -52,7 +57,9 @@ COMPILED = {"config.schema.json": "validate_config", "oci-state.schema.json": "v
 def validate(
     instance: Any, schema_name: str, what: str, error: type[PortfwdError], *, thorough: bool = False
 ) -> None:
-    """Raise `error` naming the first offending place, e.g. `config /driver: must be one of …`."""
+    """Raise `error` naming the first offending place, e.g. `config /driver: must be one of …`.
+    Both paths word the problem the same way (describe()): the hook's compiled validators
+    and check-config's jsonschema differ only in which of several problems they name."""
     if not thorough:
         _validate_compiled(instance, schema_name, what, error)
         return
@@ -64,7 +71,8 @@ def validate(
     if problem is None:
         return
     where = "/" + "/".join(str(p) for p in problem.absolute_path) if problem.absolute_path else ""
-    raise error(f"{what}{' ' + where if where else ''}: {_short(problem.message)}")
+    message = describe(str(problem.validator), problem.instance, problem.schema, problem.message)
+    raise error(f"{what}{' ' + where if where else ''}: {message}")
 
 
 def _validate_compiled(instance: Any, schema_name: str, what: str, error: type[PortfwdError]) -> None:
@@ -74,9 +82,71 @@ def _validate_compiled(instance: Any, schema_name: str, what: str, error: type[P
         getattr(validators, COMPILED[schema_name])(instance)
     except validators.SchemaViolation as e:
         name = e.name or "data"
-        message = e.message[len(name) :].strip() if e.message.startswith(name) else e.message
-        where = "/" + name[len("data.") :].replace(".", "/") if name.startswith("data.") else ""
-        raise error(f"{what}{' ' + where if where else ''}: {_short(message)}") from None
+        # "data.annotations.io.oci-portfwd.ports": our schemas nest two levels at most, and
+        # only the second level's keys (annotations) hold dots.
+        where = "/" + "/".join(name[len("data.") :].split(".", 1)) if name.startswith("data.") else ""
+        message = describe(str(e.rule), e.value, e.definition or {}, e.message)
+        raise error(f"{what}{' ' + where if where else ''}: {message}") from None
+
+
+TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "object": "a JSON object",
+    "array": "a list",
+    "boolean": "true or false",
+    "null": "null",
+}
+PATTERN_WORDS = {"^/": "an absolute path"}
+
+
+def describe(rule: str, value: Any, schema: Any, fallback: str) -> str:
+    """One wording for a schema violation, from the keyword that failed and its schema."""
+    if not isinstance(schema, dict):
+        return _short(fallback)
+    got = f" (got {quoted(value)})"
+    if rule == "type":
+        kinds = schema.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        return "must be " + " or ".join(TYPE_WORDS.get(k, str(k)) for k in kinds) + got
+    if rule == "enum":
+        return "must be one of " + ", ".join(str(v) for v in schema.get("enum", ())) + got
+    if rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"must be {_range(schema)}{got}"
+    if rule == "additionalProperties" and isinstance(value, dict):
+        known = sorted(schema.get("properties", {}))
+        unknown = sorted(k for k in value if k not in known)
+        if unknown:
+            return f"unknown key {quoted(unknown[0])} (known keys: {', '.join(known)})"
+    if rule == "required" and isinstance(value, dict):
+        missing = [k for k in schema.get("required", ()) if k not in value]
+        if missing:
+            return f"the required key {missing[0]!r} is missing"
+    if rule == "pattern":
+        pattern = schema.get("pattern", "")
+        return f"must be {PATTERN_WORDS.get(pattern, f'text matching {pattern}')}{got}"
+    if rule == "minLength":
+        return f"must be at least {schema.get('minLength')} characters long{got}"
+    if rule == "maxLength":
+        return f"must be at most {schema.get('maxLength')} characters long (got {len(value)})"
+    return _short(fallback)
+
+
+def _range(schema: dict[str, Any]) -> str:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        return f"between {low} and {high}"
+    parts = []
+    if low is not None:
+        parts.append(f"at least {low}")
+    if schema.get("exclusiveMinimum") is not None:
+        parts.append(f"more than {schema['exclusiveMinimum']}")
+    if high is not None:
+        parts.append(f"at most {high}")
+    if schema.get("exclusiveMaximum") is not None:
+        parts.append(f"less than {schema['exclusiveMaximum']}")
+    return " and ".join(parts)
 
 
 def _short(message: str, limit: int = 200) -> str:

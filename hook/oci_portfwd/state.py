@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import StateError, loads_strict, quoted
+from .regularfile import read_regular
 from .schema import validate
 
 # typing costs ~5 ms to import on the container's start path; annotations need it only
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_STATE_BYTES = 1 << 20
+MAX_BUNDLE_CONFIG_BYTES = 16 << 20
 # The same rule as the schema's, checked without jsonschema on the poststop path.
 CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,255}$")
 
@@ -69,19 +71,34 @@ def parse_state(raw: bytes, *, full_validation: bool) -> ContainerState:
     )
 
 
-def bundle_annotations(bundle: str | None) -> dict[str, str]:
-    """The annotations of bundle/config.json: some callers leave them out of the state."""
+def bundle_config(bundle: str | None, what: str) -> dict[str, Any] | None:
+    """bundle/config.json (the OCI spec of the container), None when there is none."""
     if not bundle:
-        return {}
+        return None
     path = os.path.join(bundle, "config.json")
     try:
-        with open(path, "rb") as f:
-            doc = loads_strict(f.read(16 << 20))
+        doc = loads_strict(read_regular(path, MAX_BUNDLE_CONFIG_BYTES))
     except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, RecursionError) as e:
-        raise StateError(f"cannot read annotations from {path}: {e}") from None
-    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+        return None
+    except OSError as e:
+        raise StateError(f"cannot read {what} from {path}: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:
+        raise StateError(f"cannot read {what} from {path}: not valid JSON ({e})") from None
+    return doc if isinstance(doc, dict) else None
+
+
+def bundle_annotations(bundle: str | None) -> dict[str, str]:
+    """The annotations of bundle/config.json: some callers leave them out of the state."""
+    doc = bundle_config(bundle, "annotations")
+    annotations = doc.get("annotations") if doc is not None else None
     if not isinstance(annotations, dict):
         return {}
     return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def bundle_namespaces(bundle: str | None) -> list[Any] | None:
+    """linux.namespaces of bundle/config.json; None when there is no such list."""
+    doc = bundle_config(bundle, "the namespaces")
+    linux = doc.get("linux") if doc is not None else None
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    return namespaces if isinstance(namespaces, list) else None

@@ -6,6 +6,7 @@ supervisor's start time so that a reused pid is never signalled.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -14,6 +15,9 @@ from pathlib import Path
 
 from .errors import StateDirError
 from .procfs import process_start_time
+from .regularfile import read_regular
+
+MAX_RECORD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,27 +31,107 @@ class Record:
     log: str
     created: float
     stats: dict[str, int] | None = None  # the core's traffic totals (stats.Totals), for `ps`
+    name: str | None = None  # the engine's name for the container (names.py), for `ps`
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A state file that cannot be read, for `ps` to show with the reason."""
+
+    container_id: str
+    reason: str
+
+
+# Field types a state file must have: a damaged or forged one is reported, not used.
+RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "container_id": (str,),
+    "container_pid": (int,),
+    "supervisor_pid": (int,),
+    "supervisor_start_time": (int,),
+    "driver": (str,),
+    "ports": (list,),
+    "log": (str,),
+    "created": (int, float),
+    "stats": (dict, type(None)),
+    "name": (str, type(None)),
+}
 
 
 def prepare_state_dir(path: Path) -> Path:
-    """Create the dir 0700 if needed; refuse a symlink or a dir someone else owns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise StateDirError(f"cannot create state dir {path}: {e.strerror}") from None
+    """Create the dir 0700 if needed, and every missing parent 0700 too; refuse a state dir
+    that someone else could change under us: a symlink, one owned by another user or
+    writable by group or others, or one below a dir that another user could write to
+    (where the state dir could be renamed away and replaced)."""
+    me = os.geteuid()
+    # Resolved parents: the checks below are then about the dirs really walked through.
+    path = Path(os.path.realpath(path.parent)) / path.name
+    missing = []
+    existing = path
+    while not os.path.lexists(existing):
+        missing.append(existing)
+        existing = existing.parent
+    owners = _trusted_owners(me)
+    for parent in [existing, *existing.parents] if existing != path else list(path.parents):
+        _check_parent(path, parent, me, owners)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StateDirError(f"cannot create state dir {path}: {directory}: {e.strerror}") from None
+        if directory != path:
+            _check_parent(path, directory, me, owners)
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise StateDirError(f"state dir {path} is a symlink; refusing to follow it")
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"state dir {path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise StateDirError(f"state dir {path} belongs to uid {st.st_uid}, not to us (uid {os.geteuid()})")
+    if st.st_uid != me:
+        raise StateDirError(f"state dir {path} belongs to uid {st.st_uid}, not to us (uid {me})")
+    if st.st_mode & 0o022:
+        raise StateDirError(
+            f"state dir {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "make it 0700 or choose another state_dir"
+        )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
+
+
+def _check_parent(state_dir: Path, parent: Path, me: int, owners: set[int]) -> None:
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise StateDirError(f"cannot use state dir {state_dir}: {parent}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"cannot use state dir {state_dir}: {parent} is not a directory")
+    if st.st_uid not in owners:
+        raise StateDirError(
+            f"cannot use state dir {state_dir}: its parent {parent} belongs to uid {st.st_uid}, "
+            f"neither root nor us (uid {me}); choose another state_dir"
+        )
+    # Sticky (like /tmp): others may add entries but not rename or remove ours.
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise StateDirError(
+            f"cannot use state dir {state_dir}: its parent {parent} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}) without the sticky bit; choose another state_dir"
+        )
+
+
+def _trusted_owners(me: int) -> set[int]:
+    owners = {0, me}
+    # In a user namespace (rootless podman runs hooks as its uid 0), host root's dirs show
+    # the overflow uid, as do any other user's: there is no telling them apart from inside.
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            identity = f.read(4096).split() == [b"0", b"0", b"4294967295"]
+        if not identity:
+            with open("/proc/sys/kernel/overflowuid", "rb") as f:
+                owners.add(int(f.read(64)))
+    except (OSError, ValueError):
+        pass
+    return owners
 
 
 def record_path(state_dir: Path, container_id: str) -> Path:
@@ -74,19 +158,30 @@ def write_record(state_dir: Path, record: Record) -> None:
 def read_record(state_dir: Path, container_id: str) -> Record | None:
     path = record_path(state_dir, container_id)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw = read_regular(path, MAX_RECORD_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StateDirError(f"cannot open state file {path}: {e.strerror} (a symlink is refused)") from None
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(1 << 20)
+        hint = " (a symlink is refused)" if e.errno == errno.ELOOP else ""
+        raise StateDirError(f"cannot read state file {path}: {e.strerror}{hint}") from None
     try:
         doc = json.loads(raw)
-        doc["ports"] = tuple(doc["ports"])
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        for key, value in doc.items():
+            types = RECORD_TYPES.get(key)
+            if types is None:
+                raise ValueError(f"unknown key {key!r}")
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ValueError(f"{key} is a {type(value).__name__}")
+        if not all(isinstance(p, str) for p in doc.get("ports", ())):
+            raise ValueError("ports holds a non-string")
+        if not all(type(v) is int for v in (doc.get("stats") or {}).values()):
+            raise ValueError("stats holds a non-integer")
+        doc["ports"] = tuple(doc.get("ports", ()))
         return Record(**doc)
-    except (ValueError, TypeError, KeyError) as e:
-        raise StateDirError(f"state file {path} is damaged ({e}); remove it") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise StateDirError(f"state file {path} is damaged ({str(e)[:100]}); remove it") from None
 
 
 def remove_record(state_dir: Path, container_id: str, *, owner_pid: int | None = None) -> None:
@@ -126,8 +221,8 @@ def prune_logs(state_dir: Path, max_age: float, max_count: int, now: float) -> N
         _unlink(path)
 
 
-def list_records(state_dir: Path) -> list[Record]:
-    records = []
+def list_records(state_dir: Path) -> list[Record | Damaged]:
+    records: list[Record | Damaged] = []
     try:
         names = sorted(os.listdir(state_dir))
     except FileNotFoundError:
@@ -138,7 +233,8 @@ def list_records(state_dir: Path) -> list[Record]:
         if name.endswith(".json") and not name.startswith("."):
             try:
                 record = read_record(state_dir, name[: -len(".json")])
-            except StateDirError:
+            except StateDirError as e:
+                records.append(Damaged(name[: -len(".json")], str(e)))
                 continue
             if record is not None:
                 records.append(record)

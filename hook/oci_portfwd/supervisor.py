@@ -14,8 +14,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .drivers import Driver
@@ -50,6 +50,9 @@ class Context:
     state_dir: Path
     log_path: Path
     log_level: str
+    # Where the engine's name for the container is found (names.py), for the state file.
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    bundle: str | None = None
 
 
 def launch(ctx: Context, log: logging.Logger) -> Started:
@@ -165,8 +168,11 @@ class Supervisor:
         core = self._spawn_core()
         try:
             self._await_first_ready(core)
+            from .names import container_name  # noqa: PLC0415 - only the supervisor needs it
+
             self.record = Record(
                 container_id=cid,
+                name=container_name(cid, self.ctx.annotations, self.ctx.bundle),
                 container_pid=self.plan.container_pid,
                 supervisor_pid=me,
                 supervisor_start_time=start_time,

@@ -240,7 +240,7 @@ def test_supervisor_sigkill_frees_ports_container_keeps_running(containers, hook
     state = hook_env.state_file(c.id)
     assert state.exists(), "the state file vanished with the supervisor"
     ps = hook_env.run("ps")
-    line = next((ln for ln in ps.stdout.decode().splitlines() if ln.startswith(c.id[:20])), "")
+    line = next((ln for ln in ps.stdout.decode().splitlines() if ln.startswith(c.id[:12])), "")
     assert ps.returncode == 0 and " stale " in line, ps.stdout.decode()
     r = hook_env.run("poststop", stdin=oci_state(c.id, "stopped", c.bundle), cwd=c.bundle)
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r

@@ -149,6 +149,11 @@ def test_annotation_publishes_and_rm_frees(podman, port_alloc):
     if podman.store.rootless:
         owners = {p.pid: process_uid(p.pid) for p in procs}
         assert set(owners.values()) == {podman.store.user.uid}, owners
+    # podman's name (from containers/storage's containers.json: podman 4 puts no name in the
+    # annotations), recorded at start and shown by `ps`.
+    assert podman.hook.read_state(c.id).get("name") == c.name
+    listing = podman.hook.run("ps").stdout.decode()
+    assert any(r.startswith(c.id[:12] + " ") and f" {c.name} " in r for r in listing.splitlines()), listing
     r = podman.exec(c, "ps", "-o", "pid,comm")
     assert r.ok and "portfwd" not in r.stdout, f"forwarding visible in the container: {r}"
 
@@ -316,3 +321,25 @@ def test_hooks_dir_from_containers_conf(podman, port_alloc, where):
         r = podman.rm(c, force=True)
         assert r.ok, r
         _assert_all_gone(procs, _binds(port), podman.hook.state_file(c.id))
+@pytest.mark.parametrize("driver", ["builtin", "slirp4netns"])
+@pytest.mark.parametrize("podman_store", MODES, indirect=True)
+def test_network_host_is_not_forwarded(podman, port_alloc, driver):
+    """`podman run --network host` with the annotation: one warning, nothing bound or started,
+    and the container's own httpd keeps its port (P:P) and serves."""
+    if driver == "slirp4netns":
+        _need("slirp4netns")
+    own, other = port_alloc.take(), port_alloc.take()
+    c = podman.start(f"127.0.0.1:{own}:{own},{other}:80",
+                     command=["httpd", "-f", "-p", f"127.0.0.1:{own}", "-h", "/www"],
+                     network="host", annotations={"io.oci-portfwd.driver": driver})
+    wait_until(lambda: clients.curl("127.0.0.1", own).returncode == 0, 10,
+               f"the container's httpd on 127.0.0.1:{own}")
+    clients.assert_http_ok("127.0.0.1", own)
+    log = podman.hook.log_text(c.id)
+    assert log.count("uses the host's network") == 1 and "not published" in log, log
+    assert not podman.hook.state_file(c.id).exists()
+    assert not find_by_comm(supervisor_comm(c.id))
+    assert all(port_is_free(*b) for b in _binds(other))
+    r = podman.run("inspect", "-f", "{{.State.Running}}", c.name)
+    assert r.stdout.strip() == "true", r
+    assert podman.rm(c, force=True).ok

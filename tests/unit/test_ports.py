@@ -130,3 +130,31 @@ def test_arbitrary_text_parses_or_raises_a_port_spec_error(text):
         assert str(e)
     else:
         assert all(1 <= m.host_port <= 65535 and 1 <= m.container_port <= 65535 for m in result)
+
+
+def test_link_local_keeps_its_scope():
+    (m,) = parse_port_specs("[fe80::a:10%eth0]:8081:80")
+    assert m.host_ip == "fe80::a:10%eth0"
+    assert str(m) == "[fe80::a:10%eth0]:8081:80/tcp"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("[fe80::1]:8081:80", "name its interface"),
+    ("[fe80::1%a$b]:8081:80", "not an interface name"),
+    ("[fe80::1%" + "x" * 16 + "]:8081:80", "not an interface name"),
+])
+def test_link_local_needs_a_plain_interface(spec, words):
+    with pytest.raises(PortSpecError, match=words):
+        parse_port_specs(spec)
+
+
+def test_socket_address_of_a_scoped_address():
+    import socket
+
+    from oci_portfwd.listeners import NoSuchInterface, socket_address
+
+    assert socket_address("127.0.0.1", 80) == ("127.0.0.1", 80)
+    assert socket_address("fe80::1%lo", 80) == ("fe80::1", 80, 0, socket.if_nametoindex("lo"))
+    assert socket_address("fe80::1%7", 80) == ("fe80::1", 80, 0, 7)
+    with pytest.raises(NoSuchInterface, match="pfa-none"):
+        socket_address("fe80::1%pfa-none", 80)

@@ -29,6 +29,7 @@ class Capabilities:
     outbound: bool  # gives the container network access of its own
     # Protocols served on the sockets the hook bound; the driver's program binds the rest.
     holds_listeners: frozenset[str]
+    link_local: bool = False  # can publish on a scoped link-local address (fe80::1%eth0)
 
 
 class Driver:
@@ -78,6 +79,10 @@ def check_capabilities(plan: Plan, driver: str, caps: Capabilities, warn: Warn) 
                 f"driver {driver} cannot send a PROXY protocol header ({m}); "
                 "use the builtin driver or drop +proxy"
             )
+        if not caps.link_local and m.host_ip is not None and "%" in m.host_ip:
+            # pasta 2023-03-09 binds such an address but never delivers a connection.
+            warn(f"driver {driver} cannot forward from a link-local address: {m} is not forwarded")
+            continue
         mapped = _ipv4_for(m, driver, caps, warn)
         if mapped is None:
             continue

@@ -22,6 +22,7 @@ class BuiltinDriver(Driver):
         preserves_loopback_address=True,
         outbound=False,
         holds_listeners=frozenset({"tcp", "udp"}),
+        link_local=True,
     )
 
     def check(self, plan: Plan, warn: Warn) -> Plan:

@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 
 from ..errors import DriverError, StartError
-from ..listeners import Listener
-from ..namespaces import open_namespaces
+from ..listeners import Listener, socket_address
+from ..namespaces import open_namespaces, same_file
 from ..plan import Plan
 from ..ports import PortMapping
 from ..status import StatusWriter
@@ -51,6 +51,14 @@ class ContainerNamespaces:
 
         deadline = time.monotonic() + max(plan.ready_timeout, 30.0)
         self.user_fd, self.net_fd = open_namespaces(plan.container_pid, deadline, deferred)
+        if same_file(os.fstat(self.net_fd), os.stat("/proc/self/ns/net")):
+            # The hook checks this before anything starts; this is the safety net.
+            for fd in self.fds():
+                os.close(fd)
+            raise StartError(
+                f"container pid {plan.container_pid} shares the forwarder's network namespace "
+                "(host network): refusing to forward into it"
+            )
         for fd in self.fds():
             os.set_inheritable(fd, True)
 
@@ -109,7 +117,7 @@ def _can_bind(m: PortMapping) -> bool:
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            s.bind((m.host_ip, m.host_port))
+            s.bind(socket_address(m.host_ip, m.host_port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return False

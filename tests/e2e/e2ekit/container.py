@@ -46,7 +46,9 @@ class Container:
     def __init__(self, runtime: Runtime, rootfs: Path, workdir: Path, args: list[str], *,
                  hook: HookEnv | None = None, ports: str | None = None,
                  annotations: dict[str, str] | None = None, start_stage: str = "prestart",
-                 netns: Netns | None = None) -> None:
+                 netns: Netns | None = None, host_network: bool | str = False) -> None:
+        """host_network: True drops the network namespace from the spec (the container shares
+        the runtime's); a path makes the container join that netns."""
         # Random first: the supervisor is named after the first 7 characters of the id.
         self.id = f"{uuid.uuid4().hex[:10]}-{runtime.name}"
         self.runtime = runtime
@@ -63,6 +65,11 @@ class Container:
         user = runtime.user
         if user is not None:
             self.config = make_rootless(self.config, user.uid, user.gid)
+        if host_network:
+            namespaces = [ns for ns in self.config["linux"]["namespaces"] if ns["type"] != "network"]
+            if isinstance(host_network, str):
+                namespaces.append({"type": "network", "path": host_network})
+            self.config["linux"]["namespaces"] = namespaces
         write_bundle(self.bundle, self.config)
         if user is not None:
             # The runtime runs as the user: it reads the bundle and writes the pid file there.

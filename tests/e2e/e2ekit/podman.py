@@ -169,12 +169,15 @@ class Podman:
         hooks_dir = self.hooks_dir if self._hooks_dir_flag else None
         return self.store.run(*args, hooks_dir=hooks_dir, env=self._env, **kwargs)
 
-    def start(self, ports: str | None, command: list[str] = HTTPD) -> PodmanContainer:
+    def start(self, ports: str | None, command: list[str] = HTTPD, network: str = "none",
+              annotations: dict[str, str] | None = None) -> PodmanContainer:
         name = f"pf-{uuid.uuid4().hex[:10]}"
         self._names.append(name)
         annotation = ["--annotation", annotation_arg(ANNOTATION, ports)] if ports is not None else []
+        for key, value in (annotations or {}).items():
+            annotation += ["--annotation", annotation_arg(key, value)]
         ulimits = ROOTFUL_ULIMITS if self._ulimit_flags else []
-        result = self.run("run", "-d", "--name", name, "--network", "none", "--pull", "never",
+        result = self.run("run", "-d", "--name", name, "--network", network, "--pull", "never",
                           *ulimits, *annotation, self.store.image, *command)
         if not result.ok:
             raise PodmanError(f"podman {self.store.label} run failed: {result}")
