@@ -163,19 +163,30 @@ def kill_mid_transfer(c, hook_env, events: int, victim: str) -> None:
 
 def test_orderly_end_is_fin_after_every_byte_even_for_a_lagging_reader(containers, hook_env,
                                                                         port_alloc):
-    """The relay closes its side while its send buffer to the client still holds bytes (the
-    client has not read them yet): the crash-time reset must be off by then, or those bytes are
-    dropped and the client reset."""
+    """The relay closes the connection (both ways ended) while its send buffer to the client
+    still holds most of the reply (the client has not read it): the crash-time reset must be
+    off by then, or those bytes are dropped and the client reset."""
     c, _echo, events = serve(containers, hook_env, port_alloc)
     fw = forwarding_of(hook_env, c.id)
-    size, seed = 24 << 20, 4242
-    with request(events, f"{uuid.uuid4().hex} send {size} {seed}") as sock:
+    size, seed = 1 << 20, 4242
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # most of it stays with the relay
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", events))
+        sock.sendall(f"{uuid.uuid4().hex} send {size} {seed}\n".encode())
         sock.shutdown(socket.SHUT_WR)
-        # Let the relay finish its side while we read nothing: it closes with bytes buffered.
-        wait_until(lambda: hook_env.read_state(c.id)["stats"]["tcp_open"] == 0, TIMEOUT,
-                   "the relay to close the connection")
+
+        def closed_by_the_relay() -> bool:
+            stats = hook_env.read_state(c.id)["stats"]
+            return stats["tcp_total"] == 1 and stats["tcp_open"] == 0
+
+        wait_until(closed_by_the_relay, TIMEOUT, "the relay to close the connection")
+        assert relay_sent_fin(events, sock.getsockname()[1]), "the relay's bytes were not waiting"
         data = read_to_eof(sock)
-    assert len(data) == size and hashlib.sha256(data).digest() == hashlib.sha256(stream(size, seed)).digest()
+    finally:
+        sock.close()
+    assert len(data) == size and data == stream(size, seed)
     assert fw.core.alive()
 
 
@@ -206,9 +217,11 @@ def test_a_reply_complete_before_the_container_exits_reaches_the_client_whole(co
 
 
 def relay_sent_fin(port: int, client_port: int) -> bool:
-    """The relay's socket to the client is in FIN-WAIT-1: FIN queued behind unacked bytes."""
-    r = subprocess.run(["ss", "-Htn", "state", "fin-wait-1", "sport", "=", f":{port}", "and",
-                        "dport", "=", f":{client_port}"], capture_output=True, timeout=10, check=True)
+    """The relay's socket to the client has its FIN queued behind bytes the client has not
+    acknowledged: FIN-WAIT-1, or LAST-ACK when the client's FIN came first."""
+    r = subprocess.run(["ss", "-Htn", "state", "fin-wait-1", "state", "last-ack", "state", "closing",
+                        "sport", "=", f":{port}", "and", "dport", "=", f":{client_port}"],
+                       capture_output=True, timeout=10, check=True)
     return bool(r.stdout.strip())
 
 
