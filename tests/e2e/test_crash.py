@@ -5,8 +5,10 @@ death also rootless).
   the host client gets a reset (not EOF) and the service in the container sees a reset (not
   EOF) on the upload; what the service saw comes from netserver's `report`, asked inside the
   container's netns (the forwarding may be gone).
-- An orderly end is still FIN after every byte (sha256): a download whose reader lags behind
-  (the relay closes with bytes still in its send buffer), and a half-close each way.
+- An orderly end is still FIN after every byte: a download whose reader lags behind (the relay
+  closes with bytes still in its send buffer), a half-close each way (sha256), and a reply the
+  service completed before its container exited, the client's side still open (the teardown
+  kills the core: the complete way to the client is delivered whole, not reset).
 - Connections queued in the listeners' backlog while the core is stopped are served by the
   restarted core (the supervisor holds the listeners).
 - Traffic counters survive a core restart: the state file's figures after three SIGKILLs are
