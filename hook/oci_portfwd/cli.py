@@ -145,7 +145,19 @@ def _check_config(rest: list[str]) -> int:
         # As JSON writes it: the config's 2 stays 2 (not 2.0), false stays false.
         print(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
     print(f"  state_dir: {state_dir_of(config, os.environ)}")
+    print(f"  runtime: {_runtime_line(config.runtime)}")
     return 0
+
+
+def _runtime_line(configured: str | None) -> str:
+    from .runtime_wrapper import RuntimeNotFound, resolve_runtime  # noqa: PLC0415
+
+    search_path = os.environ.get("PATH", os.defpath)
+    try:
+        found = resolve_runtime(configured, search_path, own="")
+    except RuntimeNotFound as e:
+        found = f"NOT FOUND ({e})"
+    return f"{configured or 'default: runc, else crun'} -> {found} (oci-portfwd-runtime, with this PATH)"
 
 
 def _ps() -> int:

@@ -32,6 +32,8 @@ class Config:
     ready_timeout: float = 10
     log_level: str = "info"
     allow_host_loopback: bool = False
+    # oci-portfwd-runtime's real runtime (None: runc, else crun, on PATH); the hook ignores it.
+    runtime: str | None = None
     source: str = "built-in defaults"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import Config, load_config, state_dir_of
 from .drivers import get_driver
 from .errors import PortfwdError
+from .hostnet import refuse_unless_host_netns
 from .listeners import bind_all, bind_targets, ipv6_available
 from .logs import close_log, open_log
 from .namespaces import shares_our_netns
@@ -58,6 +59,7 @@ def _prestart(
             ", ".join(str(m) for m in plan.mappings),
         )
         return 0
+    refuse_unless_host_netns()
     if _already_forwarding(state_dir, plan.container_id, plan.container_pid, log):
         return 0
     plan = driver.check(plan, log.warning)

@@ -12,9 +12,11 @@ def expected_files(tree) -> set[str]:
     files = {
         "etc/containers/oci-portfwd.json",
         "usr/bin/oci-portfwd-hook",
+        "usr/bin/oci-portfwd-runtime",
         "usr/libexec/oci/hooks.d/oci-portfwd-hook",
         "usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
         "usr/share/man/man1/oci-portfwd-hook.1.gz",
+        "usr/share/man/man1/oci-portfwd-runtime.1.gz",
         "usr/share/man/man5/oci-portfwd.json.5.gz",
         "usr/share/doc/oci-portfwd-hook/README.md.gz",
         "usr/share/doc/oci-portfwd-hook/changelog.gz",
@@ -52,6 +54,7 @@ def test_deb_ships_every_file(built_deb):
                                f"unexpected: {sorted(files - expected)}")
     assert members["usr/libexec/oci/hooks.d/oci-portfwd-hook"][0] == "-rwxr-xr-x"
     assert members["usr/bin/oci-portfwd-hook"][0] == "-rwxr-xr-x"
+    assert members["usr/bin/oci-portfwd-runtime"][0] == "-rwxr-xr-x"
 
 
 def test_deb_control(built_deb):
@@ -81,6 +84,8 @@ def test_deb_conffile_and_packaged_files(built_deb, tmp_path):
     hook = (tmp_path / "usr/libexec/oci/hooks.d/oci-portfwd-hook").read_text()
     assert hook.startswith("#!/usr/bin/python3 "), hook.splitlines()[0]
     assert (tmp_path / "usr/bin/oci-portfwd-hook").read_text().startswith("#!/usr/bin/python3\n")
+    wrapper = (tmp_path / "usr/bin/oci-portfwd-runtime").read_text()
+    assert wrapper.startswith("#!/usr/bin/python3\n") and "oci_portfwd.runtime_wrapper" in wrapper
 
 
 def test_lintian_reports_no_errors(built_deb):

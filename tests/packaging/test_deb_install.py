@@ -29,6 +29,7 @@ CONFIG = Path("/etc/containers/oci-portfwd.json")
 HOOK = Path("/usr/libexec/oci/hooks.d/oci-portfwd-hook")
 HOOKS_D_FILE = Path("/usr/share/containers/oci/hooks.d/oci-portfwd-hook.json")
 CLI = Path("/usr/bin/oci-portfwd-hook")
+WRAPPER = Path("/usr/bin/oci-portfwd-runtime")
 PY_PACKAGE = Path("/usr/lib/python3/dist-packages/oci_portfwd")
 STATE_DIR = Path("/run/oci-portfwd")
 # Whatever dpkg may leave next to a conffile.
@@ -128,7 +129,7 @@ def installed(built_deb):
     if status not in ("", "un"):
         pytest.skip(f"NOT TOUCHING THIS MACHINE: {PACKAGE} is already known to dpkg (status "
                     f"{status!r}), installed from elsewhere; `dpkg --purge {PACKAGE}` to run this")
-    present = [str(p) for p in (CONFIG, HOOK, HOOKS_D_FILE, CLI, PY_PACKAGE, *CONFFILE_LEFTOVERS)
+    present = [str(p) for p in (CONFIG, HOOK, HOOKS_D_FILE, CLI, WRAPPER, PY_PACKAGE, *CONFFILE_LEFTOVERS)
                if p.exists() or p.is_symlink()]
     if present:
         pytest.skip(f"NOT TOUCHING THIS MACHINE: files of {PACKAGE} exist without the package "
@@ -168,6 +169,27 @@ def test_installed_hook_runs_on_debian_python(installed):
     r = run([str(CLI), "check-config"], env={"PATH": "/usr/bin:/bin"})
     assert str(CONFIG) in r.stdout and str(STATE_DIR) in r.stdout, r.stdout
     assert json.loads(HOOKS_D_FILE.read_text())["hook"]["path"] == str(HOOK)
+
+
+def test_installed_wrapper_adds_the_packaged_hook(installed, tmp_path):
+    """/usr/bin/oci-portfwd-runtime puts /usr/libexec's hook in the spec, then execs the runtime
+    of the config (here a script that records its arguments)."""
+    fake = tmp_path / "fake-runc"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\n")
+    fake.chmod(0o755)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"runtime": str(fake)}))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(
+        {"ociVersion": "1.0.2", "process": {"env": ["OCI_PORTFWD_PORTS=8080:80"]}}))
+    run([str(WRAPPER), "create", "--bundle", str(bundle), "cid"],
+        env={"PATH": "/usr/bin:/bin", "OCI_PORTFWD_CONFIG": str(config)})
+    assert (tmp_path / "args").read_text().split() == ["create", "--bundle", str(bundle), "cid"]
+    spec = json.loads((bundle / "config.json").read_text())
+    assert spec["annotations"] == {"io.oci-portfwd.ports": "8080:80"}
+    assert spec["hooks"]["prestart"] == [{"path": str(HOOK), "args": ["oci-portfwd-hook", "prestart"]}]
+    assert spec["hooks"]["poststop"] == [{"path": str(HOOK), "args": ["oci-portfwd-hook", "poststop"]}]
 
 
 @pytest.fixture

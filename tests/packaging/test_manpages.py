@@ -30,7 +30,15 @@ def test_command_page_names_every_command():
         assert command in page, command
 
 
-@pytest.mark.parametrize("page", ["oci-portfwd-hook.1", "oci-portfwd.json.5"])
+def test_runtime_page_names_the_engines_and_the_requests():
+    page = (MAN / "oci-portfwd-runtime.1").read_text()
+    for word in ("runtimes", "\\-\\-runtime portfwd", "BinaryName", "pod_annotations",
+                 "container_annotations", "nerdctl", "CRI\\-O", "OCI_PORTFWD_PORTS",
+                 "io.oci\\-portfwd.ports", "rootlesskit", "EXIT STATUS"):
+        assert word in page, word
+
+
+@pytest.mark.parametrize("page", ["oci-portfwd-hook.1", "oci-portfwd-runtime.1", "oci-portfwd.json.5"])
 def test_page_renders_without_warnings(page):
     if shutil.which("man") is None:
         pytest.skip("missing tool: man (package man-db)")
