@@ -7,7 +7,6 @@ is signalled. It never joins the container's namespaces itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import select
@@ -21,7 +20,7 @@ from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
 from .source_address import SourceBinder
-from .stats import REPORT_EVERY, Totals
+from .stats import new_counters
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
 from .udp_relay import UdpListener
@@ -72,6 +71,7 @@ def run_core(
 
     pool = SocketPool(dialer_sock, on_hello, on_error)
     pipes = PipePool()
+    counts = status.counters if status.counters is not None else new_counters()
 
     def on_routing(notes: list[str], took_ms: int) -> None:
         ready = [f"IPv{4 if f == socket.AF_INET else 6}" for f, ok in pool.routing.ready.items() if ok]
@@ -102,9 +102,9 @@ def run_core(
         server: TcpListener | UdpListener
         source = SourceBinder(str(t), pool.routing, log) if plan.source_address == "client" else None
         if t.proto == "tcp":
-            server = TcpListener(loop, pool, pipes, listener.sock, targets, log, t.mapping.proxy, source)
+            server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy, source)
         else:
-            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, log, source)
+            server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, counts, log, source)
         server.start()
         servers.append((listener, server))
         log.debug("serving %s → %s", t, " then ".join(str(x) for x in targets))
@@ -116,8 +116,6 @@ def run_core(
 
         loop.register(until_readable, select.EPOLLIN, stop)
     status.ready()
-    # After "ready": before it, the supervisor reads nothing but the ready line.
-    _report_totals(loop, [server for _, server in servers], status, None)
     loop.run()
     return 3
 
@@ -132,19 +130,6 @@ def client_udp_ports(listeners: Sequence[Listener]) -> list[tuple[int, int]]:
         else:
             ranges.append((port, port))
     return ranges
-
-
-def _report_totals(
-    loop: EventLoop, servers: Sequence[TcpListener | UdpListener], status: StatusWriter, last: dict[str, int] | None
-) -> None:
-    """Every few seconds, the totals up the status pipe when they changed (for `ps`)."""
-    totals = Totals()
-    for server in servers:
-        totals.add(server.snapshot())
-    now = totals.as_dict()
-    if now != last:
-        status.send("stats " + json.dumps(now, separators=(",", ":")))
-    loop.call_later(REPORT_EVERY, lambda: _report_totals(loop, servers, status, now))
 
 
 def _raise_fd_limit(log: logging.Logger) -> None:

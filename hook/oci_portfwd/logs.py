@@ -52,6 +52,24 @@ def open_log(path: Path | None, level: str, *, stderr: bool) -> logging.Logger:
     return logger
 
 
+def append_line(path: Path, level: str, message: str) -> None:
+    """One line in a container's log, formatted as its own lines are (for poststop, which
+    does not open the log as a logger: the file only, no second syslog line)."""
+    line = logging.Formatter(FORMAT).format(
+        logging.LogRecord("oci-portfwd", logging.getLevelName(level), "", 0, message, None, None)
+    )
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return  # the log cannot be written: poststop still says so on stderr and syslog
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.write(fd, (line + "\n").encode(errors="replace"))
+    finally:
+        os.close(fd)
+
+
 def close_log(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()

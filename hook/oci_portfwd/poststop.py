@@ -1,27 +1,36 @@
 """poststop: stop the container's supervisor and free its ports. Idempotent; never blocks
-the container's deletion: nothing to stop is success."""
+the container's deletion: nothing to stop is success.
+
+The container's log goes with an uneventful forwarding. It stays when it records an error:
+a failed start, a core that died, or a supervisor found dead here (the container ran on
+without forwarding; poststop writes that into the log). Kept logs of containers that are
+gone are pruned here: at most KEEP_LOGS of them, none older than KEEP_LOGS_FOR.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from .config import Config, load_config, state_dir_of
 from .errors import ConfigError
-from .logs import close_log, open_log
+from .logs import append_line, close_log, open_log
 from .polling import wait_readable
 from .state import parse_state
 from .statefile import Record, is_alive, log_path, prune_logs, read_record, remove_record
 
 STOP_TIMEOUT = 5.0
 KILL_TIMEOUT = 2.0
-# A log that records an error (a failed create, a core that crashed) is kept this long
-# for the user to read; the log of an uneventful forwarding is removed at poststop.
-KEEP_FAILURE_LOGS = 24 * 3600.0
+# A log that records an error (a failed create, a core that crashed, a supervisor that
+# died) is kept for the user to read, this long and at most this many of them; the log of
+# an uneventful forwarding is removed at poststop.
+KEEP_LOGS_FOR = 24 * 3600.0
+KEEP_LOGS = 100
 FAILURE_MARKS = (b" ERROR ", b"Traceback (most recent call last)")
 
 
@@ -44,15 +53,29 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
         if broken_config is not None:
             log.warning("%s; looking for the forwarding in the default state dir %s", broken_config, state_dir)
         record = read_record(state_dir, state.id)
+        died = None
         if record is None:
             log.info("container %s has no forwarding (already stopped)", state.id)
         elif is_alive(record):
             stop_supervisor(record, log)
         else:
-            log.info("supervisor of container %s is already gone", state.id)
+            # Only a supervisor that died leaves its state file: its own teardown (the
+            # container exited) removes it. The container ran on without its ports.
+            died = f"supervisor pid {record.supervisor_pid} is gone"
+        path = log_path(state_dir, state.id)
+        if died is not None:
+            append_line(path, "ERROR", f"poststop: the forwarding died before poststop ({died})")
         remove_record(state_dir, state.id)
-        _remove_log_unless_failed(state_dir, state.id)
-        prune_logs(state_dir, KEEP_FAILURE_LOGS, time.time())
+        error = _first_error(path)
+        if error is None:
+            _unlink(path)
+        elif died is not None:
+            log.warning("the forwarding of container %s died before poststop (%s); its log is kept: %s",
+                        state.id, died, path)
+        else:
+            log.warning("the forwarding of container %s logged an error (%s); its log is kept: %s",
+                        state.id, error, path)
+        prune_logs(state_dir, KEEP_LOGS_FOR, KEEP_LOGS, time.time())
     finally:
         close_log(log)
     return 0
@@ -93,15 +116,30 @@ def stop_supervisor(record: Record, log: logging.Logger) -> None:
         os.close(pidfd)
 
 
-def _remove_log_unless_failed(state_dir: Path, container_id: str) -> None:
-    path = log_path(state_dir, container_id)
+def _first_error(path: Path) -> str | None:
+    """The first line of the log's last MiB that records an error (shortened), or None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return
+        return None
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        size = st.st_size
         f.seek(max(0, size - (1 << 20)))
-        text = f.read()
-    if not any(mark in text for mark in FAILURE_MARKS):
+        text = f.read(1 << 20)
+    for line in text.splitlines():
+        for mark in FAILURE_MARKS:
+            at = line.find(mark)
+            if at >= 0:
+                found = line[at + len(mark) :].decode(errors="replace").strip() or mark.decode().strip()
+                return found if len(found) <= 160 else found[:157] + "..."
+    return None
+
+
+def _unlink(path: Path) -> None:
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass

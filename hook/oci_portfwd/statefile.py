@@ -196,21 +196,29 @@ def remove_record(state_dir: Path, container_id: str, *, owner_pid: int | None =
     _unlink(record_path(state_dir, container_id))
 
 
-def prune_logs(state_dir: Path, max_age: float, now: float) -> None:
-    """Remove logs of containers that are gone (no state file) and older than max_age."""
+def prune_logs(state_dir: Path, max_age: float, max_count: int, now: float) -> None:
+    """Of the logs of containers that are gone (no state file), remove those older than
+    max_age, then the oldest beyond max_count."""
     try:
-        names = os.listdir(state_dir)
+        names = set(os.listdir(state_dir))
     except FileNotFoundError:
         return
+    kept: list[tuple[float, Path]] = []
     for name in names:
         if not name.endswith(".log") or f"{name[: -len('.log')]}.json" in names:
             continue
         path = state_dir / name
         try:
-            if now - os.lstat(path).st_mtime > max_age:
+            mtime = os.lstat(path).st_mtime
+            if now - mtime > max_age:
                 os.unlink(path)
+            else:
+                kept.append((mtime, path))
         except FileNotFoundError:
             pass
+    kept.sort(reverse=True)
+    for _, path in kept[max_count:]:
+        _unlink(path)
 
 
 def list_records(state_dir: Path) -> list[Record | Damaged]:

@@ -12,12 +12,15 @@ import time
 from dataclasses import dataclass
 
 from .polling import wait_readable
+from .stats import Counters
 
 
 class StatusWriter:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, counters: Counters | None = None) -> None:
         self.fd = fd
         self.said_ready = False
+        # The core's traffic counters, shared with the supervisor (stats.py); not lines.
+        self.counters = counters
 
     def send(self, line: str) -> None:
         if self.fd < 0:

@@ -10,7 +10,6 @@ whole life, runs the driver's core as its child and restarts it when it dies.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from .plan import Plan
 from .polling import wait_readable
 from .procfs import children, close_fds_except, process_start_time
 from .statefile import Record, remove_record, write_record
-from .stats import Totals
+from .stats import FIELDS, TCP_OPEN, Counters, as_dict, new_counters, read
 from .status import StatusReader, StatusWriter
 
 BACKOFF_FIRST = 0.05
@@ -131,6 +130,7 @@ class Core:
     pidfd: int
     status: StatusReader
     started_at: float
+    counts: Counters
     ready: bool = False
 
 
@@ -141,9 +141,9 @@ class Supervisor:
         self.report = report
         self.log = log
         self.stop_reason: str | None = None
-        # Totals of cores that died: a restarted core counts from zero again.
-        self.earlier = Totals()
-        self.current = Totals()
+        # Traffic of the cores that died: a restarted core counts from zero again.
+        self.earlier = [0] * len(FIELDS)
+        self.published: list[int] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
@@ -180,8 +180,10 @@ class Supervisor:
                 ports=tuple(str(m) for m in self.plan.mappings),
                 log=str(self.ctx.log_path),
                 created=time.time(),
+                stats=as_dict(read(core.counts)),
             )
             write_record(self.ctx.state_dir, self.record)
+            self.published = read(core.counts)
             # Lines that came with "ready" in the same read wait in the buffer.
             for line in core.status.lines():
                 self._on_core_line(core, line)
@@ -214,13 +216,14 @@ class Supervisor:
     # the core
     def _spawn_core(self) -> Core:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        counts = new_counters()
 
         def core() -> int:
             os.close(status_r)
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
-            status = StatusWriter(status_w)
+            status = StatusWriter(status_w, counts)
             try:
                 return self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log)
             except StartError as e:
@@ -230,7 +233,7 @@ class Supervisor:
 
         pid = fork_child(core)
         os.close(status_w)
-        return Core(pid, os.pidfd_open(pid), StatusReader(status_r), time.monotonic())
+        return Core(pid, os.pidfd_open(pid), StatusReader(status_r), time.monotonic(), counts)
 
     def _await_first_ready(self, core: Core) -> None:
         deadline = time.monotonic() + self.plan.ready_timeout
@@ -289,18 +292,22 @@ class Supervisor:
                         self._on_core_line(current, line)
                 if current.pidfd in readable:
                     lived = time.monotonic() - current.started_at
-                    self.log.warning(
+                    # An error, so that poststop keeps the log: the builtin core's open
+                    # connections were reset (see tcp_relay), which a user may need explained.
+                    self.log.error(
                         "forwarding core pid %d died (%s) after %.1fs; restarting it",
                         current.pid, self._reap_core(current), lived,
                     )
                     if lived > STABLE_AFTER:
                         backoff = BACKOFF_FIRST
                     delay, backoff = backoff, min(backoff * 2, BACKOFF_MAX)
-                    self.current.tcp_open = 0  # its connections died with it
-                    self.earlier.add(self.current)
-                    self.current = Totals()
+                    # Its page holds its figures up to its last splice; its connections are gone.
+                    final = read(current.counts)
+                    final[TCP_OPEN] = 0
+                    self.earlier = [a + b for a, b in zip(self.earlier, final, strict=True)]
                     restart_at = time.monotonic() + delay
                     current = None
+                self._publish_stats(current)
             elif time.monotonic() >= restart_at:
                 current = self._spawn_core()
                 self.log.info("forwarding core restarted, pid %d", current.pid)
@@ -309,18 +316,16 @@ class Supervisor:
         return reason
 
     def _on_core_line(self, core: Core, line: str) -> None:
-        word, _, rest = line.partition(" ")
-        if word != "stats":
-            self.log.info("core pid %d: %s", core.pid, line)
+        self.log.info("core pid %d: %s", core.pid, line)
+
+    def _publish_stats(self, core: Core | None) -> None:
+        """The state file's traffic figures (for `ps`): the dead cores' plus the running
+        one's, rewritten when they changed; called at least once a second by the watch."""
+        values = self.earlier if core is None else [a + b for a, b in zip(self.earlier, read(core.counts), strict=True)]
+        if values == self.published:
             return
-        try:
-            self.current = Totals(**json.loads(rest))
-        except (ValueError, TypeError):
-            self.log.warning("core pid %d sent unreadable stats: %r", core.pid, rest[:200])
-            return
-        total = Totals(**self.earlier.as_dict())
-        total.add(self.current)
-        self.record = replace(self.record, stats=total.as_dict())
+        self.published = values
+        self.record = replace(self.record, stats=as_dict(values))
         try:
             write_record(self.ctx.state_dir, self.record)
         except OSError as e:

@@ -9,6 +9,12 @@
          bytes are in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
          reset on one side → reset on the other (SO_LINGER 0)
+
+Both sockets carry SO_LINGER {1, 0} from the start (the client's inherited from the
+listener, the container side's set by the dialer): when this process dies without closing
+them (SIGKILL, a crash, its supervisor killed), the kernel resets both ends, so a truncated
+transfer never looks like a complete one. Step 4 clears it on a socket when its outgoing
+way is complete (shutdown_write), so that FIN follows the last byte whatever happens next.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 from .proxy_header import header_for
 from .source_address import Address, SourceBinder
-from .stats import Totals
+from .stats import TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CLIENT, TO_CONTAINER, Counters
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bigger pipes mean fewer splice calls per byte; the kernel caps an unprivileged pipe at
@@ -40,6 +46,7 @@ ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLE
 # Events that mean "something to read" (data, EOF, an error) on a socket.
 INPUT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_OFF = struct.pack("ii", 0, 0)
 # A refused or unreachable dial of one family falls back to the next target.
 DIAL_FALLBACK_ERRNOS = {
     errno.ECONNREFUSED,
@@ -96,9 +103,11 @@ class PipePool:
 class Direction:
     """One way of a connection: src → pipe → dst with splice; no bytes through Python."""
 
-    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done", "moved")
+    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done", "counts", "slot")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, pipes: PipePool, counts: Counters, slot: int
+    ) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
@@ -107,18 +116,19 @@ class Direction:
         self.buffered = 0
         self.eof = False
         self.done = False
-        self.moved = 0
+        self.counts = counts
+        self.slot = slot  # TO_CONTAINER or TO_CLIENT
 
     def pump(self) -> None:
         """Move what can be moved now; returns at EAGAIN (edge-triggered: drain fully)."""
-        splice = os.splice
+        splice, counts, slot = os.splice, self.counts, self.slot
         while not self.done:
             try:
                 if self.buffered:
                     assert self.pipe is not None
                     sent = splice(self.pipe[0], self.dst, self.buffered, flags=SPLICE_FLAGS)
                     self.buffered -= sent
-                    self.moved += sent
+                    counts[slot] += sent  # shared with the supervisor: survives a crash
                 elif self.eof:
                     self._return_pipe()
                     shutdown_write(self.dst_sock)
@@ -157,7 +167,12 @@ class Direction:
 
 
 def shutdown_write(sock: socket.socket) -> None:
+    """Every byte of this way is queued: FIN after it. From here this socket's close must
+    deliver, not reset, what is still in its send buffer (even if this process dies): the
+    way towards its peer is complete. Its incoming way is still guarded: unread bytes at
+    close, or any the peer sends after it, get a reset from the kernel."""
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
         sock.shutdown(socket.SHUT_WR)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
@@ -172,6 +187,7 @@ class TcpConnection:
         pipes: PipePool,
         client: socket.socket,
         targets: Sequence[Target],
+        counts: Counters,
         log: logging.Logger,
         on_close: Callable[[TcpConnection], None],
         peer: Address = (),
@@ -181,6 +197,7 @@ class TcpConnection:
         self.loop = loop
         self.pool = pool
         self.pipes = pipes
+        self.counts = counts
         self.client = client
         self.targets = list(targets)
         self.log = log
@@ -264,8 +281,8 @@ class TcpConnection:
             return
         self.answered = True
         self.ways = (
-            Direction(self.client, self.upstream, self.pipes),
-            Direction(self.upstream, self.client, self.pipes),
+            Direction(self.client, self.upstream, self.pipes, self.counts, TO_CONTAINER),
+            Direction(self.upstream, self.client, self.pipes, self.counts, TO_CLIENT),
         )
         self.loop.register(self.client.fileno(), ET_EVENTS, self._on_client)
         if self.upstream.fileno() in self.loop.handlers:
@@ -342,10 +359,10 @@ class TcpConnection:
             if sock is None:
                 continue
             self.loop.unregister(sock.fileno())
-            if graceful:
-                sock.close()
-            else:
-                reset(sock)
+            # Graceful: both ways ended in FIN, and shutdown_write() turned the crash-time
+            # reset off on both sockets. Otherwise SO_LINGER {1, 0}, set since
+            # accept/socket(), is still on: close() resets the peer.
+            sock.close()
         if self.ways:
             for way in self.ways:
                 way.close()
@@ -364,6 +381,7 @@ class TcpListener:
         pipes: PipePool,
         sock: socket.socket,
         targets: Sequence[Target],
+        counts: Counters,
         log: logging.Logger,
         proxy: bool = False,
         source: SourceBinder | None = None,
@@ -373,29 +391,21 @@ class TcpListener:
         self.pipes = pipes
         self.sock = sock
         self.targets = tuple(targets)
+        self.counts = counts
         self.log = log
         self.proxy = proxy  # each connection starts with a PROXY protocol v2 header
         self.source = source
         self.connections: set[TcpConnection] = set()
-        self.totals = Totals()
+        # Accepted sockets inherit SO_LINGER from the listener (the kernel clones it): every
+        # client socket resets its peer if this process dies holding it, at no cost per
+        # connection. Set again by each core; a listener's own close is unaffected.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
 
     def _closed(self, conn: TcpConnection) -> None:
         self.connections.discard(conn)
-        if conn.ways:
-            self.totals.bytes_to_container += conn.ways[0].moved
-            self.totals.bytes_to_client += conn.ways[1].moved
+        self.counts[TCP_OPEN] -= 1
         if not conn.answered:
-            self.totals.tcp_unanswered += 1
-
-    def snapshot(self) -> Totals:
-        """Totals of closed connections plus the open ones' bytes so far."""
-        now = Totals(tcp_open=len(self.connections))
-        now.add(self.totals)
-        for conn in self.connections:
-            if conn.ways:
-                now.bytes_to_container += conn.ways[0].moved
-                now.bytes_to_client += conn.ways[1].moved
-        return now
+            self.counts[TCP_UNANSWERED] += 1
 
     def start(self) -> None:
         self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
@@ -424,9 +434,10 @@ class TcpListener:
                 client.close()  # reset before we could ask its address: nobody to serve
                 continue
             conn = TcpConnection(
-                self.loop, self.pool, self.pipes, client, self.targets, self.log, self._closed, peer,
-                self.source, preamble
+                self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed,
+                peer, self.source, preamble,
             )
             self.connections.add(conn)
-            self.totals.tcp_total += 1
+            self.counts[TCP_OPEN] += 1
+            self.counts[TCP_TOTAL] += 1
             conn.start()

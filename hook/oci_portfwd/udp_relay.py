@@ -10,6 +10,9 @@
       3. ICMP refusal (ECONNREFUSED) before any reply → the other family, resending the
          last datagram, as TCP does on a refused dial
       4. no traffic for udp_idle_timeout → the session is forgotten
+
+UDP has no connection to reset: when this process dies, clients just stop getting replies
+and the restarted core starts new sessions.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 from .source_address import Address, SourceBinder
-from .stats import Totals
+from .stats import TO_CLIENT, TO_CONTAINER, UDP_DATAGRAMS, UDP_SESSIONS, Counters
 
 MAX_DATAGRAM = 65535
 # Not exported by Python's socket module: <linux/in.h> and <linux/in6.h>.
@@ -45,6 +48,7 @@ class UdpListener:
         sock: socket.socket,
         targets: Sequence[Target],
         idle_timeout: float,
+        counts: Counters,
         log: logging.Logger,
         source: SourceBinder | None = None,
     ) -> None:
@@ -56,7 +60,7 @@ class UdpListener:
         self.log = log
         self.source = source
         self.sessions: dict[Address, UdpSession] = {}
-        self.totals = Totals()
+        self.counts = counts
         # One buffer per listener: no allocation per datagram on the way in.
         self.buffer = bytearray(MAX_DATAGRAM)
         self.view = memoryview(self.buffer)
@@ -78,17 +82,14 @@ class UdpListener:
             if session is None:
                 session = UdpSession(self, client)
                 self.sessions[client] = session
-                self.totals.udp_sessions += 1
+                self.counts[UDP_SESSIONS] += 1
                 session.start()
-            self.totals.udp_datagrams += 1
-            self.totals.bytes_to_container += size
+            self.counts[UDP_DATAGRAMS] += 1
+            self.counts[TO_CONTAINER] += size
             session.to_container(self.view[:size])
 
-    def snapshot(self) -> Totals:
-        return Totals(**self.totals.as_dict())
-
     def send_to_client(self, data: memoryview, client: Address) -> None:
-        self.totals.bytes_to_client += len(data)
+        self.counts[TO_CLIENT] += len(data)
         try:
             self.sock.sendto(data, client)
         except (BlockingIOError, InterruptedError):

@@ -12,6 +12,9 @@ Usage: netserver.py SPEC...   SPEC = KIND:PORT   (each on 0.0.0.0 and on :: with
             send-reset N     send N bytes, wait 0.3 s, then reset
             send N SEED      send stream(N, SEED) in chunks of random sizes, then shut our
                              side down and read to the end
+            stream           send without a length (a CGI stream, a log tail) until the
+                             connection fails; record "reset N" or "error N ERRNO"
+            exit             end the server process at once (the container's init: it exits)
             report           (TOKEN is the one to report on) reply what was recorded for it,
                              waiting up to 10 s for it, then close
   A test sees what the server saw through "report", never through timing.
@@ -19,6 +22,7 @@ Usage: netserver.py SPEC...   SPEC = KIND:PORT   (each on 0.0.0.0 and on :: with
 
 import errno
 import hashlib
+import os
 import random
 import select
 import socket
@@ -176,6 +180,17 @@ def _watch(conn: socket.socket, token: str) -> None:
     _record(token, f"eof {n} {h.hexdigest()}")
 
 
+def _stream(conn: socket.socket, token: str) -> None:
+    block, n = bytes(range(256)) * 256, 0
+    try:
+        while True:
+            n += conn.send(block)
+    except (ConnectionResetError, BrokenPipeError):
+        _record(token, f"reset {n}")
+    except OSError as e:
+        _record(token, f"error {n} {e.errno}")
+
+
 def _events_conn(conn: socket.socket) -> None:
     try:
         words = _read_line(conn).decode().split()
@@ -208,6 +223,10 @@ def _events_conn(conn: socket.socket) -> None:
             conn.shutdown(socket.SHUT_WR)
             while conn.recv(1 << 16):
                 pass
+        elif action == "stream":
+            _stream(conn, token)
+        elif action == "exit":
+            os._exit(0)
         elif action == "report":
             with _results_cond:
                 _results_cond.wait_for(lambda: token in _results, timeout=10)

@@ -167,8 +167,9 @@ def test_core_sigkill_with_50_open_connections(containers, hook_env, port_alloc)
     # Only the probe in flight at the kill may be lost; every one started after it succeeds.
     failed_after = [p for p in after if p.outcome != "ok"]
     assert not failed_after, f"probes started after the kill failed: {failed_after}"
-    # The connections through the dead core end (reset or closed), none hangs half-open.
-    assert "timeout" not in ends and all(e in ("eof", "reset") for e in ends), ends
+    # The connections through the dead core end in a reset (a crash never looks like a clean
+    # close), none hangs half-open.
+    assert all(e == "reset" for e in ends), ends
     # The new core serves as many connections again, and its dialer is there.
     more = open_echo_connections(port, OPEN_CONNECTIONS)
     for sock in more:

@@ -1,8 +1,17 @@
-"""Which logs stay after the container is gone: only those that explain a failure."""
+"""Which logs stay after the container is gone: only those that explain a failure (a failed
+start, a core that died, a supervisor that died before poststop), and not too many of them."""
 
+import os
+import signal
 import socket
+import time
+from pathlib import Path
 
+from e2ekit import clients
+from e2ekit.forwarding import CORE, child_by_comm, forwarding_of, wait_dead
+from e2ekit.hookenv import oci_state
 from e2ekit.services import Services
+from e2ekit.wait import wait_until
 
 WHO = 81
 
@@ -28,3 +37,72 @@ def test_log_of_a_failed_start_is_kept(containers, hook_env, port_alloc):
         assert not c.create().ok
     c.stop()  # runc runs poststop after a failed create; crun does not
     assert "already in use" in hook_env.log_text(c.id)
+
+
+def test_poststop_keeps_the_log_of_a_forwarding_that_died(containers, hook_env, port_alloc):
+    """The supervisor killed: the container runs on without its ports; the later poststop keeps
+    the log, writes why into it and says so in one line."""
+    port = port_alloc.take()
+    services = Services().whoami(WHO)
+    c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{WHO}")
+    services.wait_ready(c.start())
+    fw = forwarding_of(hook_env, c.id)
+    os.kill(fw.supervisor.pid, signal.SIGKILL)
+    wait_dead(list(fw.procs.values()), 5)
+    # Until the dead supervisor is reaped its start time still matches: poststop would signal it.
+    wait_until(lambda: not Path(f"/proc/{fw.supervisor.pid}").exists(), 10, "the supervisor to be reaped")
+
+    r = hook_env.run("poststop", stdin=oci_state(c.id, "stopped", c.bundle), cwd=c.bundle)
+    assert r.returncode == 0, r
+    said = r.stderr.decode().splitlines()
+    log = hook_env.log_file(c.id)
+    assert len(said) == 1 and "died before poststop" in said[0] and str(log) in said[0], said
+    assert f"supervisor pid {fw.supervisor.pid} is gone" in said[0], said
+    assert "ERROR poststop: the forwarding died before poststop" in hook_env.log_text(c.id)
+    assert not hook_env.state_file(c.id).exists()
+
+    result = c.stop()  # the runtime's own poststop: nothing left to stop, the log stays
+    assert result is not None and result.ok, result
+    assert log.exists(), "the evidence was removed by a later poststop"
+
+
+def test_log_of_a_core_that_died_is_kept(containers, hook_env, port_alloc):
+    port = port_alloc.take()
+    services = Services().whoami(WHO)
+    c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{WHO}")
+    services.wait_ready(c.start())
+    fw = forwarding_of(hook_env, c.id)
+    os.kill(fw.core.pid, signal.SIGKILL)
+    wait_until(lambda: child_by_comm(fw.supervisor.pid, CORE, (fw.core.pid,)), 10, "a restarted core")
+    assert clients.whoami("127.0.0.1", port)[1] == WHO  # forwarding on, with the new core
+    # poststop as the runtime runs it (whose stderr neither runtime shows after a good delete)
+    r = hook_env.run("poststop", stdin=oci_state(c.id, "stopped", c.bundle), cwd=c.bundle)
+    assert r.returncode == 0, r
+    said = r.stderr.decode().splitlines()
+    assert len(said) == 1 and "logged an error" in said[0] and str(hook_env.log_file(c.id)) in said[0], said
+    assert f"core pid {fw.core.pid} died (killed by SIGKILL)" in said[0], said
+    result = c.stop()
+    assert result is not None and result.ok, result
+    text = hook_env.log_text(c.id)
+    assert f"ERROR forwarding core pid {fw.core.pid} died (killed by SIGKILL)" in text, text
+
+
+def test_kept_logs_are_bounded_by_age_and_count(containers, hook_env, port_alloc):
+    """Kept logs of containers long gone: none older than a day, at most the newest 100."""
+    port = port_alloc.take()
+    services = Services().whoami(WHO)
+    c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{WHO}")
+    services.wait_ready(c.start())
+    now = time.time()
+    old = [hook_env.state_dir / f"gone-old-{i}.log" for i in range(3)]
+    recent = [hook_env.state_dir / f"gone-{i:03d}.log" for i in range(110)]
+    for i, path in enumerate(old):
+        path.write_text("x ERROR y\n")
+        os.utime(path, (now - 2 * 86400 - i, now - 2 * 86400 - i))
+    for i, path in enumerate(recent):
+        path.write_text("x ERROR y\n")
+        os.utime(path, (now - 3600 + i, now - 3600 + i))
+    result = c.stop()
+    assert result is not None and result.ok, result
+    left = sorted(p.name for p in hook_env.state_dir.glob("*.log"))
+    assert left == sorted(p.name for p in recent[-100:]), left

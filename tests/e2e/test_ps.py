@@ -19,12 +19,12 @@ def test_ps_lists_ports_and_traffic(containers, hook_env, port_alloc):
     def listing() -> str:
         return hook_env.run("ps").stdout.decode()
 
-    # Idle: the first report comes with "ready", so the figures are there at once.
+    # Idle: the state file carries the figures from the start.
     assert " 0/0 " in listing(), listing()
     size = 3 << 20
     assert clients.sink_roundtrip("127.0.0.1", port, size) == clients.pattern_sha256(size)
 
-    # The core reports its totals every 2 s; the listing shows them once reported.
+    # The supervisor copies the core's counters into the state file at least once a second.
     wait_until(lambda: "3.0MiB" in listing(), 6, lambda: f"3.0MiB sent in:\n{listing()}")
     row = next(line for line in listing().splitlines() if line.startswith(c.id[:12]))
     assert " up " in row and "builtin" in row and f"127.0.0.1:{port}:{SINK}/tcp" in row

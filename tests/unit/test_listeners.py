@@ -73,5 +73,20 @@ def test_prune_logs_keeps_recent_and_live_ones(tmp_path):
         (tmp_path / name).write_text("x")
     for name in ("old.log", "live.log"):
         os.utime(tmp_path / name, (1000, 1000))
-    prune_logs(tmp_path, 3600, now=1000 + 7200)
+    prune_logs(tmp_path, 3600, 10, now=1000 + 7200)
     assert sorted(os.listdir(tmp_path)) == ["live.json", "live.log", "recent.log"]
+
+
+def test_prune_logs_keeps_the_newest_when_too_many(tmp_path):
+    import os
+
+    from oci_portfwd.statefile import prune_logs
+
+    for i in range(8):
+        (tmp_path / f"gone{i}.log").write_text("x")
+        os.utime(tmp_path / f"gone{i}.log", (1000 + i, 1000 + i))
+    (tmp_path / "live.log").write_text("x")
+    os.utime(tmp_path / "live.log", (1, 1))
+    (tmp_path / "live.json").write_text("{}")
+    prune_logs(tmp_path, 3600, 3, now=1010)
+    assert sorted(os.listdir(tmp_path)) == ["gone5.log", "gone6.log", "gone7.log", "live.json", "live.log"]

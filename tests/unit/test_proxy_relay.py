@@ -13,6 +13,7 @@ from oci_portfwd.drivers import Capabilities, check_capabilities
 from oci_portfwd.errors import DriverError
 from oci_portfwd.eventloop import EventLoop
 from oci_portfwd.proxy_header import v2_header
+from oci_portfwd.stats import new_counters
 from oci_portfwd.tcp_relay import PipePool, TcpConnection, TcpListener
 
 from .test_state_config_plan import plan_for
@@ -83,7 +84,7 @@ def test_listener_sends_the_header_first_when_asked():
     host.setblocking(False)
     port = host.getsockname()[1]
     loop = EventLoop()
-    listener = TcpListener(loop, FreshSockets(), PipePool(), host, [service.target], _log(), proxy=True)
+    listener = TcpListener(loop, FreshSockets(), PipePool(), host, [service.target], new_counters(), _log(), proxy=True)
     listener.start()
     result: dict = {}
     client = threading.Thread(target=client_exchange, args=(port, b"GET / HTTP/1.0\r\n\r\n", result))
@@ -105,7 +106,7 @@ def test_listener_without_proxy_sends_only_the_clients_bytes():
     host = socket.create_server(("127.0.0.1", 0))
     host.setblocking(False)
     loop = EventLoop()
-    listener = TcpListener(loop, FreshSockets(), PipePool(), host, [service.target], _log())
+    listener = TcpListener(loop, FreshSockets(), PipePool(), host, [service.target], new_counters(), _log())
     listener.start()
     result: dict = {}
     client = threading.Thread(target=client_exchange, args=(host.getsockname()[1], b"plain", result))
@@ -134,7 +135,7 @@ def test_a_preamble_that_does_not_fit_one_send_is_finished_before_the_client_is_
     loop = EventLoop()
     closed: list = []
     conn = TcpConnection(
-        loop, FreshSockets(), PipePool(), relay_end, [service.target], _log(), closed.append, preamble=preamble
+        loop, FreshSockets(), PipePool(), relay_end, [service.target], new_counters(), _log(), closed.append, preamble=preamble
     )
     client_end.sendall(b"client bytes")
     client_end.shutdown(socket.SHUT_WR)
@@ -157,7 +158,7 @@ def test_a_service_that_resets_during_the_preamble_resets_the_client():
     loop = EventLoop()
     closed: list = []
     conn = TcpConnection(
-        loop, FreshSockets(), PipePool(), relay_end, [target], _log(), closed.append, preamble=b"x" * (8 << 20)
+        loop, FreshSockets(), PipePool(), relay_end, [target], new_counters(), _log(), closed.append, preamble=b"x" * (8 << 20)
     )
 
     def reset_the_first_connection():
