@@ -248,11 +248,13 @@ class SocketPool:
                 continue
             kind = data[1:3]
             self.pending[kind] = max(0, self.pending[kind] - len(fds))
+            family, kind_type = KINDS[kind]
             for fd in fds:
-                sock = socket.socket(fileno=fd)
-                # SCM_RIGHTS carries the file, and with it O_NONBLOCK; set it again all the
-                # same, since Python's socket object keeps its own notion of the timeout.
-                sock.setblocking(False)
+                # SCM_RIGHTS carries the file, and with it O_NONBLOCK (the dialer made it so).
+                # Family and type given, SOCK_NONBLOCK among them: Python then sets its own
+                # timeout to 0 and asks the kernel nothing but getsockname (no SO_TYPE,
+                # SO_PROTOCOL, FIONBIO: three system calls per connection fewer).
+                sock = socket.socket(family, kind_type | socket.SOCK_NONBLOCK, 0, fileno=fd)
                 waiters = self.waiters[kind]
                 if waiters:
                     waiters.popleft()(sock)

@@ -39,6 +39,12 @@ class EventLoop:
             except (OSError, ValueError):
                 pass  # already closed: the kernel dropped it from the set
 
+    def forget(self, fd: int) -> None:
+        """For an fd about to be closed that no other process holds (this process made or
+        accepted it after its last fork): close() itself drops it from the epoll set, so
+        no epoll_ctl is needed, only the handler goes."""
+        self.handlers.pop(fd, None)
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), callback))
 

@@ -5,8 +5,10 @@
       2. bind it to the client's address (source_address client), connect it to the
          container's address; refused → the next target (other family)
          (a `+proxy` mapping then writes its PROXY protocol header, before any client byte)
-      3. splice both ways, zero copy, through a pipe borrowed from a shared pool while
-         bytes are in flight (an idle connection holds two descriptors, not six)
+      3. relay both ways: small messages are copied through one shared buffer (recv_into
+         + send, two calls per message); a read that fills that buffer means bulk, and the
+         way splices, zero copy, through a pipe borrowed from a shared pool while bytes are
+         in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
          reset on one side → reset on the other (SO_LINGER 0)
 
@@ -43,8 +45,24 @@ PIPE_SIZE = 1 << 20
 CHUNK = PIPE_SIZE
 F_SETPIPE_SZ = 1031
 ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# The client's socket is watched for EPOLLOUT only once a write to it would block: until
+# then every ack, FIN and the registration itself would wake the loop for nothing.
+CLIENT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 # Events that mean "something to read" (data, EOF, an error) on a socket.
 INPUT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+# Input events after which a short read is not the end: EOF or an error is pending.
+END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
+# Small messages go through this buffer (one process, one thread: one buffer for every
+# connection; what a destination does not take at once is kept by its way). A read that
+# fills it means bulk: the way splices from there.
+COPY_SIZE = 1 << 16
+_BUFFER = bytearray(COPY_SIZE)
+_VIEW = memoryview(_BUFFER)
+# Errors of a relayed socket that end the connection with a reset both ways.
+RESET_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNREFUSED, errno.EHOSTUNREACH}
+)
 LINGER_RESET = struct.pack("ii", 1, 0)
 LINGER_OFF = struct.pack("ii", 0, 0)
 # A refused or unreachable dial of one family falls back to the next target.
@@ -101,27 +119,104 @@ class PipePool:
 
 
 class Direction:
-    """One way of a connection: src → pipe → dst with splice; no bytes through Python."""
+    """One way of a connection, src → dst. Small messages: recv_into the shared buffer and
+    send (what dst does not take is held here). Bulk: src → pipe → dst with splice, no bytes
+    through Python."""
 
-    __slots__ = ("src", "dst", "dst_sock", "pipes", "pipe", "buffered", "eof", "done", "counts", "slot")
+    __slots__ = (
+        "src", "dst", "src_sock", "dst_sock", "pipes", "pipe", "buffered", "held", "bulk", "eof", "done",
+        "counts", "slot", "watch_out",
+    )
 
     def __init__(
-        self, src: socket.socket, dst: socket.socket, pipes: PipePool, counts: Counters, slot: int
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        pipes: PipePool,
+        counts: Counters,
+        slot: int,
+        watch_out: Callable[[], None],
     ) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
+        self.src_sock = src
         self.dst_sock = dst
         self.pipes = pipes
         self.pipe: tuple[int, int] | None = None
-        self.buffered = 0
+        self.buffered = 0  # bytes in the pipe
+        self.held = b""  # copied bytes dst has not taken yet
+        self.bulk = False  # the last pump moved a buffer's worth or more: splice
         self.eof = False
         self.done = False
         self.counts = counts
         self.slot = slot  # TO_CONTAINER or TO_CLIENT
+        self.watch_out = watch_out  # called when dst is full: EPOLLOUT on dst is wanted
 
-    def pump(self) -> None:
-        """Move what can be moved now; returns at EAGAIN (edge-triggered: drain fully)."""
+    def pump(self, drain: int = 1) -> None:
+        """Move what can be moved now (edge-triggered: nothing may be left that no new event
+        will announce). A short read means the socket was empty when read: new bytes, EOF or
+        an error raise a new edge, so it ends the pump unless `drain` (the event said an EOF
+        or error is pending: read to it)."""
+        if self.done:
+            return
+        try:
+            if self.buffered or self.bulk:
+                self._splice()
+            else:
+                self._copy(drain)
+        except OSError as e:
+            if e.errno in RESET_ERRNOS:
+                raise ConnectionReset from None
+            raise
+
+    def _copy(self, drain: int) -> None:
+        counts, slot = self.counts, self.slot
+        recv_into, send = self.src_sock.recv_into, self.dst_sock.send
+        while True:
+            if self.held:
+                try:
+                    sent = send(self.held)
+                except BlockingIOError:
+                    self.watch_out()
+                    return
+                counts[slot] += sent  # shared with the supervisor: survives a crash
+                self.held = self.held[sent:]
+                if self.held:
+                    self.watch_out()
+                    return
+                # src was not read while dst was full: events (an EOF among them) may have
+                # come and gone meanwhile.
+                drain = 1
+            if self.eof:
+                shutdown_write(self.dst_sock)
+                self.done = True
+                return
+            try:
+                n = recv_into(_BUFFER)
+            except BlockingIOError:
+                return
+            if not n:
+                self.eof = True
+                continue
+            try:
+                sent = send(_VIEW[:n])
+            except BlockingIOError:
+                sent = 0
+            counts[slot] += sent
+            if sent < n:
+                self.held = bytes(_VIEW[sent:n])
+                self.watch_out()
+                return
+            if n == COPY_SIZE:
+                self.bulk = True
+                self._splice()
+                return
+            if not drain:
+                return
+
+    def _splice(self) -> None:
         splice, counts, slot = os.splice, self.counts, self.slot
+        read = 0
         while not self.done:
             try:
                 if self.buffered:
@@ -141,14 +236,16 @@ class Direction:
                         self.eof = True
                     else:
                         self.buffered += moved
+                        read += moved
             except BlockingIOError:
-                if not self.buffered:
+                if self.buffered:
+                    self.watch_out()
+                else:
                     self._return_pipe()
+                    # src is empty: less than a buffer's worth since the last wake-up
+                    # means small messages again, copied.
+                    self.bulk = read >= COPY_SIZE
                 return
-            except OSError as e:
-                if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN):
-                    raise ConnectionReset from None
-                raise
 
     def _return_pipe(self) -> None:
         if self.pipe is not None:
@@ -156,6 +253,7 @@ class Direction:
             self.pipe = None
 
     def close(self) -> None:
+        self.held = b""
         if self.pipe is None:
             return
         if self.buffered:
@@ -211,6 +309,7 @@ class TcpConnection:
         self.peer = peer
         self.source = source
         self.from_client = False
+        self.client_out = False  # EPOLLOUT watched on the client's socket
 
     # 1. a container-side socket
     def start(self) -> None:
@@ -256,14 +355,17 @@ class TcpConnection:
         else:
             self._connected(err)
 
-    def _on_connected(self, _events: int) -> None:
+    def _on_connected(self, events: int) -> None:
         assert self.upstream is not None
-        self._connected(self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        if events & CONNECT_FAILED or not events & select.EPOLLOUT:
+            self._connected(self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), events)
+        else:
+            self._connected(0, events)  # writable, no error: connected (no SO_ERROR to ask)
 
-    def _connected(self, err: int) -> None:
+    def _connected(self, err: int, events: int = 0) -> None:
         assert self.upstream is not None
         if err == 0:
-            self._start_relay()
+            self._start_relay(events)
             return
         self.loop.unregister(self.upstream.fileno())
         self.upstream.close()
@@ -274,22 +376,33 @@ class TcpConnection:
             self.log.info("dial of %s failed: %s", self.tried[-1], os.strerror(err))
             self._abort()
 
-    # 3. splice both ways (once the preamble is out: the client is not read before)
-    def _start_relay(self) -> None:
+    # 3. relay both ways (once the preamble is out: the client is not read before)
+    def _start_relay(self, events: int = 0) -> None:
+        """`events`: what the upstream socket's current event said (its bytes, if any, are
+        read here: that edge is spent). Everything else arrives as events: registering a
+        socket that is readable already queues one."""
         assert self.upstream is not None
         if self.preamble and not self._send_preamble():
             return
         self.answered = True
         self.ways = (
-            Direction(self.client, self.upstream, self.pipes, self.counts, TO_CONTAINER),
-            Direction(self.upstream, self.client, self.pipes, self.counts, TO_CLIENT),
+            Direction(self.client, self.upstream, self.pipes, self.counts, TO_CONTAINER, _nothing),
+            Direction(self.upstream, self.client, self.pipes, self.counts, TO_CLIENT, self._watch_client_out),
         )
-        self.loop.register(self.client.fileno(), ET_EVENTS, self._on_client)
-        if self.upstream.fileno() in self.loop.handlers:
-            self.loop.rebind(self.upstream.fileno(), self._on_upstream)
+        self.loop.register(self.client.fileno(), CLIENT_EVENTS, self._on_client)
+        up = self.upstream.fileno()
+        if up in self.loop.handlers:
+            self.loop.rebind(up, self._on_upstream)
+            if events & INPUT_EVENTS:
+                self._on_upstream(events)
         else:
-            self.loop.register(self.upstream.fileno(), ET_EVENTS, self._on_upstream)
-        self._pump(*self.ways)
+            self.loop.register(up, ET_EVENTS, self._on_upstream)
+
+    def _watch_client_out(self) -> None:
+        # Once, then kept: a connection whose client was slow once may well be again.
+        if not self.client_out and not self.closed:
+            self.client_out = True
+            self.loop.modify(self.client.fileno(), ET_EVENTS)
 
     def _send_preamble(self) -> bool:
         """True once it is all written. A fresh socket takes the ~50 bytes at once; if it does
@@ -313,8 +426,8 @@ class TcpConnection:
             self.loop.register(fd, ET_EVENTS, self._on_preamble_writable)
         return False
 
-    def _on_preamble_writable(self, _events: int) -> None:
-        self._start_relay()
+    def _on_preamble_writable(self, events: int) -> None:
+        self._start_relay(events)
 
     # An event pumps only the way it concerns: input on a socket feeds the way it is the
     # source of; EPOLLOUT (which edge-triggered TCP raises whenever acks free buffer space)
@@ -322,30 +435,30 @@ class TcpConnection:
     def _on_client(self, events: int) -> None:
         assert self.ways is not None
         to_container, to_client = self.ways
-        self._pump(
-            to_container if events & INPUT_EVENTS else None,
-            to_client if events & select.EPOLLOUT and to_client.buffered else None,
-        )
+        try:
+            if events & INPUT_EVENTS:
+                to_container.pump(events & END_EVENTS)
+            if events & select.EPOLLOUT and (to_client.buffered or to_client.held):
+                to_client.pump(0)
+        except ConnectionReset:
+            self._abort()
+            return
+        # 4. both halves closed cleanly
+        if to_container.done and to_client.done:
+            self._close(graceful=True)
 
     def _on_upstream(self, events: int) -> None:
         assert self.ways is not None
         to_container, to_client = self.ways
-        self._pump(
-            to_client if events & INPUT_EVENTS else None,
-            to_container if events & select.EPOLLOUT and to_container.buffered else None,
-        )
-
-    def _pump(self, *ways: Direction | None) -> None:
         try:
-            for way in ways:
-                if way is not None:
-                    way.pump()
+            if events & INPUT_EVENTS:
+                to_client.pump(events & END_EVENTS)
+            if events & select.EPOLLOUT and (to_container.buffered or to_container.held):
+                to_container.pump(0)
         except ConnectionReset:
             self._abort()
             return
-        assert self.ways is not None
-        # 4. both halves closed cleanly
-        if self.ways[0].done and self.ways[1].done:
+        if to_container.done and to_client.done:
             self._close(graceful=True)
 
     def _abort(self) -> None:
@@ -358,7 +471,9 @@ class TcpConnection:
         for sock in (self.client, self.upstream):
             if sock is None:
                 continue
-            self.loop.unregister(sock.fileno())
+            # Only this process holds these sockets (made or accepted after its last fork):
+            # close() takes them out of the epoll set, no epoll_ctl needed.
+            self.loop.forget(sock.fileno())
             # Graceful: both ways ended in FIN, and shutdown_write() turned the crash-time
             # reset off on both sockets. Otherwise SO_LINGER {1, 0}, set since
             # accept/socket(), is still on: close() resets the peer.
@@ -367,6 +482,10 @@ class TcpConnection:
             for way in self.ways:
                 way.close()
         self.on_close(self)
+
+
+def _nothing() -> None:
+    """The container side is watched for EPOLLOUT from its connect on."""
 
 
 class TcpListener:
