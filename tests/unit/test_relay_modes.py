@@ -1,0 +1,178 @@
+"""The TCP relay's two ways of moving bytes, with real loopback sockets and the real event loop
+(the dialer's pool is the only stand-in): small messages are copied through the shared buffer,
+a read that fills it switches the way to splice, and back. What these check is what the
+edge-triggered loop must not lose: bytes a full client could not take yet (held), and an EOF
+that arrived while they were held (its event was spent then: nothing announces it again).
+Every blocking call is bounded; nothing is timed."""
+
+import hashlib
+import socket
+import threading
+
+from oci_portfwd import tcp_relay
+from oci_portfwd.addressing import Target
+from oci_portfwd.eventloop import EventLoop
+from oci_portfwd.stats import TO_CLIENT, TO_CONTAINER, new_counters
+from oci_portfwd.tcp_relay import COPY_SIZE, PipePool, TcpConnection
+
+BOUND = 20
+
+
+class FreshSockets:
+    def get(self, kind, callback):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        callback(sock)
+
+
+def run_until_closed(loop, closed):
+    def check():
+        if closed:
+            loop.running = False
+        loop.call_later(0.01, check)
+
+    check()
+    loop.run()
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("test_relay_modes")
+
+
+def serve_once(handler):
+    """A one-connection service running `handler(conn)` in a thread; returns (target, thread)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(BOUND)
+
+    def run():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(BOUND)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handler(conn)
+        listener.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return Target(socket.AF_INET, "127.0.0.1", listener.getsockname()[1]), thread
+
+
+def relay(target, client_sndbuf=None):
+    """A TcpConnection from a socketpair's end (the client's socket as the relay sees it) to
+    `target`; returns (loop, conn, the client's end, closed list, counters)."""
+    client_end, relay_end = socket.socketpair()
+    relay_end.setblocking(False)
+    if client_sndbuf:
+        relay_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, client_sndbuf)
+        client_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_sndbuf)
+    loop = EventLoop()
+    closed: list = []
+    counts = new_counters()
+    conn = TcpConnection(loop, FreshSockets(), PipePool(), relay_end, [target], counts, _log(), closed.append)
+    return loop, conn, client_end, closed, counts
+
+
+def read_to_eof(sock):
+    sock.settimeout(BOUND)
+    parts = []
+    while data := sock.recv(1 << 16):
+        parts.append(data)
+    return b"".join(parts)
+
+
+def test_small_messages_a_full_client_cannot_take_are_held_and_its_eof_still_follows(monkeypatch):
+    """The client reads nothing until the service's FIN has reached the relay while the relay
+    held bytes for it: the relay's sends to the client fell short, the rest was held, and the
+    FIN's edge was spent on a way that could not move. Once the client reads, everything and
+    then EOF must arrive (the read after the held bytes went out finds the FIN with the last
+    bytes: the relay must read on to see it)."""
+    # A buffer's worth and a little: the relay holds most of the first read, and the little
+    # rest comes with the FIN, which the read after the held bytes went out finds.
+    messages = [bytes(range(251)) * 262, b"the rest"]
+    fin_while_held = threading.Event()
+    original_pump = tcp_relay.Direction.pump
+
+    def pump(self, drain=1):
+        original_pump(self, drain)
+        if drain and self.held and not self.eof:
+            fin_while_held.set()  # the FIN's event came and went; the client still takes nothing
+
+    monkeypatch.setattr(tcp_relay.Direction, "pump", pump)
+    watched = []
+    original = TcpConnection._watch_client_out
+    monkeypatch.setattr(TcpConnection, "_watch_client_out", lambda self: (watched.append(1), original(self)))
+    target, service = serve_once(lambda conn: [conn.sendall(m) for m in messages])
+    loop, conn, client_end, closed, counts = relay(target, client_sndbuf=4096)
+    client_end.shutdown(socket.SHUT_WR)  # the client has nothing to say
+    conn.start()
+    result: dict = {}
+
+    def client():
+        result["fin while held"] = fin_while_held.wait(BOUND)
+        result["data"] = read_to_eof(client_end)
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    loop.call_later(BOUND, lambda: closed.append("timed out"))
+    run_until_closed(loop, closed)
+    reader.join(BOUND)
+    service.join(BOUND)
+    assert closed == [conn], "the relay never finished the connection"
+    assert result["fin while held"], "the service's FIN did not come while bytes were held"
+    expected = b"".join(messages)
+    assert hashlib.sha256(result["data"]).hexdigest() == hashlib.sha256(expected).hexdigest()
+    assert watched, "the client never was full: the held path was not taken"
+    assert counts[TO_CLIENT] == len(expected)
+    assert counts[TO_CONTAINER] == 0
+    client_end.close()
+
+
+def test_bulk_is_spliced_then_small_messages_are_copied_again_in_order(monkeypatch):
+    """A megabyte (reads that fill the buffer: splice), then a request/answer exchange of
+    small messages on the same connection (copied), then the client's half-close."""
+    bulk = bytes(range(256)) * 4096  # 1 MiB
+    modes = []
+    original_splice = tcp_relay.Direction._splice
+    monkeypatch.setattr(tcp_relay.Direction, "_splice", lambda self: (modes.append("splice"), original_splice(self)))
+
+    def talk(conn):
+        conn.sendall(bulk)
+        for _ in range(5):
+            question = conn.recv(64)
+            conn.sendall(b"answer to " + question)
+        assert conn.recv(64) == b""  # the client's half-close came through
+        conn.sendall(b"last words")
+
+    target, service = serve_once(talk)
+    loop, conn, client_end, closed, counts = relay(target)
+    conn.start()
+    result: dict = {"answers": []}
+
+    def client():
+        client_end.settimeout(BOUND)
+        got = b""
+        while len(got) < len(bulk):
+            got += client_end.recv(1 << 16)
+        result["bulk"] = got
+        for i in range(5):
+            client_end.sendall(b"q%d" % i)
+            result["answers"].append(client_end.recv(64))
+        client_end.shutdown(socket.SHUT_WR)
+        result["last"] = read_to_eof(client_end)
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    run_until_closed(loop, closed)
+    reader.join(BOUND)
+    service.join(BOUND)
+    assert result["bulk"] == bulk
+    assert result["answers"] == [b"answer to q%d" % i for i in range(5)]
+    assert result["last"] == b"last words"
+    assert modes, "the megabyte was never spliced"
+    assert conn.ways is not None and not conn.ways[1].bulk  # small again at the end
+    assert counts[TO_CLIENT] == len(bulk) + sum(len(b"answer to q0") for _ in range(5)) + len(b"last words")
+    assert counts[TO_CONTAINER] == 5 * len(b"q0")
+    assert COPY_SIZE < len(bulk)
+    client_end.close()
