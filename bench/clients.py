@@ -127,9 +127,10 @@ def ab_close(port: int, requests: int, concurrency: int, csv: Path) -> dict:
 
 
 def wrk_argv(port: int, seconds: int, concurrency: int, close: bool = False) -> list[str]:
-    argv = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s"]
+    # -t2, but never more threads than connections (wrk refuses that)
+    argv = ["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds}s", "--latency"]
     if close:
-        argv += ["--latency", "-H", "Connection: close"]
+        argv += ["-H", "Connection: close"]
     return argv + [f"http://{HOST}:{port}/"]
 
 

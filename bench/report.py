@@ -31,6 +31,15 @@ FIGURES = {
     "newconn_wrk_rps": ("new conn req/s (wrk)", "{:,.0f}", True),
     "newconn_wrk_p99_ms": ("new conn p99 ms (wrk)", "{:.2f}", False),
     "keepalive_rps": ("keep-alive req/s (wrk)", "{:,.0f}", True),
+    "keepalive_p99_ms": ("keep-alive p99 ms (wrk)", "{:.2f}", False),
+    "keepalive_c2_rps": ("keep-alive req/s, 2 conns", "{:,.0f}", True),
+    "keepalive_c2_p99_ms": ("keep-alive p99 ms, 2 conns", "{:.3f}", False),
+    "keepalive_c1000_rps": ("keep-alive req/s, 1,000 conns", "{:,.0f}", True),
+    "keepalive_c1000_p99_ms": ("keep-alive p99 ms, 1,000 conns", "{:.2f}", False),
+    "cpu_us_ka_c2": ("CPU µs/req keep-alive, 2 conns", "{:.1f}", False),
+    "cpu_us_ka_c50": ("CPU µs/req keep-alive, 50 conns", "{:.1f}", False),
+    "cpu_us_ka_c1000": ("CPU µs/req keep-alive, 1,000 conns", "{:.1f}", False),
+    "cpu_us_newconn_wrk": ("CPU µs/req new conn (wrk)", "{:.1f}", False),
     "rss_idle_mb": ("RSS idle MB", "{:.1f}", False),
     "rss_1k_mb": ("RSS 1k conns MB", "{:.1f}", False),
     "pss_idle_mb": ("PSS idle MB", "{:.1f}", False),
@@ -41,12 +50,17 @@ FIGURES = {
 CPU = {"cpu_tcp_up": "TCP host→ctr", "cpu_tcp_down": "TCP ctr→host",
        "cpu_tcp_up_after_1k": "TCP host→ctr after 1k conns", "cpu_udp": "UDP",
        "cpu_newconn": "new conn (ab)", "cpu_newconn_wrk": "new conn (wrk)",
-       "cpu_keepalive": "keep-alive"}
+       "cpu_keepalive": "keep-alive", "cpu_keepalive_c2": "keep-alive, 2 conns",
+       "cpu_keepalive_c1000": "keep-alive, 1,000 conns"}
 TABLES = [
     ("Throughput (iperf3)", ["tcp_up_gbps", "tcp_down_gbps", "udp_mbps", "udp_loss_pct",
                              "tcp_up_after_1k_gbps"]),
     ("HTTP (bench-httpd, 50 concurrent)", ["newconn_rps", "newconn_p99_ms", "newconn_wrk_rps",
-                                          "newconn_wrk_p99_ms", "keepalive_rps"]),
+                                          "newconn_wrk_p99_ms", "keepalive_rps", "keepalive_p99_ms"]),
+    ("Scale: keep-alive with 2, 50 and 1,000 connections (wrk), and the forwarder's CPU per request "
+     "(its CPU share during the test over the rate, all its processes)",
+     ["keepalive_c2_rps", "keepalive_c2_p99_ms", "keepalive_rps", "keepalive_c1000_rps",
+      "keepalive_c1000_p99_ms", "cpu_us_ka_c2", "cpu_us_ka_c50", "cpu_us_ka_c1000", "cpu_us_newconn_wrk"]),
     ("Memory (sum over the forwarder's processes, idle and with 1,000 connections held open)",
      ["rss_idle_mb", "rss_1k_mb", "pss_idle_mb", "pss_1k_mb", "core_rss_idle_mb", "core_rss_1k_mb"]),
 ]
@@ -63,6 +77,11 @@ SUMMARY_ROWS = [
     ("newconn_p99_ms", "p99 of those, ms"),
     ("newconn_wrk_rps", "new connection per request (wrk), req/s"),
     ("keepalive_rps", "keep-alive requests (wrk), req/s"),
+    ("keepalive_p99_ms", "p99 of those, ms"),
+    ("keepalive_c2_rps", "keep-alive requests, 2 connections, req/s"),
+    ("keepalive_c1000_rps", "keep-alive requests, 1,000 connections, req/s"),
+    ("cpu_us_ka_c50", "forwarder CPU per keep-alive request (50 connections), µs"),
+    ("cpu_us_newconn_wrk", "forwarder CPU per new-connection request (wrk), µs"),
     ("pss_idle_mb", "memory idle, PSS of all its processes, MB"),
     ("pss_1k_mb", "memory with 1,000 connections open, PSS, MB"),
 ]
@@ -72,7 +91,8 @@ SUMMARY_BEGIN = "<!-- SUMMARY BEGIN: written by `make bench` (bench/report.py) f
 SUMMARY_END = "<!-- SUMMARY END -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
 RATIO_FIGS = ["tcp_up_gbps", "tcp_down_gbps", "tcp_up_after_1k_gbps", "udp_mbps", "newconn_rps", "newconn_p99_ms",
-              "newconn_wrk_rps", "newconn_wrk_p99_ms", "keepalive_rps", "rss_idle_mb", "rss_1k_mb", "pss_idle_mb",
+              "newconn_wrk_rps", "newconn_wrk_p99_ms", "keepalive_rps", "keepalive_c2_rps",
+              "keepalive_c1000_rps", "rss_idle_mb", "rss_1k_mb", "pss_idle_mb",
               "pss_1k_mb"]
 
 
@@ -291,6 +311,8 @@ def render(res: dict) -> str:
             (clients.ab_argv(hp, n, 50, "ab.csv"), "new connection per request; p99 from the csv"),
             (clients.wrk_argv(hp, s, 50, close=True), "new connection per request"),
             (clients.wrk_argv(hp, s, 50), "keep-alive"),
+            (clients.wrk_argv(hp, s, 2), "keep-alive, 2 connections"),
+            (clients.wrk_argv(hp, s, 1000), "keep-alive, 1,000 connections"),
             (clients.iperf_argv(ip, s, udp=True), "UDP")):
         w(f"{shlex.join(str(a) for a in argv):<95} # {what}")
     w(f"python: {p.get('hold_connections', 1000)} connections to HTTP_PORT opened one after the "

@@ -34,6 +34,7 @@ from infra import Cleanup, CommandLog, free_port, pss_kib, raise_nofile, run, si
 BENCH_USER = "portfwd-bench"
 HOLD_CONNECTIONS = 1000
 CONCURRENCY = 50
+SCALE_CONNECTIONS = (2, 1000)  # keep-alive again with these many connections
 HOOKSTART_RUNS = 20
 DEB_PACKAGES = ["crun", "rootlesskit", "slirp4netns", "passt", "socat", "iperf3",
                 "apache2-utils", "wrk", "busybox-static", "util-linux", "iproute2", "gcc"]
@@ -181,8 +182,25 @@ def measure(inst, seconds: int, requests: int, work: Path, do_udp: bool) -> dict
     with clients.CpuMeter(inst.procs) as cpu:
         res = clients.wrk(inst.http_port, seconds, CONCURRENCY)
     fig["keepalive_rps"], fig["cpu_keepalive"] = res["rps"], cpu.percent
+    fig["keepalive_p99_ms"] = res.get("p99_ms")
     note_err("keepalive", res)
     mark("keepalive")
+
+    # Scale: the same keep-alive test with 2 and with 1,000 connections.
+    for conns in SCALE_CONNECTIONS:
+        with clients.CpuMeter(inst.procs) as cpu:
+            res = clients.wrk(inst.http_port, seconds, conns)
+        fig[f"keepalive_c{conns}_rps"], fig[f"cpu_keepalive_c{conns}"] = res["rps"], cpu.percent
+        fig[f"keepalive_c{conns}_p99_ms"] = res.get("p99_ms")
+        note_err(f"keepalive_c{conns}", res)
+        mark(f"keepalive_c{conns}")
+    # The forwarder's CPU per request (all its processes), µs: its CPU share over the rate.
+    for key, cpu_key, rps_key in (("cpu_us_ka_c2", "cpu_keepalive_c2", "keepalive_c2_rps"),
+                                  ("cpu_us_ka_c50", "cpu_keepalive", "keepalive_rps"),
+                                  ("cpu_us_ka_c1000", "cpu_keepalive_c1000", "keepalive_c1000_rps"),
+                                  ("cpu_us_newconn_wrk", "cpu_newconn_wrk", "newconn_wrk_rps")):
+        if fig.get(cpu_key) is not None and fig.get(rps_key):
+            fig[key] = fig[cpu_key] / 100 * 1e6 / fig[rps_key]
 
     if do_udp:
         with clients.CpuMeter(inst.procs) as cpu:

@@ -378,9 +378,10 @@ class TcpConnection:
 
     # 3. relay both ways (once the preamble is out: the client is not read before)
     def _start_relay(self, events: int = 0) -> None:
-        """`events`: what the upstream socket's current event said (its bytes, if any, are
-        read here: that edge is spent). Everything else arrives as events: registering a
-        socket that is readable already queues one."""
+        """`events`: what the upstream socket's current event said (as of now: epoll reports
+        every ready bit, not only the one that woke it). Bytes it announced (a service that
+        speaks first) are read here: that edge is spent. Everything else arrives as events:
+        registering a socket that is readable already queues one."""
         assert self.upstream is not None
         if self.preamble and not self._send_preamble():
             return

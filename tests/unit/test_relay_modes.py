@@ -9,6 +9,7 @@ import hashlib
 import socket
 import threading
 
+import pytest
 from oci_portfwd import tcp_relay
 from oci_portfwd.addressing import Target
 from oci_portfwd.eventloop import EventLoop
@@ -175,4 +176,49 @@ def test_bulk_is_spliced_then_small_messages_are_copied_again_in_order(monkeypat
     assert counts[TO_CLIENT] == len(bulk) + sum(len(b"answer to q0") for _ in range(5)) + len(b"last words")
     assert counts[TO_CONTAINER] == 5 * len(b"q0")
     assert COPY_SIZE < len(bulk)
+    client_end.close()
+
+
+@pytest.mark.parametrize("preamble", [b"", bytes(range(256)) * (8 * 4096)], ids=["plain", "long-preamble"])
+def test_a_service_that_speaks_first_is_heard_before_the_client_says_anything(preamble):
+    """The service's banner can come with the very event that says the connect completed (or
+    while a long preamble is still going out): that edge is spent, the relay must read it
+    then, not wait for a next one that never comes."""
+
+    def talk(conn):
+        conn.sendall(b"220 hello\r\n")
+        got = b""
+        while not got.endswith(b"quit\r\n"):
+            data = conn.recv(1 << 16)
+            assert data, "EOF before the client's quit"
+            got += data
+        assert got == preamble + b"quit\r\n"
+        conn.sendall(b"221 bye\r\n")
+
+    target, service = serve_once(talk)
+    client_end, relay_end = socket.socketpair()
+    relay_end.setblocking(False)
+    loop = EventLoop()
+    closed: list = []
+    conn = TcpConnection(
+        loop, FreshSockets(), PipePool(), relay_end, [target], new_counters(), _log(), closed.append, preamble=preamble
+    )
+    conn.start()
+    result: dict = {}
+
+    def client():
+        client_end.settimeout(BOUND)
+        result["banner"] = client_end.recv(64)
+        client_end.sendall(b"quit\r\n")
+        client_end.shutdown(socket.SHUT_WR)
+        result["rest"] = read_to_eof(client_end)
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    loop.call_later(BOUND, lambda: closed.append("timed out"))
+    run_until_closed(loop, closed)
+    reader.join(BOUND)
+    service.join(BOUND)
+    assert closed == [conn]
+    assert result == {"banner": b"220 hello\r\n", "rest": b"221 bye\r\n"}
     client_end.close()
