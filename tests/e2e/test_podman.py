@@ -34,7 +34,7 @@ from e2ekit.podman import (
     remove_private_storage,
 )
 from e2ekit.ports import port_is_free
-from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
+from e2ekit.procs import Proc, find_by_comm, forwarding_procs, supervisor_comm
 from e2ekit.services import Services
 from e2ekit.users import has_subids, process_uid
 from e2ekit.wait import wait_until
@@ -123,7 +123,7 @@ def _forwarding_of(podman: Podman, c: PodmanContainer) -> list[Proc]:
     sup = Proc.of(int(podman.hook.read_state(c.id)["supervisor_pid"]))
     assert sup is not None and sup.alive(), "the supervisor from the state file is not running"
     assert sup.comm() == supervisor_comm(c.id)
-    return [sup, *descendants(sup.pid)]
+    return forwarding_procs(sup)
 
 
 def _assert_all_gone(procs: list[Proc], binds: list[tuple], state: Path) -> None:
