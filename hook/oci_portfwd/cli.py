@@ -113,7 +113,7 @@ def _check_config(rest: list[str]) -> int:
     path, _ = config_path(os.environ, explicit)
     where = config.source if config.source != "built-in defaults" else f"{path} absent: built-in defaults"
     print(f"config OK ({where})")
-    for key in ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level"):
+    for key in ("driver", "loopback", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level", "core_user"):
         print(f"  {key}: {getattr(config, key)}")
     print(f"  state_dir: {state_dir_of(config, os.environ)}")
     return 0

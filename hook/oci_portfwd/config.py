@@ -31,6 +31,7 @@ class Config:
     ready_timeout: float = 10.0
     log_level: str = "info"
     allow_host_loopback: bool = False
+    core_user: str = "nobody"
     source: str = "built-in defaults"
 
 

@@ -19,6 +19,7 @@ from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
+from .seccomp_filter import CoreSandbox
 from .stats import REPORT_EVERY, Totals
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
@@ -31,6 +32,7 @@ def run_core(
     status: StatusWriter,
     log: logging.Logger,
     until_readable: int | None = None,
+    sandbox: CoreSandbox | None = None,
 ) -> int:
     """Serve until signalled, or until `until_readable` (a driver program's pidfd) fires."""
     import prctl  # noqa: PLC0415
@@ -97,6 +99,10 @@ def run_core(
     status.ready()
     # After "ready": before it, the supervisor reads nothing but the ready line.
     _report_totals(loop, [server for _, server in servers], status, None)
+    if sandbox is not None:
+        # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
+        # every module the loop uses is imported and every descriptor it needs is open.
+        sandbox.enter()
     loop.run()
     return 3
 

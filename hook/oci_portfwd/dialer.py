@@ -29,7 +29,9 @@ from .errors import NamespaceError, StartError
 from .forking import fork_child
 from .namespaces import join_container
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
+from .privileges import drop_dialer
 from .procfs import close_fds_except
+from .seccomp_filter import sandbox_dialer
 
 KINDS = {
     b"t4": (socket.AF_INET, socket.SOCK_STREAM),
@@ -74,6 +76,10 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         if not loopback_is_up():
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}
+        # Least privilege from here on: CAP_NET_ADMIN only, and the allow-list (privileges.py,
+        # seccomp_filter.py). Whatever else the dialer sets up in the container goes above.
+        drop_dialer()
+        sandbox_dialer()
     except NamespaceError as e:
         sock.send(b"E" + str(e).encode())
         return

@@ -28,6 +28,7 @@ class Plan:
     udp_idle_timeout: float
     ready_timeout: float
     allow_host_loopback: bool = False
+    core_user: str = "nobody"  # rootful: who the core runs as (privileges.py)
 
 
 def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Config) -> Plan:
@@ -56,4 +57,5 @@ def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Con
         udp_idle_timeout=config.udp_idle_timeout,
         ready_timeout=config.ready_timeout,
         allow_host_loopback=config.allow_host_loopback,
+        core_user=config.core_user,
     )

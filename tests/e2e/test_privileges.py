@@ -1,0 +1,181 @@
+"""Least privilege (README "Privileges"): what each long-lived process holds, seen in
+/proc/PID/status, and the core's seccomp filter exercised from inside the core.
+
+- supervisor, core and dialer have exactly the capabilities, bounding set, no_new_privs,
+  seccomp mode and uid the README lists, rootful and rootless, crun and runc;
+- the core holds no file but the log and /dev/null;
+- the core cannot open a file, exec, ptrace or make a socket: the hook's test switch
+  (OCI_PORTFWD_TEST_SANDBOX_PROBE) makes the sandboxed core attempt one such call on a signal;
+  each ends the core with one log line naming the syscall, and the restarted core (a fresh
+  fork of the supervisor, sandboxed again) serves TCP and UDP as before.
+"""
+
+import os
+import pwd
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from e2ekit import clients
+from e2ekit.container import Container, ContainerFactory
+from e2ekit.forwarding import CORE, DIALER, Forwarding, capabilities, child_by_comm, forwarding_of, status_field
+from e2ekit.hookenv import HookEnv, reap_leftovers
+from e2ekit.procs import Proc
+from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
+from e2ekit.services import Services
+from e2ekit.wait import wait_until
+
+WHO, UDP = 81, 53
+RUNTIMES = ["crun", "runc"]
+SETUPS = [*RUNTIMES, *(f"rootless-{r}" for r in RUNTIMES)]
+PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
+# The order of seccomp_filter.PROBES: SIGRTMIN+N attempts probe N; the syscall each one is.
+PROBES = {"open": "openat", "exec": "execve", "ptrace": "ptrace", "socket": "socket"}
+
+CAP = {"kill": 5, "setgid": 6, "setuid": 7, "setpcap": 8, "net_admin": 12, "sys_ptrace": 19,
+       "sys_admin": 21}
+# The README's table, as numbers.
+SUPERVISOR_CAPS = sum(1 << CAP[c] for c in ("sys_admin", "sys_ptrace", "net_admin", "setuid",
+                                            "setgid", "setpcap", "kill"))
+NET_ADMIN = 1 << CAP["net_admin"]
+
+
+@dataclass
+class Setup:
+    name: str
+    container: Container
+    hook: HookEnv
+    ports: dict[str, int]
+    uid: int                  # who the hook ran as
+
+    @property
+    def rootless(self) -> bool:
+        return self.uid != 0
+
+    def forwarding(self) -> Forwarding:
+        return forwarding_of(self.hook, self.container.id)
+
+    def serves(self) -> None:
+        assert clients.whoami("127.0.0.1", self.ports["tcp"])[1] == WHO
+        assert clients.whoami("::1", self.ports["tcp"])[1] == WHO
+        assert clients.udp_echo("127.0.0.1", self.ports["udp"], b"x") == b"x"
+
+
+@pytest.fixture(scope="module")
+def setup(request, e2e_tmp, hook_command, port_alloc, tmp_path_factory):
+    name = request.param
+    if name.startswith("rootless-"):
+        user = request.getfixturevalue("test_user")
+        area = request.getfixturevalue("user_area")
+        try:
+            runtime = make_rootless_runtime(name.removeprefix("rootless-"), e2e_tmp, area, user)
+        except RuntimeUnavailable as exc:
+            pytest.skip(str(exc))
+        rootfs = request.getfixturevalue("user_rootfs")
+        command = request.getfixturevalue("rootless_hook_command")
+        work = user.make_dir(area / f"privileges-{name}-{uuid.uuid4().hex[:6]}")
+        hook_dir, bundles = user.make_dir(work / "hook"), user.make_dir(work / "bundles")
+        uid = pwd.getpwnam(user.name).pw_uid
+    else:
+        try:
+            runtime = make_runtime(name, e2e_tmp)
+        except RuntimeUnavailable as exc:
+            pytest.skip(str(exc))
+        rootfs, command = request.getfixturevalue("rootfs"), hook_command
+        work = tmp_path_factory.mktemp(f"privileges-{name}")
+        hook_dir, bundles, uid = work / "hook", work / "bundles", 0
+    hook = HookEnv(command, hook_dir, extra_env=[f"{PROBE_ENV}=1"])
+    ports = {"tcp": port_alloc.take(), "udp": port_alloc.take()}
+    services = Services().whoami(WHO).udp_echo(UDP)
+    factory = ContainerFactory(runtime, rootfs, bundles)
+    try:
+        c = factory.new(services.argv(), hook=hook,
+                        ports=f"{ports['tcp']}:{WHO},{ports['udp']}:{UDP}/udp")
+        services.wait_ready(c.start())
+        s = Setup(name, c, hook, ports, uid)
+        # One round trip: with rootless crun the dialer joins only after the hook returned.
+        s.serves()
+        yield s
+    finally:
+        factory.cleanup()
+        reap_leftovers(hook)
+
+
+def _status(pid: int) -> dict[str, object]:
+    caps = capabilities(pid)
+    return {**caps, "NoNewPrivs": int(status_field(pid, "NoNewPrivs")),
+            "Seccomp": int(status_field(pid, "Seccomp")),
+            "Uid": {int(u) for u in status_field(pid, "Uid").split()}}
+
+
+def _expected(s: Setup, proc: Proc) -> dict[str, dict[str, object]]:
+    full_bset = capabilities(1)["CapBnd"]  # what an untouched process has
+    nobody = pwd.getpwnam("nobody").pw_uid
+    if not s.rootless:
+        sup = dict(CapInh=0, CapPrm=SUPERVISOR_CAPS, CapEff=SUPERVISOR_CAPS, CapBnd=SUPERVISOR_CAPS,
+                   CapAmb=0, NoNewPrivs=1, Seccomp=0, Uid={0})
+        core = dict(CapInh=0, CapPrm=0, CapEff=0, CapBnd=0, CapAmb=0, NoNewPrivs=1, Seccomp=2,
+                    Uid={nobody})
+        dialer = dict(CapInh=0, CapPrm=NET_ADMIN, CapEff=NET_ADMIN, CapBnd=NET_ADMIN, CapAmb=0,
+                      NoNewPrivs=1, Seccomp=2, Uid={0})
+    else:
+        # No capability in the host's user namespace to begin with; the bounding set cannot
+        # be emptied there (that needs CAP_SETPCAP) and grants nothing. The dialer's
+        # CAP_NET_ADMIN counts in the container's user namespace.
+        sup = dict(CapInh=0, CapPrm=0, CapEff=0, CapBnd=full_bset, CapAmb=0, NoNewPrivs=1,
+                   Seccomp=0, Uid={s.uid})
+        core = dict(sup, Seccomp=2)
+        dialer = dict(CapInh=0, CapPrm=NET_ADMIN, CapEff=NET_ADMIN, CapBnd=NET_ADMIN, CapAmb=0,
+                      NoNewPrivs=1, Seccomp=2, Uid={s.uid})
+    return {"supervisor": sup, "core": core, "dialer": dialer}
+
+
+@pytest.mark.parametrize("setup", SETUPS, indirect=True)
+def test_each_process_holds_what_the_readme_says(setup):
+    fwd = setup.forwarding()
+    expected = _expected(setup, fwd.core)
+    found = {name: _status(proc.pid) for name, proc in fwd.procs.items()}
+    assert {name: {k: (hex(v) if isinstance(v, int) else v) for k, v in d.items()}
+            for name, d in found.items()} == \
+        {name: {k: (hex(v) if isinstance(v, int) else v) for k, v in d.items()}
+         for name, d in expected.items()}
+
+
+@pytest.mark.parametrize("setup", SETUPS, indirect=True)
+def test_core_holds_no_file_but_its_log(setup):
+    core = setup.forwarding().core
+    log = setup.hook.log_file(setup.container.id).resolve()
+    files = set()
+    for fd in Path(f"/proc/{core.pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("/"):
+            files.add(target)
+    assert files <= {str(log), "/dev/null"}, files
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+@pytest.mark.parametrize("setup", SETUPS, indirect=True)
+def test_forbidden_call_ends_the_core_which_is_restarted(setup, probe):
+    fwd = setup.forwarding()
+    old = fwd.core
+    assert int(status_field(old.pid, "Seccomp")) == 2
+    log_before = setup.hook.log_text(setup.container.id)
+    os.kill(old.pid, signal.SIGRTMIN + list(PROBES).index(probe))
+    wait_until(lambda: not old.alive(), 10, f"the core (pid {old.pid}) to end")
+    line = f"forwarding core pid {old.pid} died (ended by its seccomp filter: forbidden system call {PROBES[probe]})"
+
+    def logged() -> str | None:
+        new = setup.hook.log_text(setup.container.id)[len(log_before):]
+        return next((x for x in new.splitlines() if line in x), None)
+
+    wait_until(logged, 10, f"the log line {line!r}")
+    text = setup.hook.log_text(setup.container.id)[len(log_before):]
+    assert "the call was allowed" not in text, text
+    assert "Traceback" not in text, text
+    new = wait_until(lambda: child_by_comm(fwd.supervisor.pid, CORE, exclude=(old.pid,)), 10,
+                     "the restarted core")
+    wait_until(lambda: child_by_comm(new.pid, DIALER), 10, "the restarted core's dialer")
+    setup.serves()
+    assert int(status_field(new.pid, "Seccomp")) == 2
