@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 from e2ekit import clients
 from e2ekit.container import Container, ContainerFactory
-from e2ekit.forwarding import CORE, DIALER, Forwarding, capabilities, child_by_comm, forwarding_of, status_field
+from e2ekit.forwarding import (
+    CORE,
+    DIALER,
+    Forwarding,
+    capabilities,
+    child_by_comm,
+    forwarding_of,
+    status_field,
+)
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.procs import Proc
 from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
