@@ -25,16 +25,12 @@ import signal
 from .errors import StartError
 
 # Capability numbers (<linux/capability.h>); python-prctl takes them as they are.
-CAP_CHOWN = 0
-CAP_DAC_OVERRIDE = 1
 CAP_KILL = 5
 CAP_SETGID = 6
 CAP_SETUID = 7
 CAP_SETPCAP = 8
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
-CAP_NET_RAW = 13
-CAP_SYS_CHROOT = 18
 CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 
@@ -48,11 +44,9 @@ SUPERVISOR_CAPS = frozenset({
     CAP_SETPCAP,     # the core and the dialer empty their bounding sets
     CAP_KILL,        # signalling a core that runs as another user
 })
-# slirp4netns and pasta are run as root by the driver process the supervisor restarts: they
-# also bind host ports below 1024, and pasta sandboxes itself (namespaces, chroot, --runas).
-EXTERNAL_DRIVER_CAPS = SUPERVISOR_CAPS | frozenset({
-    CAP_NET_BIND_SERVICE, CAP_NET_RAW, CAP_SYS_CHROOT, CAP_DAC_OVERRIDE, CAP_CHOWN,
-})
+# slirp4netns and pasta are run as root by the driver process the supervisor restarts, within
+# this bounding set: they also bind the host ports, which may be below 1024.
+EXTERNAL_DRIVER_CAPS = SUPERVISOR_CAPS | frozenset({CAP_NET_BIND_SERVICE})
 DIALER_CAPS = frozenset({CAP_NET_ADMIN})
 
 

@@ -30,9 +30,11 @@ from e2ekit.forwarding import (
     status_field,
 )
 from e2ekit.hookenv import HookEnv, reap_leftovers
+from e2ekit.ports import port_is_free
 from e2ekit.procs import Proc
 from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
 from e2ekit.services import Services
+from e2ekit.tools import need_tools
 from e2ekit.wait import wait_until
 
 WHO, UDP = 81, 53
@@ -42,8 +44,8 @@ PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
 # The order of seccomp_filter.PROBES: SIGRTMIN+N attempts probe N; the syscall each one is.
 PROBES = {"open": "openat", "exec": "execve", "ptrace": "ptrace", "socket": "socket"}
 
-CAP = {"kill": 5, "setgid": 6, "setuid": 7, "setpcap": 8, "net_admin": 12, "sys_ptrace": 19,
-       "sys_admin": 21}
+CAP = {"kill": 5, "setgid": 6, "setuid": 7, "setpcap": 8, "net_bind_service": 10, "net_admin": 12,
+       "sys_ptrace": 19, "sys_admin": 21}
 # The README's table, as numbers.
 SUPERVISOR_CAPS = sum(1 << CAP[c] for c in ("sys_admin", "sys_ptrace", "net_admin", "setuid",
                                             "setgid", "setpcap", "kill"))
@@ -187,3 +189,22 @@ def test_forbidden_call_ends_the_core_which_is_restarted(setup, probe):
     wait_until(lambda: child_by_comm(new.pid, DIALER), 10, "the restarted core's dialer")
     setup.serves()
     assert int(status_field(new.pid, "Seccomp")) == 2
+
+
+@pytest.mark.parametrize("driver", ["slirp4netns", "pasta"])
+def test_external_driver_binds_a_privileged_port(containers, hook_env, driver):
+    """The external drivers' programs run within the supervisor's bounding set, which keeps
+    net_bind_service for them (README "Privileges")."""
+    need_tools(driver)
+    port = next((p for p in range(1000, 1024) if port_is_free("127.0.0.1", p)), None)
+    if port is None:
+        pytest.skip("no free port in 1000-1023")
+    hook_env.write_config({"state_dir": str(hook_env.state_dir), "log_level": "debug", "driver": driver})
+    services = Services().whoami(WHO)
+    c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{WHO}")
+    services.wait_ready(c.start())
+    assert clients.whoami("127.0.0.1", port)[1] == WHO
+    sup = int(hook_env.read_state(c.id)["supervisor_pid"])
+    assert capabilities(sup)["CapBnd"] == SUPERVISOR_CAPS | 1 << CAP["net_bind_service"]
+    c.stop()
+    assert port_is_free("127.0.0.1", port)
