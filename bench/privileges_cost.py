@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--before", type=Path, required=True)
     ap.add_argument("--after", type=Path, required=True)
     ap.add_argument("--runs", type=int, default=12)
+    ap.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"),
+                    help="the interpreter (e.g. /usr/bin/python3: Debian's packages)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds before reading PSS")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="privileges-cost-"))
@@ -56,11 +58,11 @@ def main() -> None:
     for name, src in (("before", args.before), ("after", args.after)):
         times = work / f"{name}.times"
         wrapper = work / f"hook-{name}"
-        wrapper.write_text(WRAPPER.format(src=src.resolve(), python=REPO / ".venv" / "bin" / "python",
+        wrapper.write_text(WRAPPER.format(src=src.resolve(), python=args.python,
                                           times=times))
         wrapper.chmod(0o755)
         hooks[name] = (HookEnv(wrapper, work / f"state-{name}"), times)
-        results[name] = {"prestart_ms": [], "pss_kib": []}
+        results[name] = {"prestart_ms": [], "pss_kib": [], "supervisor": [], "core": [], "dialer": []}
     factory = ContainerFactory(runtime, rootfs, work / "bundles")
     port = 29871
     try:
@@ -71,7 +73,10 @@ def main() -> None:
                 services.wait_ready(c.start())
                 time.sleep(args.settle)
                 fwd = forwarding_of(hook, c.id)
-                results[name]["pss_kib"].append(sum(pss_kib(p.pid) for p in fwd.procs.values()))
+                each = {role: pss_kib(p.pid) for role, p in fwd.procs.items()}
+                results[name]["pss_kib"].append(sum(each.values()))
+                for role, kib in each.items():
+                    results[name][role].append(kib)
                 c.stop()
                 last = [line.split() for line in times.read_text().splitlines() if line.startswith("prestart")][-1]
                 results[name]["prestart_ms"].append(int(last[1]) / 1e6)
@@ -83,7 +88,9 @@ def main() -> None:
         print(f"{name:7s} prestart median {statistics.median(figures['prestart_ms']):6.1f} ms "
               f"[{min(figures['prestart_ms']):.1f}-{max(figures['prestart_ms']):.1f}]   "
               f"PSS supervisor+core+dialer median {statistics.median(figures['pss_kib']) / 1024:5.1f} MiB "
-              f"[{min(figures['pss_kib']) / 1024:.1f}-{max(figures['pss_kib']) / 1024:.1f}]")
+              f"[{min(figures['pss_kib']) / 1024:.1f}-{max(figures['pss_kib']) / 1024:.1f}]  ("
+              + ", ".join(f"{role} {statistics.median(figures[role]) / 1024:.1f}"
+                          for role in ("supervisor", "core", "dialer")) + ")")
 
 
 if __name__ == "__main__":

@@ -76,10 +76,6 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         if not loopback_is_up():
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}
-        # Least privilege from here on: CAP_NET_ADMIN only, and the allow-list (privileges.py,
-        # seccomp_filter.py). Whatever else the dialer sets up in the container goes above.
-        drop_dialer()
-        sandbox_dialer()
     except NamespaceError as e:
         sock.send(b"E" + str(e).encode())
         return
@@ -88,6 +84,11 @@ def _dialer_main(sock: socket.socket, container_pid: int, want_addresses: bool, 
         return
     hello = {"addresses": {str(4 if f == socket.AF_INET else 6): a for f, a in addresses.items()}}
     sock.send(b"K" + json.dumps(hello).encode())
+    # Least privilege from here on (privileges.py, seccomp_filter.py): CAP_NET_ADMIN only and
+    # the allow-list. After the hello, so that the hook need not wait for it: requests queue
+    # meanwhile. Whatever else the dialer sets up in the container goes above.
+    drop_dialer()
+    sandbox_dialer()
     while True:
         request = sock.recv(64)
         if not request:

@@ -35,6 +35,7 @@ import struct
 from collections.abc import Collection
 from types import ModuleType
 
+from .errors import StartError
 from .privileges import drop_core
 
 # <linux/seccomp.h>: _IOWR('!', 0, struct seccomp_notif), a struct of 80 bytes:
@@ -72,12 +73,40 @@ DIALER_SYSCALLS = (
 )
 
 
+LIBRARIES = ("seccomp", "pyseccomp")
+SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def check_available() -> None:
+    """Before anything starts: a missing binding would only show once the core serves."""
+    from importlib.util import find_spec  # noqa: PLC0415
+
+    if not any(find_spec(name) for name in LIBRARIES):
+        raise StartError(
+            "libseccomp's Python binding is missing (Debian: apt-get install python3-seccomp; "
+            "Fedora: dnf install python3-libseccomp; pip: pip install pyseccomp)"
+        )
+
+
 def _library() -> ModuleType:
     try:
         import seccomp  # noqa: PLC0415 - Debian's python3-seccomp (C, imports in <1 ms)
     except ImportError:
-        import pyseccomp as seccomp  # noqa: PLC0415 - PyPI; the same API through ctypes
-    return seccomp
+        pass
+    else:
+        return seccomp
+    # pyseccomp (PyPI, the same API through ctypes) looks its libraries up with
+    # ctypes.util.find_library, which runs `ldconfig -p` twice (~15 ms, two fork+execs);
+    # their sonames are fixed on Linux.
+    import ctypes.util  # noqa: PLC0415
+
+    find_library = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: SONAMES.get(name) or find_library(name)
+    try:
+        import pyseccomp  # noqa: PLC0415
+    finally:
+        ctypes.util.find_library = find_library
+    return pyseccomp
 
 
 def _allow_list(lib: ModuleType, default: int, names: tuple[str, ...]) -> object:

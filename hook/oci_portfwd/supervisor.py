@@ -29,6 +29,7 @@ from .polling import wait_readable
 from .privileges import core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
 from .seccomp_filter import CoreSandbox
+from .seccomp_filter import check_available as check_seccomp
 from .statefile import Record, remove_record, write_record
 from .stats import Totals
 from .status import StatusReader, StatusWriter
@@ -169,6 +170,8 @@ class Supervisor:
         # Least privilege: keep what restarting the core needs (privileges.py).
         try:
             self.core_identity = core_identity(self.plan.core_user)
+            if self.plan.driver == "builtin":
+                check_seccomp()
         except StartError as e:
             return self._fail(str(e))
         limit_supervisor(self.plan.driver)
