@@ -10,6 +10,7 @@
   fork of the supervisor, sandboxed again) serves TCP and UDP as before.
 """
 
+import json
 import os
 import pwd
 import signal
@@ -29,9 +30,9 @@ from e2ekit.forwarding import (
     forwarding_of,
     status_field,
 )
-from e2ekit.hookenv import HookEnv, reap_leftovers
+from e2ekit.hookenv import HookEnv, oci_state, reap_leftovers
 from e2ekit.ports import port_is_free
-from e2ekit.procs import Proc
+from e2ekit.procs import Proc, find_by_comm, supervisor_comm
 from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runtime
 from e2ekit.services import Services
 from e2ekit.tools import need_tools
@@ -208,3 +209,26 @@ def test_external_driver_binds_a_privileged_port(containers, hook_env, driver):
     assert capabilities(sup)["CapBnd"] == SUPERVISOR_CAPS | 1 << CAP["net_bind_service"]
     c.stop()
     assert port_is_free("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("user, words", [("no-such-user-lp", "is no user on this host"),
+                                         ("root", "is root; name an unprivileged user")])
+def test_bad_core_user_fails_the_start_with_one_line(hook_env, tmp_path, netns_pid, port_alloc,
+                                                     user, words):
+    port = port_alloc.take()
+    cid = f"coreuser-{user}"[:20]
+    hook_env.write_config({"state_dir": str(hook_env.state_dir), "core_user": user})
+    state = json.dumps({"ociVersion": "1.0.2-dev", "id": cid, "status": "creating",
+                        "pid": netns_pid, "bundle": str(tmp_path),
+                        "annotations": {"io.oci-portfwd.ports": f"127.0.0.1:{port}:80"}})
+    try:
+        r = hook_env.run("prestart", stdin=state, cwd=tmp_path)
+        err = r.stderr.decode(errors="replace")
+        assert r.returncode == 1 and "Traceback" not in err, err
+        assert err.count("\n") == 1 and f"core_user {user!r}" in err and words in err, err
+        assert port_is_free("127.0.0.1", port)
+        assert not hook_env.state_file(cid).exists()
+        assert not find_by_comm(supervisor_comm(cid))
+    finally:
+        hook_env.run("poststop", stdin=oci_state(cid, "stopped", tmp_path), cwd=tmp_path)
+        reap_leftovers(hook_env)
