@@ -96,16 +96,26 @@ def _library() -> ModuleType:
     else:
         return seccomp
     # pyseccomp (PyPI, the same API through ctypes) looks its libraries up with
-    # ctypes.util.find_library, which runs `ldconfig -p` twice (~15 ms, two fork+execs);
-    # their sonames are fixed on Linux.
-    import ctypes.util  # noqa: PLC0415
+    # ctypes.util.find_library, which imports subprocess & co. (1.6 MB per process) and runs
+    # `ldconfig -p` twice (~15 ms, two fork+execs). Their sonames are fixed on Linux: it gets
+    # a ctypes.util that knows just those, for the time of its import.
+    import ctypes  # noqa: PLC0415
+    import sys  # noqa: PLC0415
 
-    find_library = ctypes.util.find_library
-    ctypes.util.find_library = lambda name: SONAMES.get(name) or find_library(name)
+    stub = ModuleType("ctypes.util")
+    stub.find_library = SONAMES.get  # type: ignore[attr-defined]
+    real = sys.modules.get("ctypes.util")
+    sys.modules["ctypes.util"] = stub
+    ctypes.util = stub  # type: ignore[attr-defined]
     try:
         import pyseccomp  # noqa: PLC0415
     finally:
-        ctypes.util.find_library = find_library
+        if real is None:
+            del sys.modules["ctypes.util"]
+            del ctypes.util  # type: ignore[attr-defined]
+        else:
+            sys.modules["ctypes.util"] = real
+            ctypes.util = real  # type: ignore[attr-defined]
     return pyseccomp
 
 
@@ -150,6 +160,7 @@ class CoreSandbox:
     def enter(self) -> None:
         """Drop every privilege, load the filter, hand the listener up. After this the core
         can only use what it holds; a forbidden call ends it."""
+        _keep_pages_shared()
         lib = _library()
         if os.environ.get(PROBE_ENV):
             _install_probes()
@@ -234,12 +245,22 @@ def syscall_name(arch: int, nr: int) -> str:
 def sandbox_dialer() -> None:
     """The dialer's allow-list; a forbidden call kills it (the core then exits to be
     restarted with a new dialer). Privileges are dropped first (privileges.drop_dialer)."""
+    _keep_pages_shared()
     lib = _library()
     _no_source_lines()
     f = _allow_list(lib, lib.KILL_PROCESS, DIALER_SYSCALLS)
     for family in (socket.AF_INET, socket.AF_INET6):
         f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))  # type: ignore[attr-defined]
     f.load()  # type: ignore[attr-defined]
+
+
+def _keep_pages_shared() -> None:
+    # The imports below run the garbage collector, whose full passes write into every object
+    # the process inherited from its parent: the pages it shares with the supervisor would be
+    # copied. Frozen objects are never scanned (issue 12: the same before every fork).
+    import gc  # noqa: PLC0415
+
+    gc.freeze()
 
 
 def _no_source_lines() -> None:
