@@ -46,8 +46,8 @@ FIONBIO, FIONCLEX, FIOCLEX = 0x5421, 0x5450, 0x5451
 PROT_EXEC = 0x4
 
 # Test switch: with this set (to anything) in the environment, signal SIGRTMIN+N makes a
-# sandboxed core attempt PROBES[N] once (tests/e2e/test_privileges.py); unset, nothing is
-# installed and no test code runs.
+# sandboxed core or dialer attempt PROBES[N] once (tests/e2e/test_privileges.py); unset,
+# nothing is installed and no test code runs.
 PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
 PROBES = ("open", "exec", "ptrace", "socket")
 
@@ -247,6 +247,8 @@ def sandbox_dialer() -> None:
     restarted with a new dialer). Privileges are dropped first (privileges.drop_dialer)."""
     _keep_pages_shared()
     lib = _library()
+    if os.environ.get(PROBE_ENV):
+        _install_probes()
     _no_source_lines()
     f = _allow_list(lib, lib.KILL_PROCESS, DIALER_SYSCALLS)
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -280,7 +282,7 @@ def _no_source_lines() -> None:
 
 
 def _install_probes() -> None:
-    """Tests only: SIGRTMIN+N → attempt forbidden call PROBES[N] (each must end the core)."""
+    """Tests only: SIGRTMIN+N → attempt forbidden call PROBES[N] (each must end the process)."""
     import ctypes  # noqa: PLC0415 - loaded now: an import after the filter would be a violation
 
     ptrace = ctypes.CDLL(None, use_errno=True).ptrace

@@ -373,9 +373,15 @@ class Supervisor:
         for child in children():
             if child != core_pid:
                 try:
-                    os.waitpid(child, os.WNOHANG)
+                    pid, status = os.waitpid(child, os.WNOHANG)
                 except ChildProcessError:
-                    pass
+                    continue
+                if pid and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+                    # Only seccomp kills with SIGSYS (seccomp_filter.py: the dialer's filter).
+                    self.log.warning(
+                        "the core's dialer pid %d was killed by its seccomp filter: a forbidden "
+                        "system call (the kernel's audit log names it)", pid,
+                    )
 
     def _teardown(self) -> None:
         for listener in self.ctx.listeners:

@@ -7,7 +7,9 @@
 - the core cannot open a file, exec, ptrace or make a socket: the hook's test switch
   (OCI_PORTFWD_TEST_SANDBOX_PROBE) makes the sandboxed core attempt one such call on a signal;
   each ends the core with one log line naming the syscall, and the restarted core (a fresh
-  fork of the supervisor, sandboxed again) serves TCP and UDP as before.
+  fork of the supervisor, sandboxed again) serves TCP and UDP as before;
+- the dialer cannot open a file or exec: its filter kills it, the supervisor logs that, and a
+  new core with a new dialer serves.
 """
 
 import json
@@ -190,6 +192,25 @@ def test_forbidden_call_ends_the_core_which_is_restarted(setup, probe):
     wait_until(lambda: child_by_comm(new.pid, DIALER), 10, "the restarted core's dialer")
     setup.serves()
     assert int(status_field(new.pid, "Seccomp")) == 2
+
+
+@pytest.mark.parametrize("probe", ["open", "exec"])
+@pytest.mark.parametrize("setup", SETUPS, indirect=True)
+def test_forbidden_call_kills_the_dialer_and_a_new_one_serves(setup, probe):
+    fwd = setup.forwarding()
+    log_before = setup.hook.log_text(setup.container.id)
+    os.kill(fwd.dialer.pid, signal.SIGRTMIN + list(PROBES).index(probe))
+    wait_until(lambda: not fwd.dialer.alive() and not fwd.core.alive(), 10,
+               "the dialer and its core to end")
+    line = f"the core's dialer pid {fwd.dialer.pid} was killed by its seccomp filter"
+    wait_until(lambda: line in setup.hook.log_text(setup.container.id)[len(log_before):], 10,
+               f"the log line {line!r}")
+    new = wait_until(lambda: child_by_comm(fwd.supervisor.pid, CORE, exclude=(fwd.core.pid,)), 10,
+                     "the restarted core")
+    dialer = wait_until(lambda: child_by_comm(new.pid, DIALER), 10, "the new dialer")
+    setup.serves()
+    assert int(status_field(dialer.pid, "Seccomp")) == 2
+    assert "the call was allowed" not in setup.hook.log_text(setup.container.id)[len(log_before):]
 
 
 @pytest.mark.parametrize("driver", ["slirp4netns", "pasta"])
