@@ -49,7 +49,7 @@ PROT_EXEC = 0x4
 # sandboxed core or dialer attempt PROBES[N] once (tests/e2e/test_privileges.py); unset,
 # nothing is installed and no test code runs.
 PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
-PROBES = ("open", "exec", "ptrace", "socket")
+PROBES = ("open", "exec", "ptrace", "socket", "raise")  # raise: a bug's traceback still works
 
 # The core once it serves: epoll, sockets it was handed or accepted, splice through pipes,
 # lines to the supervisor and the log. No open, no exec, no socket(), no kill, no ptrace.
@@ -299,6 +299,8 @@ def _install_probes() -> None:
             ptrace(16, supervisor, None, None)  # PTRACE_ATTACH
         elif probe == "socket":
             socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        elif probe == "raise":
+            raise RuntimeError("sandbox probe: a bug")
         print(f"sandbox probe {probe}: the call was allowed", flush=True)
 
     for n in range(len(PROBES)):

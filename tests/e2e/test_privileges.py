@@ -194,6 +194,25 @@ def test_forbidden_call_ends_the_core_which_is_restarted(setup, probe):
     assert int(status_field(new.pid, "Seccomp")) == 2
 
 
+@pytest.mark.parametrize("setup", ["runc", "rootless-crun"], indirect=True)
+def test_a_bug_in_the_sandboxed_core_still_logs_its_traceback(setup):
+    """A traceback reads source files, which the filter forbids: the sandbox turns that off,
+    so a bug is logged as a bug (exit code 1), not as a seccomp violation."""
+    fwd = setup.forwarding()
+    log_before = setup.hook.log_text(setup.container.id)
+    os.kill(fwd.core.pid, signal.SIGRTMIN + 4)  # PROBES[4]: raise
+    wait_until(lambda: not fwd.core.alive(), 10, "the core to end")
+    line = f"forwarding core pid {fwd.core.pid} died (exit code 1)"
+    wait_until(lambda: line in setup.hook.log_text(setup.container.id)[len(log_before):], 10,
+               f"the log line {line!r}")
+    text = setup.hook.log_text(setup.container.id)[len(log_before):]
+    assert "Traceback" in text and "RuntimeError: sandbox probe: a bug" in text, text
+    assert "forbidden system call" not in text, text
+    wait_until(lambda: child_by_comm(fwd.supervisor.pid, CORE, exclude=(fwd.core.pid,)), 10,
+               "the restarted core")
+    setup.serves()
+
+
 @pytest.mark.parametrize("probe", ["open", "exec"])
 @pytest.mark.parametrize("setup", SETUPS, indirect=True)
 def test_forbidden_call_kills_the_dialer_and_a_new_one_serves(setup, probe):
