@@ -272,3 +272,14 @@ def test_bad_core_user_fails_the_start_with_one_line(hook_env, tmp_path, netns_p
     finally:
         hook_env.run("poststop", stdin=oci_state(cid, "stopped", tmp_path), cwd=tmp_path)
         reap_leftovers(hook_env)
+
+
+def test_check_config_names_a_core_user_the_host_lacks(hook_env, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"core_user": "no-such-user-lp"}))
+    r = hook_env.run("check-config", str(config))
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 1 and err.count("\n") == 1 and "core_user 'no-such-user-lp'" in err, err
+    config.write_text(json.dumps({"core_user": "nobody"}))
+    r = hook_env.run("check-config", str(config))
+    assert r.returncode == 0 and "core_user: nobody" in r.stdout.decode(), r
