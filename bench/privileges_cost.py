@@ -9,6 +9,7 @@ only, nothing is asserted.
 """
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def main() -> None:
         factory.cleanup()
         for hook, _ in hooks.values():
             reap_leftovers(hook)
+        shutil.rmtree(work, ignore_errors=True)
     for name, figures in results.items():
         print(f"{name:7s} prestart median {statistics.median(figures['prestart_ms']):6.1f} ms "
               f"[{min(figures['prestart_ms']):.1f}-{max(figures['prestart_ms']):.1f}]   "
