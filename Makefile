@@ -15,10 +15,11 @@ PYTEST_ARGS ?=
 # `pip install python-prctl` needs to compile (libcap-dev, python3-dev, gcc) and Debian's own
 # hook dependencies (one e2e test runs the hook against them). haproxy is the PROXY protocol
 # parser the e2e tests run inside a container (its service is not started: see deps).
-# docker.io brings dockerd 20.10, containerd 1.6 and ctr for oci-portfwd-runtime's tests.
+# docker.io brings dockerd 20.10, containerd 1.6 and ctr for oci-portfwd-runtime's tests;
+# python3-seccomp is libseccomp's binding (the venv gets pyseccomp from PyPI instead).
 APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit uidmap iperf3 \
 	socat curl ncat iproute2 python3-venv python3-dev libcap-dev gcc \
-	python3-pyroute2 python3-jsonschema python3-prctl haproxy docker.io
+	python3-pyroute2 python3-jsonschema python3-prctl haproxy docker.io python3-seccomp
 
 # What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild), and the checkers the
 # packaging tests run on their output.

@@ -135,11 +135,14 @@ def _check_config(rest: list[str]) -> int:
     from .config import config_path, load_config, state_dir_of  # noqa: PLC0415
 
     explicit = rest[0] if rest else None
+    from .privileges import core_identity  # noqa: PLC0415
+
     config = load_config(os.environ, explicit, thorough=True)
+    core_identity(config.core_user)  # rootful: a user this host lacks would fail every start
     path, _ = config_path(os.environ, explicit)
     where = config.source if config.source != "built-in defaults" else f"{path} absent: built-in defaults"
     print(f"config OK ({where})")
-    keys = ("driver", "loopback", "source_address", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level", "allow_host_loopback")
+    keys = ("driver", "loopback", "source_address", "udp_idle_timeout", "max_ports", "ready_timeout", "log_level", "allow_host_loopback", "core_user")
     for key in keys:
         value = getattr(config, key)
         # As JSON writes it: the config's 2 stays 2 (not 2.0), false stays false.

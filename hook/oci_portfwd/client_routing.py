@@ -52,6 +52,9 @@ SETUP_TIMEOUT = 10.0
 PortRange = tuple[int, int]
 
 
+ROUTING_COMM = "portfwd-routing"
+
+
 def make_transparent(sock: socket.socket) -> None:
     """Let an unprivileged holder bind `sock` to any address; mark what it sends."""
     if sock.family == socket.AF_INET6:
@@ -67,6 +70,10 @@ def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
 
     def child() -> int:
+        import prctl  # noqa: PLC0415 - only in the child
+
+        # A name of its own: it lives ~0.1 s, and `ps` or a test must not take it for the dialer.
+        prctl.set_name(ROUTING_COMM)
         os.close(read_fd)
         ready, notes = _set_up(udp_ports)
         report = {"ready": {FAMILY_KEY[f]: ok for f, ok in ready.items()}, "notes": notes}

@@ -35,6 +35,7 @@ class Config:
     source_address: str = "client"
     # oci-portfwd-runtime's real runtime (None: runc, else crun, on PATH); the hook ignores it.
     runtime: str | None = None
+    core_user: str = "nobody"
     source: str = "built-in defaults"
 
 

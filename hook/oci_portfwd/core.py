@@ -19,6 +19,7 @@ from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .plan import Plan
+from .seccomp_filter import CoreSandbox
 from .source_address import SourceBinder
 from .stats import new_counters
 from .status import StatusWriter
@@ -32,6 +33,7 @@ def run_core(
     status: StatusWriter,
     log: logging.Logger,
     until_readable: int | None = None,
+    sandbox: CoreSandbox | None = None,
 ) -> int:
     """Serve until signalled, or until `until_readable` (a driver program's pidfd) fires."""
     import prctl  # noqa: PLC0415
@@ -116,6 +118,10 @@ def run_core(
 
         loop.register(until_readable, select.EPOLLIN, stop)
     status.ready()
+    if sandbox is not None:
+        # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
+        # every module the loop uses is imported and every descriptor it needs is open.
+        sandbox.enter()
     loop.run()
     return 3
 

@@ -37,7 +37,9 @@ from .errors import NamespaceError, StartError
 from .forking import fork_child
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
+from .privileges import drop_dialer
 from .procfs import close_fds_except
+from .seccomp_filter import sandbox_dialer
 from .source_address import ReplyRoutes, Routing
 
 KINDS = {
@@ -118,6 +120,11 @@ def _dialer_main(
     # After the hello: the container's start does not wait for this (~130 ms, mostly the
     # pyroute2 import); connections do, since no socket leaves before it.
     transparent = _set_up_client_routing(sock, client_udp_ports) if client_udp_ports is not None else {}
+    # Least privilege from here on (privileges.py, seccomp_filter.py): CAP_NET_ADMIN only and
+    # the allow-list. After the hello, so that the hook need not wait for it: requests queue
+    # meanwhile. Whatever else the dialer sets up in the container goes above.
+    drop_dialer()
+    sandbox_dialer()
     while True:
         request = sock.recv(64)
         if not request:

@@ -31,6 +31,7 @@ class Plan:
     ready_timeout: float
     allow_host_loopback: bool = False
     source_address: str = "client"
+    core_user: str = "nobody"  # rootful: who the core runs as (privileges.py)
 
 
 def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Config) -> Plan:
@@ -65,4 +66,5 @@ def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Con
         ready_timeout=config.ready_timeout,
         allow_host_loopback=config.allow_host_loopback,
         source_address=source_address,
+        core_user=config.core_user,
     )

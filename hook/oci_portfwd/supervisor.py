@@ -25,7 +25,10 @@ from .listeners import Listener
 from .logs import close_log, open_log
 from .plan import Plan
 from .polling import wait_readable
+from .privileges import core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
+from .seccomp_filter import CoreSandbox
+from .seccomp_filter import check_available as check_seccomp
 from .statefile import Record, remove_record, write_record
 from .stats import FIELDS, TCP_OPEN, Counters, as_dict, new_counters, read
 from .status import StatusReader, StatusWriter
@@ -132,6 +135,7 @@ class Core:
     started_at: float
     counts: Counters
     ready: bool = False
+    sandbox: CoreSandbox | None = None
 
 
 class Supervisor:
@@ -145,6 +149,7 @@ class Supervisor:
         self.earlier = [0] * len(FIELDS)
         self.published: list[int] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.core_identity: tuple[int, int] | None = None
 
     def run(self) -> int:
         import prctl  # noqa: PLC0415
@@ -165,6 +170,14 @@ class Supervisor:
             container = os.pidfd_open(self.plan.container_pid)
         except ProcessLookupError:
             return self._fail(f"container process {self.plan.container_pid} is gone")
+        # Least privilege: keep what restarting the core needs (privileges.py).
+        try:
+            self.core_identity = core_identity(self.plan.core_user)
+            if self.plan.driver == "builtin":
+                check_seccomp()
+        except StartError as e:
+            return self._fail(str(e))
+        limit_supervisor(self.plan.driver)
         core = self._spawn_core()
         try:
             self._await_first_ready(core)
@@ -217,15 +230,20 @@ class Supervisor:
     def _spawn_core(self) -> Core:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         counts = new_counters()
+        # The builtin core sandboxes itself once it serves; the external drivers' process
+        # restarts its program and stays as privileged as the supervisor.
+        sandbox = CoreSandbox(self.core_identity) if self.plan.driver == "builtin" else None
 
         def core() -> int:
             os.close(status_r)
+            if sandbox is not None:
+                sandbox.in_child()
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             status = StatusWriter(status_w, counts)
             try:
-                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log)
+                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log, sandbox=sandbox)
             except StartError as e:
                 self.log.error("%s", e)
                 status.error(str(e))
@@ -233,7 +251,9 @@ class Supervisor:
 
         pid = fork_child(core)
         os.close(status_w)
-        return Core(pid, os.pidfd_open(pid), StatusReader(status_r), time.monotonic(), counts)
+        if sandbox is not None:
+            sandbox.in_parent()
+        return Core(pid, os.pidfd_open(pid), StatusReader(status_r), time.monotonic(), counts, sandbox=sandbox)
 
     def _await_first_ready(self, core: Core) -> None:
         deadline = time.monotonic() + self.plan.ready_timeout
@@ -275,6 +295,8 @@ class Supervisor:
             if current is not None:
                 timeout = 1.0
                 fds.append(current.pidfd)
+                if current.sandbox is not None:
+                    fds += current.sandbox.fds()
                 if not current.status.eof:
                     fds.append(current.status.fd)
             else:
@@ -286,6 +308,8 @@ class Supervisor:
             if container in readable:
                 reason = f"container process {self.plan.container_pid} exited"
             elif current is not None:
+                if current.sandbox is not None:
+                    current.sandbox.on_readable(readable, current.pidfd)  # kills on a violation
                 if current.status.fd in readable:
                     current.status.feed()
                     for line in current.status.lines():
@@ -339,6 +363,10 @@ class Supervisor:
         finally:
             os.close(core.pidfd)
             os.close(core.status.fd)
+            if core.sandbox is not None:
+                core.sandbox.close()
+        if core.sandbox is not None and core.sandbox.violation:
+            return f"ended by its seccomp filter: forbidden system call {core.sandbox.violation}"
         if os.WIFSIGNALED(status):
             return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
         return f"exit code {os.WEXITSTATUS(status)}"
@@ -356,9 +384,15 @@ class Supervisor:
         for child in children():
             if child != core_pid:
                 try:
-                    os.waitpid(child, os.WNOHANG)
+                    pid, status = os.waitpid(child, os.WNOHANG)
                 except ChildProcessError:
-                    pass
+                    continue
+                if pid and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+                    # Only seccomp kills with SIGSYS (seccomp_filter.py: the dialer's filter).
+                    self.log.warning(
+                        "the core's dialer pid %d was killed by its seccomp filter: a forbidden "
+                        "system call (the kernel's audit log names it)", pid,
+                    )
 
     def _teardown(self) -> None:
         for listener in self.ctx.listeners:

@@ -25,7 +25,7 @@ from e2ekit import clients
 from e2ekit.docker import CTR, DOCKER, DOCKERD, DockerDaemon, DockerError, import_rootfs, wait_gone
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.ports import port_is_free
-from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
+from e2ekit.procs import Proc, descendants, find_by_comm, forwarding_procs, supervisor_comm
 from e2ekit.services import Services
 from e2ekit.tools import need_tools
 from e2ekit.users import USER_PATH, has_subids
@@ -97,7 +97,7 @@ class Docker:
         sup = Proc.of(int(self.hook.read_state(cid)["supervisor_pid"]))
         assert sup is not None and sup.alive(), "the supervisor of the state file is not running"
         assert sup.comm() == supervisor_comm(cid)
-        return [sup, *descendants(sup.pid)]
+        return forwarding_procs(sup)
 
     def cleanup(self) -> None:
         if self.names and self.daemon.proc is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from e2ekit import clients
+from e2ekit.forwarding import status_field
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.podman import (
     ANNOTATION,
@@ -34,7 +35,7 @@ from e2ekit.podman import (
     remove_private_storage,
 )
 from e2ekit.ports import port_is_free
-from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
+from e2ekit.procs import Proc, find_by_comm, forwarding_procs, supervisor_comm
 from e2ekit.services import Services
 from e2ekit.users import has_subids, process_uid
 from e2ekit.wait import wait_until
@@ -123,7 +124,7 @@ def _forwarding_of(podman: Podman, c: PodmanContainer) -> list[Proc]:
     sup = Proc.of(int(podman.hook.read_state(c.id)["supervisor_pid"]))
     assert sup is not None and sup.alive(), "the supervisor from the state file is not running"
     assert sup.comm() == supervisor_comm(c.id)
-    return [sup, *descendants(sup.pid)]
+    return forwarding_procs(sup)
 
 
 def _assert_all_gone(procs: list[Proc], binds: list[tuple], state: Path) -> None:
@@ -154,6 +155,11 @@ def test_annotation_publishes_and_rm_frees(podman, port_alloc):
     assert podman.hook.read_state(c.id).get("name") == c.name
     listing = podman.hook.run("ps").stdout.decode()
     assert any(r.startswith(c.id[:12] + " ") and f" {c.name} " in r for r in listing.splitlines()), listing
+    # Least privilege under podman too (test_privileges.py has the whole table): rootless, the
+    # hook is uid 0 of podman's user namespace, and the core still ends with nothing.
+    core = next(p for p in procs if p.comm() == "portfwd-core")
+    sandboxed = {k: status_field(core.pid, k) for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp")}
+    assert sandboxed == {"CapEff": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1", "Seccomp": "2"}
     r = podman.exec(c, "ps", "-o", "pid,comm")
     assert r.ok and "portfwd" not in r.stdout, f"forwarding visible in the container: {r}"
 

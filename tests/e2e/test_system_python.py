@@ -1,11 +1,13 @@
 """The hook on Debian's own interpreter and packages (python3-pyroute2, python3-jsonschema,
-python3-prctl: the versions the .deb depends on), not the venv's newer ones."""
+python3-prctl, python3-seccomp: the versions the .deb depends on), not the venv's newer ones
+(the venv has pyseccomp instead of Debian's libseccomp binding)."""
 
 import subprocess
 from pathlib import Path
 
 import pytest
 from e2ekit import clients
+from e2ekit.forwarding import forwarding_of, status_field
 from e2ekit.hookenv import HookEnv
 from e2ekit.ports import port_is_free
 from e2ekit.services import Services
@@ -24,9 +26,11 @@ sys.exit(main())
 """
 
 PROBE = """
-import importlib.metadata as md, pyroute2, jsonschema, prctl
+import importlib.metadata as md, pyroute2, jsonschema, prctl, seccomp
 for name, mod in (("pyroute2", pyroute2), ("jsonschema", jsonschema), ("python-prctl", prctl)):
     print(name, md.version(name), mod.__file__)
+# python3-seccomp ships no dist-info: its version is libseccomp's API level here.
+print("seccomp", seccomp.get_api(), seccomp.__file__)
 """
 
 
@@ -35,7 +39,7 @@ def system_hook(tmp_path, e2e_host):
     probe = subprocess.run([SYSTEM_PYTHON, "-s", "-c", PROBE], capture_output=True, text=True,
                            timeout=30)
     if probe.returncode != 0:
-        pytest.skip(f"Debian's python3-pyroute2/-jsonschema/-prctl missing: {probe.stderr}")
+        pytest.skip(f"Debian's python3-pyroute2/-jsonschema/-prctl/-seccomp missing: {probe.stderr}")
     for line in probe.stdout.splitlines():
         name, version, path = line.split()
         # Not the venv's: the point is to run against the distribution's versions.
@@ -53,6 +57,9 @@ def test_tcp_forwarding_with_debian_packages(containers, system_hook, port_alloc
     services.wait_ready(c.start())
     assert clients.whoami("127.0.0.1", port) == ("127.0.0.1", 81)
     assert clients.whoami("::1", port) == ("::1", 81)
+    # The sandbox works with Debian's libseccomp binding too (test_privileges.py has the rest).
+    fwd = forwarding_of(system_hook, c.id)
+    assert [status_field(p.pid, "Seccomp") for p in (fwd.core, fwd.dialer)] == ["2", "2"]
     c.stop()
     assert port_is_free("0.0.0.0", port) and port_is_free("::", port)
 

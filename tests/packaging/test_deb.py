@@ -66,6 +66,8 @@ def test_deb_control(built_deb):
     for name, least in DEPENDS.items():
         assert f"{name} (>= {least})" in depends, depends
     assert any(d.startswith("python3") and "(>= 3.11" in d for d in depends), depends
+    # libseccomp's own binding; setup.cfg's pyseccomp maps to it (debian/py3dist-overrides).
+    assert "python3-seccomp" in depends and not any("pyseccomp" in d for d in depends), depends
     assert field(deb, "Recommends") == "crun | runc"
     assert {s.strip() for s in field(deb, "Suggests").split(",")} >= {"slirp4netns", "passt"}
 

@@ -53,8 +53,9 @@ def test_rpm_file_list(built_rpm):
     dist_info = f"{sitelib}/oci_portfwd_hook-{built_rpm.version}.dist-info"
     assert f"{dist_info}/METADATA" in listed
     # rpm's docdir is NAME (Fedora) or NAME-VERSION (Debian's rpm macros).
-    docs = {p for p in listed if p.startswith("/usr/share/doc/")}
+    docs = {p for p in listed if p.startswith(("/usr/share/doc/", "/usr/share/licenses/"))}
     assert any(p.endswith("/README.md") for p in docs), docs
+    assert any(p.startswith("/usr/share/licenses/") and p.endswith("/LICENSE") for p in docs), docs
     rest = {p for p in listed - docs if not p.startswith(dist_info)}
     expected = expected_paths(built_rpm.source)
     assert rest == expected, (f"missing: {sorted(expected - rest)}; "
@@ -73,8 +74,10 @@ def test_rpm_config_is_noreplace_and_arch_noarch(built_rpm):
 def test_rpm_dependencies(built_rpm):
     requires = set(rpm_query(built_rpm.path, "--requires"))
     for dep in ("python3-pyroute2 >= 0.7.2", "python3-jsonschema >= 4.10.3",
-                "python3-prctl >= 1.8.1", "python3 >= 3.11"):
+                "python3-prctl >= 1.8.1", "python3 >= 3.11", "python3-libseccomp"):
         assert dep in requires, requires
+    # pyseccomp (setup.cfg) is PyPI's stand-in for python3-libseccomp: no such Fedora package.
+    assert not any("pyseccomp" in r for r in requires), requires
     assert rpm_query(built_rpm.path, "--recommends") == ["(crun or runc)"]
     assert {"slirp4netns", "passt"} <= set(rpm_query(built_rpm.path, "--suggests"))
 

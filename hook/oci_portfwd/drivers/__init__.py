@@ -15,6 +15,10 @@ from ..plan import Plan
 from ..ports import PortMapping
 from ..status import StatusWriter
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..seccomp_filter import CoreSandbox
+
 Warn = Callable[[str], None]
 
 
@@ -43,8 +47,16 @@ class Driver:
         """The plan this driver will serve (raises DriverError when it cannot)."""
         raise NotImplementedError
 
-    def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
-        """Serve the plan in this (forked) process until signalled; returns an exit code."""
+    def run(
+        self,
+        plan: Plan,
+        listeners: Sequence[Listener],
+        status: StatusWriter,
+        log: logging.Logger,
+        sandbox: CoreSandbox | None = None,
+    ) -> int:
+        """Serve the plan in this (forked) process until signalled; returns an exit code.
+        `sandbox`: the process drops its privileges through it once it serves (builtin)."""
         raise NotImplementedError
 
 

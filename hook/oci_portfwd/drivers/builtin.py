@@ -10,6 +10,10 @@ from ..plan import Plan
 from ..status import StatusWriter
 from . import Capabilities, Driver, Warn
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..seccomp_filter import CoreSandbox
+
 
 class BuiltinDriver(Driver):
     name = "builtin"
@@ -28,7 +32,14 @@ class BuiltinDriver(Driver):
     def check(self, plan: Plan, warn: Warn) -> Plan:
         return plan
 
-    def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
+    def run(
+        self,
+        plan: Plan,
+        listeners: Sequence[Listener],
+        status: StatusWriter,
+        log: logging.Logger,
+        sandbox: CoreSandbox | None = None,
+    ) -> int:
         from ..core import run_core  # noqa: PLC0415
 
-        return run_core(plan, listeners, status, log)
+        return run_core(plan, listeners, status, log, sandbox=sandbox)

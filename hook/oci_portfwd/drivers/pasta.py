@@ -47,7 +47,14 @@ class PastaDriver(Driver):
         find_program("pasta", "passt")
         return check_capabilities(plan, self.name, self.capabilities, warn)
 
-    def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
+    def run(
+        self,
+        plan: Plan,
+        listeners: Sequence[Listener],
+        status: StatusWriter,
+        log: logging.Logger,
+        sandbox: object = None,  # not used: this process restarts the program (README "Privileges")
+    ) -> int:
         import prctl  # noqa: PLC0415
 
         prctl.set_name("portfwd-pasta")

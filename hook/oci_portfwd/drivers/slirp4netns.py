@@ -56,7 +56,14 @@ class Slirp4netnsDriver(Driver):
         find_program("slirp4netns", "slirp4netns")
         return check_capabilities(plan, self.name, self.capabilities, warn)
 
-    def run(self, plan: Plan, listeners: Sequence[Listener], status: StatusWriter, log: logging.Logger) -> int:
+    def run(
+        self,
+        plan: Plan,
+        listeners: Sequence[Listener],
+        status: StatusWriter,
+        log: logging.Logger,
+        sandbox: object = None,  # not used: this process restarts the program (README "Privileges")
+    ) -> int:
         import prctl  # noqa: PLC0415
 
         prctl.set_name("portfwd-slirp")

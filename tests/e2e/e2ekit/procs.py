@@ -70,6 +70,20 @@ def descendants(pid: int) -> list[Proc]:
     return result
 
 
+def forwarding_procs(supervisor: Proc) -> list[Proc]:
+    """The supervisor and the descendants that live as long as the forwarding: not the
+    dialer's own children (its client-address routing setup exits ~0.1 s after the start)."""
+    result, todo = [supervisor], [supervisor]
+    while todo:
+        parent = todo.pop()
+        if parent.comm() == "portfwd-dialer":
+            continue
+        for child in children(parent.pid):
+            result.append(child)
+            todo.append(child)
+    return result
+
+
 def find_by_comm(comm: str) -> list[Proc]:
     """Live processes whose comm is exactly `comm` (e.g. a supervisor "portfwd:<id>")."""
     found = []

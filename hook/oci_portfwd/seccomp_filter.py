@@ -1,0 +1,307 @@
+"""Seccomp allow-lists for the core and the dialer (libseccomp), and how a violation is named.
+
+    supervisor ── CoreSandbox (a socketpair per core) ──▶ core
+    core: drop privileges (privileges.py), load the allow-list with "notify" as the default
+          action, send the filter's listener fd up the socketpair, close its own copy, serve
+    a forbidden call: the kernel stops the core in it and queues (pid, syscall number) on the
+          listener; the supervisor reads it, logs the syscall's name with the core's death,
+          kills the core and restarts it, as after any crash
+
+Why not SECCOMP_RET_TRAP and a SIGSYS handler: a Python handler runs later, between bytecodes,
+after the C-level handler has returned into the trapped call, which then "returns" its own
+syscall number (the kernel rolls the registers back) to code that takes it for a result; and
+Python's handlers never see siginfo's si_syscall. KILL_PROCESS names nothing to anyone (the
+kernel's audit log has it, for root). A user-notification listener is read by another
+process, which sees the number and decides. The core must not keep the listener: whoever holds
+it can let a call through.
+
+The dialer's filter kills it (KILL_PROCESS): the core sees its dialer gone, exits, and the
+supervisor restarts both.
+
+Library: libseccomp's binding, Debian's python3-seccomp (module `seccomp`) or, from PyPI,
+pyseccomp (ctypes, the same API). Everything the core uses later must be imported before the
+filter is loaded: an import opens files, and openat is not on the list.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import struct
+from collections.abc import Collection
+from types import ModuleType
+
+from .errors import StartError
+from .privileges import drop_core
+
+# <linux/seccomp.h>: _IOWR('!', 0, struct seccomp_notif), a struct of 80 bytes:
+# u64 id; u32 pid; u32 flags; struct seccomp_data { int nr; u32 arch; u64 ip; u64 args[6]; }
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
+NOTIF_SIZE = 80
+FIONBIO, FIONCLEX, FIOCLEX = 0x5421, 0x5450, 0x5451
+PROT_EXEC = 0x4
+
+# Test switch: with this set (to anything) in the environment, signal SIGRTMIN+N makes a
+# sandboxed core or dialer attempt PROBES[N] once (tests/e2e/test_privileges.py); unset,
+# nothing is installed and no test code runs.
+PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
+PROBES = ("open", "exec", "ptrace", "socket", "raise")  # raise: a bug's traceback still works
+
+# The core once it serves: epoll, sockets it was handed or accepted, splice through pipes,
+# lines to the supervisor and the log. No open, no exec, no socket(), no kill, no ptrace.
+CORE_SYSCALLS = (
+    "read", "write", "readv", "writev", "close", "fcntl", "lseek",
+    "epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll",
+    "accept", "accept4", "connect", "bind", "shutdown", "getsockopt", "setsockopt",
+    "getsockname", "getpeername", "sendto", "recvfrom", "sendmsg", "recvmsg",
+    "splice", "pipe2",
+    "brk", "munmap", "mremap", "madvise",
+    "futex", "getpid", "gettid", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",
+    "sched_yield", "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "exit", "exit_group",
+)
+# The dialer once it has joined: make sockets, pass them on.
+DIALER_SYSCALLS = (
+    "read", "write", "close", "fcntl", "getsockopt", "setsockopt",
+    "sendto", "recvfrom", "sendmsg", "recvmsg",
+    "brk", "munmap", "mremap", "madvise",
+    "futex", "getpid", "gettid", "clock_gettime",
+    "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "exit", "exit_group",
+)
+
+
+LIBRARIES = ("seccomp", "pyseccomp")
+SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def check_available() -> None:
+    """Before anything starts: a missing binding would only show once the core serves."""
+    from importlib.util import find_spec  # noqa: PLC0415
+
+    if not any(find_spec(name) for name in LIBRARIES):
+        raise StartError(
+            "libseccomp's Python binding is missing (Debian: apt-get install python3-seccomp; "
+            "Fedora: dnf install python3-libseccomp; pip: pip install pyseccomp)"
+        )
+
+
+def _library() -> ModuleType:
+    try:
+        import seccomp  # noqa: PLC0415 - Debian's python3-seccomp (C, imports in <1 ms)
+    except ImportError:
+        pass
+    else:
+        return seccomp
+    # pyseccomp (PyPI, the same API through ctypes) looks its libraries up with
+    # ctypes.util.find_library, which imports subprocess & co. (1.6 MB per process) and runs
+    # `ldconfig -p` twice (~15 ms, two fork+execs). Their sonames are fixed on Linux: it gets
+    # a ctypes.util that knows just those, for the time of its import.
+    import ctypes  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    stub = ModuleType("ctypes.util")
+    stub.find_library = SONAMES.get  # type: ignore[attr-defined]
+    real = sys.modules.get("ctypes.util")
+    sys.modules["ctypes.util"] = stub
+    ctypes.util = stub  # type: ignore[attr-defined]
+    try:
+        import pyseccomp  # noqa: PLC0415
+    finally:
+        if real is None:
+            del sys.modules["ctypes.util"]
+            del ctypes.util  # type: ignore[attr-defined]
+        else:
+            sys.modules["ctypes.util"] = real
+            ctypes.util = real  # type: ignore[attr-defined]
+    return pyseccomp
+
+
+def _allow_list(lib: ModuleType, default: int, names: tuple[str, ...]) -> object:
+    f = lib.SyscallFilter(default)
+    f.set_attr(lib.Attr.ACT_BADARCH, lib.KILL_PROCESS)  # x32 / i386 entry points
+    for name in names:
+        f.add_rule(lib.ALLOW, name)
+    # Memory, but never executable memory: no code of its own for an attacker.
+    for name in ("mmap", "mprotect"):
+        f.add_rule(lib.ALLOW, name, lib.Arg(2, lib.MASKED_EQ, PROT_EXEC, 0))
+    # Python's setblocking() and set_inheritable() use ioctl: those requests only.
+    for request in (FIONBIO, FIONCLEX, FIOCLEX):
+        f.add_rule(lib.ALLOW, "ioctl", lib.Arg(1, lib.EQ, request))
+    # abort() signals itself: only itself.
+    f.add_rule(lib.ALLOW, "tgkill", lib.Arg(0, lib.EQ, os.getpid()))
+    return f
+
+
+def _notify_fd(lib: ModuleType, f: object) -> int:
+    get = getattr(f, "get_notify_fd", None)
+    if get is not None:
+        return int(get())
+    # pyseccomp 0.1.2 wraps seccomp_notify_fd() but does not export it.
+    return int(lib._libseccomp.seccomp_notify_fd(f._filter))  # type: ignore[attr-defined]  # noqa: SLF001
+
+
+class CoreSandbox:
+    """One per core: made by the supervisor before the fork, entered by the core once it
+    serves, read by the supervisor while the core lives."""
+
+    def __init__(self, identity: tuple[int, int] | None) -> None:
+        self.identity = identity
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener = -1
+        self.violation: str | None = None
+
+    # the core's side
+    def in_child(self) -> None:
+        self.ours.close()
+
+    def enter(self) -> None:
+        """Drop every privilege, load the filter, hand the listener up. After this the core
+        can only use what it holds; a forbidden call ends it."""
+        _keep_pages_shared()
+        lib = _library()
+        if os.environ.get(PROBE_ENV):
+            _install_probes()
+        _no_source_lines()
+        f = _allow_list(lib, lib.NOTIFY, CORE_SYSCALLS)
+        drop_core(self.identity)
+        f.load()  # type: ignore[attr-defined]
+        listener = _notify_fd(lib, f)
+        socket.send_fds(self.theirs, [b"L"], [listener])
+        os.close(listener)
+        self.theirs.close()
+
+    # the supervisor's side
+    def in_parent(self) -> None:
+        self.theirs.close()
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.ours.fileno(), self.listener) if fd >= 0]
+
+    def on_readable(self, readable: Collection[int], core_pidfd: int) -> str | None:
+        """Take the listener when it comes; on a violation kill the core and return the
+        syscall's name (also kept in `violation`)."""
+        if self.ours.fileno() in readable:
+            try:
+                _, fds, _, _ = socket.recv_fds(self.ours, 16, 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                fds = []
+            except OSError:
+                fds = []
+            if fds and self.listener < 0:
+                self.listener = fds[0]
+            elif not fds:
+                self.ours.close()  # the core is gone, or has sandboxed itself: done here
+        if self.listener >= 0 and self.listener in readable:
+            name = self._receive(core_pidfd)
+            if name is not None:
+                self.violation = name
+                try:
+                    signal.pidfd_send_signal(core_pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return name
+        return None
+
+    def _receive(self, core_pidfd: int) -> str | None:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        poller.register(core_pidfd, select.POLLIN)
+        events = dict(poller.poll(0))
+        mine, dead = events.get(self.listener, 0), core_pidfd in events
+        if mine & select.POLLHUP or not mine & select.POLLIN or dead:
+            # No notification to read (the core exited): the ioctl would block.
+            os.close(self.listener)
+            self.listener = -1
+            return None
+        buf = bytearray(NOTIF_SIZE)
+        try:
+            fcntl.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EINTR):
+                return None
+            raise
+        _id, _pid, _flags, nr, arch = struct.unpack_from("=QIIii", buf)
+        return syscall_name(arch, nr)
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+        if self.listener >= 0:
+            os.close(self.listener)
+            self.listener = -1
+
+
+def syscall_name(arch: int, nr: int) -> str:
+    try:
+        name = _library().resolve_syscall(arch, nr)
+    except (ValueError, OSError, OverflowError):
+        return f"#{nr}"
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def sandbox_dialer() -> None:
+    """The dialer's allow-list; a forbidden call kills it (the core then exits to be
+    restarted with a new dialer). Privileges are dropped first (privileges.drop_dialer)."""
+    _keep_pages_shared()
+    lib = _library()
+    if os.environ.get(PROBE_ENV):
+        _install_probes()
+    _no_source_lines()
+    f = _allow_list(lib, lib.KILL_PROCESS, DIALER_SYSCALLS)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))  # type: ignore[attr-defined]
+    f.load()  # type: ignore[attr-defined]
+
+
+def _keep_pages_shared() -> None:
+    # The imports below run the garbage collector, whose full passes write into every object
+    # the process inherited from its parent: the pages it shares with the supervisor would be
+    # copied. Frozen objects are never scanned (issue 12: the same before every fork).
+    import gc  # noqa: PLC0415
+
+    gc.freeze()
+
+
+def _no_source_lines() -> None:
+    # A traceback reads the source files of its frames (linecache), which the filter forbids
+    # and which would end the process before the traceback is written: without source lines.
+    import linecache  # noqa: PLC0415
+    import traceback  # noqa: PLC0415, F401 - fork_child imports it for a bug's traceback
+
+    def no_lines(filename: str, module_globals: object = None) -> list[str]:
+        return []
+
+    def no_check(filename: str | None = None) -> None:
+        return None
+
+    linecache.updatecache = no_lines
+    linecache.checkcache = no_check
+
+
+def _install_probes() -> None:
+    """Tests only: SIGRTMIN+N → attempt forbidden call PROBES[N] (each must end the process)."""
+    import ctypes  # noqa: PLC0415 - loaded now: an import after the filter would be a violation
+
+    ptrace = ctypes.CDLL(None, use_errno=True).ptrace
+    supervisor = os.getppid()
+
+    def attempt(signum: int, _frame: object) -> None:
+        probe = PROBES[signum - signal.SIGRTMIN]
+        if probe == "open":
+            with open("/etc/hostname", "rb") as f:
+                f.read()
+        elif probe == "exec":
+            os.execv("/bin/true", ["true"])
+        elif probe == "ptrace":
+            ptrace(16, supervisor, None, None)  # PTRACE_ATTACH
+        elif probe == "socket":
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        elif probe == "raise":
+            raise RuntimeError("sandbox probe: a bug")
+        print(f"sandbox probe {probe}: the call was allowed", flush=True)
+
+    for n in range(len(PROBES)):
+        signal.signal(signal.SIGRTMIN + n, attempt)
