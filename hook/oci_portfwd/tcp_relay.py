@@ -50,6 +50,7 @@ ET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLE
 CLIENT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 # Events that mean "something to read" (data, EOF, an error) on a socket.
 INPUT_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+EPOLLOUT = select.EPOLLOUT
 # Input events after which a short read is not the end: EOF or an error is pending.
 END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
@@ -124,8 +125,8 @@ class Direction:
     through Python."""
 
     __slots__ = (
-        "src", "dst", "src_sock", "dst_sock", "pipes", "pipe", "buffered", "held", "bulk", "eof", "done",
-        "counts", "slot", "watch_out",
+        "src", "dst", "src_sock", "dst_sock", "recv_into", "send", "pipes", "pipe", "buffered", "held", "bulk",
+        "eof", "done", "counts", "slot", "watch_out",
     )
 
     def __init__(
@@ -141,6 +142,8 @@ class Direction:
         self.dst = dst.fileno()
         self.src_sock = src
         self.dst_sock = dst
+        self.recv_into = src.recv_into  # bound once: two calls per message
+        self.send = dst.send
         self.pipes = pipes
         self.pipe: tuple[int, int] | None = None
         self.buffered = 0  # bytes in the pipe
@@ -170,8 +173,7 @@ class Direction:
             raise
 
     def _copy(self, drain: int) -> None:
-        counts, slot = self.counts, self.slot
-        recv_into, send = self.src_sock.recv_into, self.dst_sock.send
+        counts, slot, recv_into, send = self.counts, self.slot, self.recv_into, self.send
         while True:
             if self.held:
                 try:
@@ -439,7 +441,7 @@ class TcpConnection:
         try:
             if events & INPUT_EVENTS:
                 to_container.pump(events & END_EVENTS)
-            if events & select.EPOLLOUT and (to_client.buffered or to_client.held):
+            if events & EPOLLOUT and (to_client.buffered or to_client.held):
                 to_client.pump(0)
         except ConnectionReset:
             self._abort()
@@ -454,7 +456,7 @@ class TcpConnection:
         try:
             if events & INPUT_EVENTS:
                 to_client.pump(events & END_EVENTS)
-            if events & select.EPOLLOUT and (to_container.buffered or to_container.held):
+            if events & EPOLLOUT and (to_container.buffered or to_container.held):
                 to_container.pump(0)
         except ConnectionReset:
             self._abort()
