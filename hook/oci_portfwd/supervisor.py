@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .drivers import Driver
-from .errors import StartError, StateDirError
+from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
 from .listeners import Listener
 from .logs import close_log, open_log
@@ -127,6 +127,21 @@ def _detach_stdio(log_path: Path) -> None:
     os.close(out)
 
 
+def _preload_core() -> None:
+    """Import what the core and its dialer run, then freeze the collector, before the first
+    fork: their pages stay shared with this process (copy-on-write) instead of each child
+    importing its own copy; frozen objects are never written by a collection."""
+    import gc  # noqa: PLC0415
+    import traceback  # noqa: F401, PLC0415 - the sandbox's (seccomp_filter._no_source_lines)
+
+    from . import core  # noqa: F401, PLC0415
+    from .seccomp_filter import _library  # noqa: PLC0415
+
+    _library()
+    gc.collect()
+    gc.freeze()
+
+
 @dataclass
 class Core:
     pid: int
@@ -178,25 +193,12 @@ class Supervisor:
         except StartError as e:
             return self._fail(str(e))
         limit_supervisor(self.plan.driver)
+        if self.plan.driver == "builtin":
+            return self._run_bound(container, me, start_time)
         core = self._spawn_core()
         try:
             self._await_first_ready(core)
-            from .names import container_name  # noqa: PLC0415 - only the supervisor needs it
-
-            self.record = Record(
-                container_id=cid,
-                name=container_name(cid, self.ctx.annotations, self.ctx.bundle),
-                container_pid=self.plan.container_pid,
-                supervisor_pid=me,
-                supervisor_start_time=start_time,
-                driver=self.plan.driver,
-                ports=tuple(str(m) for m in self.plan.mappings),
-                log=str(self.ctx.log_path),
-                created=time.time(),
-                stats=as_dict(read(core.counts)),
-            )
-            write_record(self.ctx.state_dir, self.record)
-            self.published = read(core.counts)
+            self._write_first_record(me, start_time, read(core.counts))
             # Lines that came with "ready" in the same read wait in the buffer.
             for line in core.status.lines():
                 self._on_core_line(core, line)
@@ -216,6 +218,63 @@ class Supervisor:
         self.log.info("tearing down: %s", reason)
         self._teardown()
         return 0
+
+    def _run_bound(self, container: int, me: int, start_time: int) -> int:
+        """The builtin driver: the hook returns once the ports are bound and held here (issue
+        12); the kernel queues connections until the core serves them. What could still fail
+        the start is checked before: the container's namespaces can be opened (rootless crun's
+        are not before it exec'd: deferred, as the core's dialer does), the state file is
+        written. A core that fails later is logged (an error: poststop keeps the log) and
+        restarted, as after any crash; the listeners stay open meanwhile."""
+        from .namespaces import open_namespaces  # noqa: PLC0415
+
+        deferred: list[bool] = []
+        try:
+            user_fd, net_fd = open_namespaces(self.plan.container_pid, 0.0, lambda: deferred.append(True))
+        except NamespaceError as e:
+            if not deferred:
+                return self._fail(str(e))
+        else:
+            for fd in (user_fd, net_fd):
+                if fd is not None:
+                    os.close(fd)
+        try:
+            self._write_first_record(me, start_time, [0] * len(FIELDS))
+        except (StateDirError, OSError) as e:
+            return self._fail(str(e))
+        self.log.info(
+            "forwarding %s for container %s (driver %s): bound, starting the core",
+            ", ".join(str(m) for m in self.plan.mappings),
+            self.plan.container_id,
+            self.plan.driver,
+        )
+        self.report.ready()
+        self.report.close()
+        _preload_core()
+        core = self._spawn_core()
+        reason = self._watch(container, core)
+        self.log.info("tearing down: %s", reason)
+        self._teardown()
+        return 0
+
+    def _write_first_record(self, me: int, start_time: int, stats: list[int]) -> None:
+        from .names import container_name  # noqa: PLC0415 - only the supervisor needs it
+
+        cid = self.plan.container_id
+        self.record = Record(
+            container_id=cid,
+            name=container_name(cid, self.ctx.annotations, self.ctx.bundle),
+            container_pid=self.plan.container_pid,
+            supervisor_pid=me,
+            supervisor_start_time=start_time,
+            driver=self.plan.driver,
+            ports=tuple(str(m) for m in self.plan.mappings),
+            log=str(self.ctx.log_path),
+            created=time.time(),
+            stats=as_dict(stats),
+        )
+        write_record(self.ctx.state_dir, self.record)
+        self.published = stats
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_reason = f"{signal.Signals(signum).name} received (poststop)"
@@ -331,6 +390,8 @@ class Supervisor:
                     self.earlier = [a + b for a, b in zip(self.earlier, final, strict=True)]
                     restart_at = time.monotonic() + delay
                     current = None
+                else:
+                    self._check_ready_in_time(current)
                 self._publish_stats(current)
             elif time.monotonic() >= restart_at:
                 current = self._spawn_core()
@@ -340,7 +401,23 @@ class Supervisor:
         return reason
 
     def _on_core_line(self, core: Core, line: str) -> None:
+        if line == "ready":
+            core.ready = True
         self.log.info("core pid %d: %s", core.pid, line)
+
+    def _check_ready_in_time(self, core: Core) -> None:
+        # Off the hook's path (builtin): a core that does not come up is killed and restarted.
+        if core.ready or time.monotonic() - core.started_at < self.plan.ready_timeout:
+            return
+        core.ready = True  # said once
+        self.log.error(
+            "the forwarding core pid %d did not become ready within %gs (ready_timeout); killing it",
+            core.pid, self.plan.ready_timeout,
+        )
+        try:
+            signal.pidfd_send_signal(core.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _publish_stats(self, core: Core | None) -> None:
         """The state file's traffic figures (for `ps`): the dead cores' plus the running
