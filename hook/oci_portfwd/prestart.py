@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 from .config import Config, load_config, state_dir_of
 from .drivers import get_driver
@@ -40,7 +39,7 @@ def prestart(raw_state: bytes, env: Mapping[str, str]) -> int:
 
 
 def _prestart(
-    state: ContainerState, config: Config, state_dir: Path, log_file: Path, log: logging.Logger
+    state: ContainerState, config: Config, state_dir: str, log_file: str, log: logging.Logger
 ) -> int:
     annotations = dict(state.annotations) or bundle_annotations(state.bundle)
     plan = make_plan(state, annotations, config)
@@ -92,7 +91,7 @@ def _prestart(
     return 0
 
 
-def _already_forwarding(state_dir: Path, container_id: str, container_pid: int, log: logging.Logger) -> bool:
+def _already_forwarding(state_dir: str, container_id: str, container_pid: int, log: logging.Logger) -> bool:
     """createRuntime after prestart (or a repeated hook) must not forward twice."""
     record = read_record(state_dir, container_id)
     if record is None:

@@ -15,8 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from .drivers import Driver
 from .errors import NamespaceError, StartError, StateDirError
@@ -50,8 +49,8 @@ class Context:
     plan: Plan
     listeners: Sequence[Listener]
     driver: Driver
-    state_dir: Path
-    log_path: Path
+    state_dir: str
+    log_path: str
     log_level: str
     # Where the engine's name for the container is found (names.py), for the state file.
     annotations: Mapping[str, str] = field(default_factory=dict)
@@ -116,7 +115,7 @@ def _supervisor_main(ctx: Context, report_fd: int) -> int:
         close_log(log)
 
 
-def _detach_stdio(log_path: Path) -> None:
+def _detach_stdio(log_path: str) -> None:
     # The runtime waits for EOF on the hook's stdout/stderr: keep none of its pipes.
     null = os.open(os.devnull, os.O_RDWR)
     out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -426,7 +425,7 @@ class Supervisor:
         if values == self.published:
             return
         self.published = values
-        self.record = replace(self.record, stats=as_dict(values))
+        self.record = self.record.with_stats(as_dict(values))
         try:
             write_record(self.ctx.state_dir, self.record)
         except OSError as e:
