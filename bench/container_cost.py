@@ -19,8 +19,10 @@ As root; measurement only, nothing is asserted. Everything made is removed on ex
 import argparse
 import json
 import os
+import select
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,15 +40,32 @@ from e2ekit.runtimes import make_runtime  # noqa: E402
 from infra import Cleanup, Netns, free_port, pss_kib, run, start, tree, wait_for  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
+RUNTIME_TIMEOUT = 60
+WRAPPER = """#!/bin/sh
+PYTHONPATH={src} exec {python} -I -c 'import sys; sys.path.insert(0, "{src}"); from oci_portfwd.cli import main; sys.exit(main())' "$@"
+"""
 INNER_PORT = 81
 
 
-def timed(fn) -> float:
-    t0 = time.monotonic()
-    result = fn()
-    elapsed = (time.monotonic() - t0) * 1000
-    if not result.ok:
-        raise RuntimeError(str(result))
+def timed(argv: list[str], out: Path) -> float:
+    """Wall time of a command, in ms. Not subprocess.run(timeout=…): its wait polls with sleeps
+    that grow to 50 ms, which turned every figure into steps of 50 ms. A pidfd wakes us at the
+    exit itself."""
+    with open(out, "wb") as f:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            ready = select.poll()
+            ready.register(pidfd, select.POLLIN)
+            if not ready.poll(RUNTIME_TIMEOUT * 1000):
+                proc.kill()
+            elapsed = (time.monotonic() - t0) * 1000
+        finally:
+            os.close(pidfd)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} -> {code}: {out.read_text(errors='replace')[-2000:]}")
     return elapsed
 
 
@@ -57,10 +76,14 @@ def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int]) -> dict
             for variant, hook in hooks.items():
                 cell = out.setdefault(rt_name, {}).setdefault(variant, {"start_ms": [], "delete_ms": []})
                 c = f.new(SLEEP, hook=hook, ports=f"127.0.0.1:{free_port(ports)}:{INNER_PORT}")
-                cell["start_ms"].append(timed(c.create))
+                c._created = True  # noqa: SLF001 - the factory's cleanup deletes it on failure
+                rt = c.runtime
+                cell["start_ms"].append(timed(rt.create_argv(
+                    "run", "-d", "--bundle", str(c.bundle), "--pid-file", str(c.bundle / "pid"), c.id),
+                    c.bundle / "run.out"))
                 # delete -f of the running container: the runtime kills it, then runs poststop.
-                cell["delete_ms"].append(timed(c.delete))
-                c._created = False  # noqa: SLF001 - deleted above
+                cell["delete_ms"].append(timed(rt.argv("delete", "-f", c.id), c.bundle / "delete.out"))
+                c._created = False  # noqa: SLF001 - deleted
     return out
 
 
@@ -160,11 +183,15 @@ def render(results: dict) -> str:
     lines = ["| runtime | start, /bin/true hook ms | start, oci-portfwd-hook ms | added | "
              "delete, /bin/true hook ms | delete, oci-portfwd-hook ms | added |", "|---|---|---|---|---|---|---|"]
     for rt, cells in results["start_delete"].items():
-        t, h = cells["/bin/true"], cells["oci-portfwd-hook"]
-        add_s = statistics.median(h["start_ms"]) - statistics.median(t["start_ms"])
-        add_d = statistics.median(h["delete_ms"]) - statistics.median(t["delete_ms"])
-        lines.append(f"| {rt} | {summary(t['start_ms'])} | {summary(h['start_ms'])} | **{add_s:+.1f}** | "
-                     f"{summary(t['delete_ms'])} | {summary(h['delete_ms'])} | **{add_d:+.1f}** |")
+        t = cells["/bin/true"]
+        for variant, h in cells.items():
+            if variant == "/bin/true":
+                continue
+            add_s = statistics.median(h["start_ms"]) - statistics.median(t["start_ms"])
+            add_d = statistics.median(h["delete_ms"]) - statistics.median(t["delete_ms"])
+            label = rt if variant == "oci-portfwd-hook" else f"{rt}, {variant}"
+            lines.append(f"| {label} | {summary(t['start_ms'])} | {summary(h['start_ms'])} | **{add_s:+.1f}** | "
+                         f"{summary(t['delete_ms'])} | {summary(h['delete_ms'])} | **{add_d:+.1f}** |")
     lines += ["", "| per container, PSS MB (MiB) | " + " | ".join(f"{n} container{'s' * (n > 1)}"
                                                          for n in results["counts"]) + " |",
               "|---|" + "---|" * len(results["counts"])]
@@ -191,6 +218,9 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--hook", type=Path, default=REPO / ".venv" / "bin" / "oci-portfwd-hook")
     ap.add_argument("--out", type=Path, default=HERE / "container_cost.json")
+    ap.add_argument("--compare", type=Path, metavar="DIR",
+                    help="also time the hook package in DIR (e.g. another checkout's hook/), and "
+                         "this tree's, both through the same shell wrapper (start/delete only)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("container_cost: run as root", file=sys.stderr)
@@ -205,6 +235,12 @@ def main() -> int:
                      "load_before": os.getloadavg(), "start_delete": {}, "memory": {}}
     hooks = {"/bin/true": HookEnv(Path("/bin/true"), work / "true"),
              "oci-portfwd-hook": HookEnv(args.hook, work / "hook", settings={"log_level": "info"})}
+    if args.compare:
+        for name, src in (("this tree (wrapper)", REPO / "hook"), (f"{args.compare} (wrapper)", args.compare)):
+            wrapper = work / f"hook-{len(hooks)}"
+            wrapper.write_text(WRAPPER.format(src=Path(src).resolve(), python=Path(sys.executable)))
+            wrapper.chmod(0o755)
+            hooks[name] = HookEnv(wrapper, work / f"hook-{len(hooks)}-state", settings={"log_level": "info"})
     factories = {}
     try:
         rootfs = build_rootfs(work / "rootfs", REPO / "tests" / "e2e" / "servers.py")
@@ -213,6 +249,8 @@ def main() -> int:
             cleanup.push(f"{name} containers", factories[name].cleanup)
         results["start_delete"] = start_delete(factories, hooks, args.runs, ports)
         f = factories.get("runc") or next(iter(factories.values()))
+        if args.compare:
+            counts = []
         for who, fn in (("ours", lambda n: hook_pss(f, hooks["oci-portfwd-hook"], n, ports, args.settle)),
                         ("pasta", lambda n: pasta_pss(cleanup, work, n, ports, args.settle)),
                         ("rootlesskit", lambda n: rootlesskit_pss(cleanup, work, n, ports, args.settle))):

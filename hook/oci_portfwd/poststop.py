@@ -18,7 +18,7 @@ import time
 
 from .config import Config, load_config, state_dir_of
 from .errors import ConfigError
-from .logs import StopLog, append_line
+from .logs import HookLog, append_line
 from .polling import wait_readable
 from .state import parse_state
 from .statefile import Record, is_alive, log_path, prune_logs, read_record, remove_record
@@ -52,7 +52,7 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
         except ConfigError:
             config = Config()
     state_dir = state_dir_of(config, env)
-    log = StopLog(config.log_level)
+    log = HookLog(None, config.log_level, stderr=True)
     try:
         if broken_config is not None:
             log.warning("%s; looking for the forwarding in the default state dir %s", broken_config, state_dir)
@@ -85,7 +85,7 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
     return 0
 
 
-def stop_supervisor(record: Record, log: logging.Logger | StopLog) -> None:
+def stop_supervisor(record: Record, log: logging.Logger | HookLog) -> None:
     """SIGTERM, then SIGKILL; through a pidfd opened after checking the start time, so
     that a pid reused since the state file was written is never signalled."""
     try:

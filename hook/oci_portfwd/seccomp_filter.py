@@ -32,11 +32,14 @@ import select
 import signal
 import socket
 import struct
-from collections.abc import Collection
 from types import ModuleType
 
 from .errors import StartError
 from .privileges import drop_core
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Collection
 
 # <linux/seccomp.h>: _IOWR('!', 0, struct seccomp_notif), a struct of 80 bytes:
 # u64 id; u32 pid; u32 flags; struct seccomp_data { int nr; u32 arch; u64 ip; u64 args[6]; }

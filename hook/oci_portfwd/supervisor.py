@@ -10,27 +10,34 @@ whole life, runs the driver's core as its child and restarts it when it dies.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
-from .drivers import Driver
 from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
-from .listeners import Listener
-from .logs import close_log, open_log
-from .plan import Plan
+from .logs import HookLog, close_log, open_log
 from .polling import wait_readable
 from .privileges import core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
-from .seccomp_filter import CoreSandbox
 from .seccomp_filter import check_available as check_seccomp
 from .statefile import Record, remove_record, write_record
-from .stats import FIELDS, TCP_OPEN, Counters, as_dict, new_counters, read
+from .stats import FIELDS, TCP_OPEN, as_dict, new_counters, read
 from .status import StatusReader, StatusWriter
+
+# The hook imports this module and the supervisor runs in the hook's image until it says
+# ready: what the core needs is imported after that (_preload_core), and no dataclasses or
+# logging before it (issue 12).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Mapping, Sequence
+
+    from .drivers import Driver
+    from .listeners import Listener
+    from .plan import Plan
+    from .seccomp_filter import CoreSandbox
+    from .stats import Counters
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
@@ -38,26 +45,40 @@ STABLE_AFTER = 30.0  # a core that lived this long restarts without backoff
 STOP_GRACE = 1.0
 
 
-@dataclass(frozen=True)
 class Started:
-    pid: int
-    start_time: int
+    __slots__ = ("pid", "start_time")
+
+    def __init__(self, pid: int, start_time: int) -> None:
+        self.pid = pid
+        self.start_time = start_time
 
 
-@dataclass(frozen=True)
 class Context:
-    plan: Plan
-    listeners: Sequence[Listener]
-    driver: Driver
-    state_dir: str
-    log_path: str
-    log_level: str
-    # Where the engine's name for the container is found (names.py), for the state file.
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    bundle: str | None = None
+    __slots__ = ("plan", "listeners", "driver", "state_dir", "log_path", "log_level", "annotations", "bundle")
+
+    def __init__(
+        self,
+        plan: Plan,
+        listeners: Sequence[Listener],
+        driver: Driver,
+        state_dir: str,
+        log_path: str,
+        log_level: str,
+        # Where the engine's name for the container is found (names.py), for the state file.
+        annotations: Mapping[str, str] | None = None,
+        bundle: str | None = None,
+    ) -> None:
+        self.plan = plan
+        self.listeners = listeners
+        self.driver = driver
+        self.state_dir = state_dir
+        self.log_path = log_path
+        self.log_level = log_level
+        self.annotations: Mapping[str, str] = {} if annotations is None else annotations
+        self.bundle = bundle
 
 
-def launch(ctx: Context, log: logging.Logger) -> Started:
+def launch(ctx: Context, log: HookLog) -> Started:
     """Detach the supervisor and wait until it says ready. Raises StartError."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
 
@@ -79,7 +100,7 @@ def launch(ctx: Context, log: logging.Logger) -> Started:
         os.close(read_fd)
 
 
-def _await_ready(reader: StatusReader, ctx: Context, log: logging.Logger) -> Started:
+def _await_ready(reader: StatusReader, ctx: Context, log: HookLog) -> Started:
     # The supervisor enforces ready_timeout on the core; the margin covers its own start.
     deadline = time.monotonic() + ctx.plan.ready_timeout + 2.0
     started: Started | None = None
@@ -108,11 +129,12 @@ def _supervisor_main(ctx: Context, report_fd: int) -> int:
     keep = {report_fd} | {listener.sock.fileno() for listener in ctx.listeners}
     _detach_stdio(ctx.log_path)
     close_fds_except(keep)
-    log = open_log(ctx.log_path, ctx.log_level, stderr=False)
+    # logging only once the hook has returned (Supervisor._full_log).
+    supervisor = Supervisor(ctx, StatusWriter(report_fd), HookLog(ctx.log_path, ctx.log_level, stderr=False))
     try:
-        return Supervisor(ctx, StatusWriter(report_fd), log).run()
+        return supervisor.run()
     finally:
-        close_log(log)
+        close_log(supervisor.log)
 
 
 def _detach_stdio(log_path: str) -> None:
@@ -141,19 +163,31 @@ def _preload_core() -> None:
     gc.freeze()
 
 
-@dataclass
 class Core:
-    pid: int
-    pidfd: int
-    status: StatusReader
-    started_at: float
-    counts: Counters
-    ready: bool = False
-    sandbox: CoreSandbox | None = None
+    __slots__ = ("pid", "pidfd", "status", "started_at", "counts", "ready", "sandbox")
+
+    def __init__(
+        self,
+        pid: int,
+        pidfd: int,
+        status: StatusReader,
+        started_at: float,
+        counts: Counters,
+        sandbox: CoreSandbox | None = None,
+    ) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.status = status
+        self.started_at = started_at
+        self.counts = counts
+        self.ready = False
+        self.sandbox = sandbox
 
 
 class Supervisor:
-    def __init__(self, ctx: Context, report: StatusWriter, log: logging.Logger) -> None:
+    log: logging.Logger | HookLog
+
+    def __init__(self, ctx: Context, report: StatusWriter, log: logging.Logger | HookLog) -> None:
         self.ctx = ctx
         self.plan = ctx.plan
         self.report = report
@@ -249,6 +283,7 @@ class Supervisor:
         )
         self.report.ready()
         self.report.close()
+        self._full_log()
         _preload_core()
         core = self._spawn_core()
         reason = self._watch(container, core)
@@ -285,7 +320,18 @@ class Supervisor:
         return 1
 
     # the core
+    def _full_log(self) -> logging.Logger:
+        """The logging logger that the core and the relays take, in place of the HookLog the
+        supervisor starts with (the hook waits for nothing of logging's import)."""
+        if isinstance(self.log, HookLog):
+            self.log.close()
+            self.log = open_log(self.ctx.log_path, self.ctx.log_level, stderr=False)
+        return self.log
+
     def _spawn_core(self) -> Core:
+        from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
+
+        log = self._full_log()
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         counts = new_counters()
         # The builtin core sandboxes itself once it serves; the external drivers' process
@@ -301,9 +347,9 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             status = StatusWriter(status_w, counts)
             try:
-                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log, sandbox=sandbox)
+                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, log, sandbox=sandbox)
             except StartError as e:
-                self.log.error("%s", e)
+                log.error("%s", e)
                 status.error(str(e))
                 return 1
 
