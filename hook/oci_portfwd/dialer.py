@@ -121,6 +121,14 @@ def _dialer_main(
         sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
         return
     hello = {"addresses": {str(4 if f == socket.AF_INET else 6): a for f, a in addresses.items()}}
+    try:
+        _serve(sock, hello, client_udp_ports)
+    except (BrokenPipeError, ConnectionResetError):
+        # The core is gone (stopped or crashed while we set up): nobody to make sockets for.
+        os._exit(0)
+
+
+def _serve(sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None) -> None:
     sock.send(b"K" + json.dumps(hello).encode())
     # After the hello: the container's start does not wait for this (~130 ms, mostly the
     # pyroute2 import); connections do, since no socket leaves before it.

@@ -58,7 +58,7 @@ PROBES = ("open", "exec", "ptrace", "socket", "raise")  # raise: a bug's traceba
 # lines to the supervisor and the log. No open, no exec, no socket(), no kill, no ptrace.
 CORE_SYSCALLS = (
     "read", "write", "readv", "writev", "close", "fcntl", "lseek",
-    "epoll_wait", "epoll_pwait", "epoll_ctl",
+    "epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll",
     "accept", "accept4", "connect", "bind", "shutdown", "getsockopt", "setsockopt",
     "getsockname", "getpeername", "sendto", "recvfrom", "sendmsg", "recvmsg",
     "splice", "pipe2",
