@@ -72,12 +72,7 @@ def start_dialer(
         # Keep nothing of the core's: above all not the host listeners, which must never
         # be reachable from inside the container's namespaces.
         close_fds_except({dialer_end.fileno()})
-        try:
-            _dialer_main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports)
-        except (BrokenPipeError, ConnectionResetError):
-            # The core is gone (stopped while this one was still setting up: the hook no
-            # longer waits for that, issue 12): nothing to report to, nothing went wrong here.
-            return 0
+        _dialer_main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports)
         return 1
 
     pid = fork_child(child)
