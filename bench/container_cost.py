@@ -7,7 +7,9 @@ Rows:
 - start and delete: `RUNTIME run -d` and `RUNTIME delete -f` (poststop runs there) of a
   container (`sleep`), with the hook publishing one TCP port against the same container with
   `/bin/true` as its prestart and poststop hook; interleaved (true, hook, true, hook …), runs
-  medians [min–max]; the added cost is median(hook) − median(true).
+  medians [min–max]; the added cost is median(hook) − median(true). The hook twice: the venv's
+  console script (what the tests run; pip's wrapper imports re) and the script the packages
+  install in hooks.d (python3 -I), both on the venv's interpreter.
 - memory: N containers forwarded at once (runc); the sum of smaps_rollup Pss of every process
   the hook left running (each supervisor and all its descendants) 1 s after the last start,
   divided by N. The same for pasta (one per container, as podman runs it: one port each) and
@@ -218,6 +220,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--hook", type=Path, default=REPO / ".venv" / "bin" / "oci-portfwd-hook")
     ap.add_argument("--out", type=Path, default=HERE / "container_cost.json")
+    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"),
+                    help="the section goes there (empty: nowhere)")
     ap.add_argument("--compare", type=Path, metavar="DIR",
                     help="also time the hook package in DIR (e.g. another checkout's hook/), and "
                          "this tree's, both through the same shell wrapper (start/delete only)")
@@ -233,8 +237,18 @@ def main() -> int:
     ports: set[int] = set()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": args.runs, "counts": counts,
                      "load_before": os.getloadavg(), "start_delete": {}, "memory": {}}
+    if args.compare:
+        args.results_md = None  # a comparison is not the bench's figure
     hooks = {"/bin/true": HookEnv(Path("/bin/true"), work / "true"),
              "oci-portfwd-hook": HookEnv(args.hook, work / "hook", settings={"log_level": "info"})}
+    if not args.compare:
+        # What the packages install in hooks.d (python3 -I, no console-script wrapper), run by
+        # this venv's interpreter.
+        script = work / "hooks.d-script"
+        body = (REPO / "packaging" / "libexec" / "oci-portfwd-hook").read_text().split("\n", 1)[1]
+        script.write_text(f"#!{REPO / '.venv' / 'bin' / 'python3'} -I\n{body}")
+        script.chmod(0o755)
+        hooks["hooks.d script"] = HookEnv(script, work / "hooksd", settings={"log_level": "info"})
     if args.compare:
         for name, src in (("this tree (wrapper)", REPO / "hook"), (f"{args.compare} (wrapper)", args.compare)):
             wrapper = work / f"hook-{len(hooks)}"
@@ -264,8 +278,39 @@ def main() -> int:
         cleanup.run_all()
     results["load_after"] = os.getloadavg()
     args.out.write_text(json.dumps(results, indent=1))
-    print(render(results))
+    table = render(results)
+    print(table)
+    if args.results_md:
+        update_results_md(Path(args.results_md), results, table)
     return 0
+
+
+MARK_BEGIN, MARK_END = "<!-- container-cost: bench/container_cost.py -->", "<!-- /container-cost -->"
+
+
+def update_results_md(path: Path, results: dict, table: str) -> None:
+    """Put the section into RESULTS.md (replacing an earlier one; after bench/run.py's)."""
+    load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
+    section = (
+        f"{MARK_BEGIN}\n## What each container pays (issue 12)\n\n"
+        f"`bench/container_cost.py` on {results['date']}: {results['runs']} interleaved runs per runtime of "
+        "`RUNTIME run -d` and `RUNTIME delete -f` (poststop runs in the delete) of a container with one "
+        "published TCP port, against the same container with `/bin/true` as its prestart and poststop "
+        "hook; medians [min–max] in ms, timed with a pidfd. Targets: start ≤ +25 ms, delete ≤ +15 ms. "
+        "Memory: N containers at once (runc), Pss (smaps_rollup) of every process the hook left running "
+        "(each supervisor with all its descendants) ÷ N, target ≤ 8 MB; pasta as podman runs it (one per "
+        "container), rootlesskit as rootless docker runs it (one for all containers of a user, one port "
+        f"each added with rootlessctl). Load average before / after: {load} on {os.cpu_count()} CPUs.\n\n"
+        f"{table}{MARK_END}\n"
+    )
+    text = path.read_text() if path.exists() else ""
+    if MARK_BEGIN in text and MARK_END in text:
+        head, _, rest = text.partition(MARK_BEGIN)
+        _, _, tail = rest.partition(MARK_END + "\n")
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 if __name__ == "__main__":
