@@ -21,10 +21,8 @@ As root; measurement only, nothing is asserted. Everything made is removed on ex
 import argparse
 import json
 import os
-import select
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from e2ekit.container import ContainerFactory  # noqa: E402
 from e2ekit.hookenv import HookEnv, reap_leftovers  # noqa: E402
 from e2ekit.rootfs import build_rootfs  # noqa: E402
 from e2ekit.runtimes import make_runtime  # noqa: E402
-from infra import Cleanup, Netns, free_port, pss_kib, run, start, tree, wait_for  # noqa: E402
+from infra import Cleanup, Netns, free_port, pss_kib, run, run_timed, start, tree, wait_for  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
 RUNTIME_TIMEOUT = 60
@@ -50,25 +48,12 @@ INNER_PORT = 81
 
 
 def timed(argv: list[str], out: Path) -> float:
-    """Wall time of a command, in ms. Not subprocess.run(timeout=…): its wait polls with sleeps
-    that grow to 50 ms, which turned every figure into steps of 50 ms. A pidfd wakes us at the
-    exit itself."""
+    """Wall time of a command in ms (infra.run_timed: a pidfd, not subprocess's polling wait)."""
     with open(out, "wb") as f:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-        pidfd = os.pidfd_open(proc.pid)
-        try:
-            ready = select.poll()
-            ready.register(pidfd, select.POLLIN)
-            if not ready.poll(RUNTIME_TIMEOUT * 1000):
-                proc.kill()
-            elapsed = (time.monotonic() - t0) * 1000
-        finally:
-            os.close(pidfd)
-        code = proc.wait()
+        code, seconds = run_timed(argv, f, RUNTIME_TIMEOUT)
     if code != 0:
         raise RuntimeError(f"{' '.join(argv)} -> {code}: {out.read_text(errors='replace')[-2000:]}")
-    return elapsed
+    return seconds * 1000
 
 
 def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int]) -> dict:
