@@ -358,6 +358,12 @@ class Supervisor:
             try:
                 return self.ctx.driver.run(self.plan, self.ctx.listeners, status, log, sandbox=sandbox)
             except StartError as e:
+                if process_start_time(self.plan.container_pid) is None:
+                    # The container ended while this core started (a delete right after the
+                    # start, which the hook no longer waits out): nothing failed, and the
+                    # supervisor tears down; no error to keep the log for.
+                    log.info("%s (the container ended while the forwarding started)", e)
+                    return 1
                 log.error("%s", e)
                 status.error(str(e))
                 return 1
@@ -427,7 +433,12 @@ class Supervisor:
                     current.status.feed()
                     for line in current.status.lines():
                         self._on_core_line(current, line)
-                if current.pidfd in readable:
+                if current.pidfd in readable and process_start_time(self.plan.container_pid) is None:
+                    # It ended with the container (which the container's pidfd tells next).
+                    reason = f"container process {self.plan.container_pid} exited"
+                    self.log.debug("core pid %d ended (%s)", current.pid, self._reap_core(current))
+                    current = None
+                elif current.pidfd in readable:
                     lived = time.monotonic() - current.started_at
                     # An error, so that poststop keeps the log: the builtin core's open
                     # connections were reset (see tcp_relay), which a user may need explained.
