@@ -14,7 +14,6 @@ out with it: a bare `/+proxy` is refused rather than guessed, and so is `udp+pro
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 from .errors import PortSpecError, quoted
@@ -145,6 +144,8 @@ def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
 
 
 def _parse_address(spec: str, text: str) -> str:
+    import ipaddress  # noqa: PLC0415 - only for a spec with a host address (~1 ms to import)
+
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
