@@ -557,5 +557,22 @@ class Supervisor:
                         except ProcessLookupError:
                             pass
                     deadline = time.monotonic() + STOP_GRACE
-                time.sleep(0.01)
+                self._wait_for_a_child(deadline)
+
+    @staticmethod
+    def _wait_for_a_child(deadline: float) -> None:
+        """Until one of our children exits (its pidfd), not a fixed sleep: poststop, and the
+        container's delete with it, waits for this teardown (issue 12)."""
+        pidfds = []
+        for child in children():
+            try:
+                pidfds.append(os.pidfd_open(child))
+            except ProcessLookupError:
+                pass
+        try:
+            # A child may be gone between waitpid and here: then poll briefly, not forever.
+            wait_readable(pidfds, max(0.0, deadline - time.monotonic()) if pidfds else 0.005)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
 
