@@ -6,7 +6,7 @@
 Rows:
 - start and delete: `RUNTIME run -d` and `RUNTIME delete -f` (poststop runs there) of a
   container (`sleep`), with the hook publishing one TCP port against the same container with
-  `/bin/true` as its prestart and poststop hook; interleaved (true, hook, true, hook …), runs
+  `/bin/true` as its prestart and poststop hook; interleaved, the order turned each run, runs
   medians [min–max]; the added cost is median(hook) − median(true). The hook twice: the venv's
   console script (what the tests run; pip's wrapper imports re) and the script the packages
   install in hooks.d (python3 -I), both on the venv's interpreter.
@@ -58,9 +58,14 @@ def timed(argv: list[str], out: Path) -> float:
 
 def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int]) -> dict:
     out: dict = {}
-    for _ in range(runs):
+    names = list(hooks)
+    for i in range(runs):
+        # The order turns each run: a start right after one of our deletes shares the CPUs
+        # with that teardown (supervisor, core and dialer exiting, the netns going).
+        order = names[i % len(names):] + names[:i % len(names)]
         for rt_name, f in factory.items():
-            for variant, hook in hooks.items():
+            for variant in order:
+                hook = hooks[variant]
                 cell = out.setdefault(rt_name, {}).setdefault(variant, {"start_ms": [], "delete_ms": []})
                 c = f.new(SLEEP, hook=hook, ports=f"127.0.0.1:{free_port(ports)}:{INNER_PORT}")
                 c._created = True  # noqa: SLF001 - the factory's cleanup deletes it on failure
