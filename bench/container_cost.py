@@ -181,7 +181,7 @@ def render(results: dict) -> str:
                 continue
             add_s = statistics.median(h["start_ms"]) - statistics.median(t["start_ms"])
             add_d = statistics.median(h["delete_ms"]) - statistics.median(t["delete_ms"])
-            label = rt if variant == "oci-portfwd-hook" else f"{rt}, {variant}"
+            label = f"{rt}, {'the venv console script' if variant == 'oci-portfwd-hook' else variant}"
             lines.append(f"| {label} | {summary(t['start_ms'])} | {summary(h['start_ms'])} | **{add_s:+.1f}** | "
                          f"{summary(t['delete_ms'])} | {summary(h['delete_ms'])} | **{add_d:+.1f}** |")
     lines += ["", "| per container, PSS MB (MiB) | " + " | ".join(f"{n} container{'s' * (n > 1)}"
@@ -210,6 +210,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--hook", type=Path, default=REPO / ".venv" / "bin" / "oci-portfwd-hook")
     ap.add_argument("--out", type=Path, default=HERE / "container_cost.json")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: write the section again from --out's figures")
     ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"),
                     help="the section goes there (empty: nowhere)")
     ap.add_argument("--compare", type=Path, metavar="DIR",
@@ -219,6 +221,13 @@ def main() -> int:
     if os.geteuid() != 0:
         print("container_cost: run as root", file=sys.stderr)
         return 2
+    if args.render:
+        results = json.loads(args.out.read_text())
+        table = render(results)
+        print(table)
+        if args.results_md:
+            update_results_md(Path(args.results_md), results, table)
+        return 0
     counts = [int(n) for n in args.counts.split(",") if n]
     work = Path(tempfile.mkdtemp(prefix="container-cost-"))
     work.chmod(0o755)
@@ -290,7 +299,9 @@ def update_results_md(path: Path, results: dict, table: str) -> None:
         "Memory: N containers at once (runc), Pss (smaps_rollup) of every process the hook left running "
         "(each supervisor with all its descendants) ÷ N, target ≤ 8 MB; pasta as podman runs it (one per "
         "container), rootlesskit as rootless docker runs it (one for all containers of a user, one port "
-        f"each added with rootlessctl). Load average before / after: {load} on {os.cpu_count()} CPUs.\n\n"
+        f"each added with rootlessctl). Load average before / after: {load} on {os.cpu_count()} CPUs. "
+        "bench/run.py's hook-start figures of runs before 2026-11-27 were rounded up to 50 ms steps "
+        "(subprocess's polling wait; both now use a pidfd).\n\n"
         f"{table}{MARK_END}\n"
     )
     text = path.read_text() if path.exists() else ""
