@@ -18,6 +18,7 @@ from .errors import PortfwdError, quoted
 # for check-config's jsonschema path.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
     from typing import Any
 
@@ -74,7 +75,7 @@ def validate(
     problem = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(instance))
     if problem is None:
         return
-    where = "/" + "/".join(str(p) for p in problem.absolute_path) if problem.absolute_path else ""
+    where = _place(str(p) for p in problem.absolute_path) if problem.absolute_path else ""
     message = describe(str(problem.validator), problem.instance, problem.schema, problem.message)
     raise error(f"{what}{' ' + where if where else ''}: {message}")
 
@@ -88,9 +89,15 @@ def _validate_compiled(instance: Any, schema_name: str, what: str, error: type[P
         name = e.name or "data"
         # "data.annotations.io.oci-portfwd.ports": our schemas nest two levels at most, and
         # only the second level's keys (annotations) hold dots.
-        where = "/" + "/".join(name[len("data.") :].split(".", 1)) if name.startswith("data.") else ""
+        where = _place(name[len("data.") :].split(".", 1)) if name.startswith("data.") else ""
         message = describe(str(e.rule), e.value, e.definition or {}, e.message)
         raise error(f"{what}{' ' + where if where else ''}: {message}") from None
+
+
+def _place(parts: Iterable[str]) -> str:
+    """`/annotations/KEY`; a key that is not printable (a newline, say) is escaped, so that
+    the error stays one line."""
+    return "/" + "/".join(p if p.isprintable() else repr(p)[1:-1] for p in parts)
 
 
 TYPE_WORDS = {
