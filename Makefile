@@ -31,6 +31,8 @@ PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all pyt
 BENCH_APT_PACKAGES := wrk apache2-utils
 # e.g. make bench BENCH_ARGS='--rounds 1 --only ours-builtin,rootlesskit-builtin,loopback'
 BENCH_ARGS ?=
+# bench/container_cost.py (issue 12: start, delete and PSS per container), e.g. COST_ARGS='--runs 20'
+COST_ARGS ?=
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -157,6 +159,7 @@ rpm: pkg-deps
 # (~15 min, root): writes bench/RESULTS.md and bench/results.json.
 bench: deps bench-deps venv
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/container_cost.py $(COST_ARGS)
 
 demo: deps venv
 	bash examples/demo.sh

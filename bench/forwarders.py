@@ -25,6 +25,7 @@ from infra import (
     kill_procs,
     listening,
     run,
+    run_timed,
     start,
     tree,
     wait_for,
@@ -377,10 +378,7 @@ class CrunContainer:
         # reach EOF when the container exits.
         out = self.bundle / "run.out"
         with open(out, "wb") as f:
-            t0 = time.perf_counter()
-            rc = subprocess.run(self.run_argv(), stdin=subprocess.DEVNULL, stdout=f, stderr=f,
-                                timeout=60, check=False).returncode
-            elapsed = time.perf_counter() - t0
+            rc, elapsed = run_timed(self.run_argv(), f)
         if rc != 0:
             log = self.env.hook_state / f"{self.id}.log"
             raise RuntimeError(f"crun run {self.id} failed: {out.read_text().strip()}\n"
@@ -406,9 +404,7 @@ class CrunContainer:
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
                  "stderr": subprocess.DEVNULL, "check": False}
         subprocess.run(crun + ["kill", self.id, "KILL"], timeout=30, **quiet)
-        t0 = time.perf_counter()
-        subprocess.run(crun + ["delete", "-f", self.id], timeout=60, **quiet)
-        elapsed = time.perf_counter() - t0
+        _, elapsed = run_timed(crun + ["delete", "-f", self.id], subprocess.DEVNULL)
         self._created = False
         if sup is not None and sup.alive():
             kill_procs(tree(sup.pid))

@@ -11,14 +11,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
-from collections.abc import Sequence
 
 from . import __version__
 from .errors import PortfwdError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop|auto   (OCI state JSON on stdin)
        oci-portfwd-hook check-config [FILE]
@@ -60,7 +61,10 @@ def run(args: list[str]) -> int:
     # crun runs hooks with nearly every signal blocked, and a blocked mask is inherited by
     # fork and kept across exec: the supervisor, the core and slirp4netns/pasta would never
     # see SIGTERM or their death signal (every stop then waited for a SIGKILL).
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # _signal: the signal module's enums (enum, ~1.5 ms) are not needed for this.
+    import _signal  # noqa: PLC0415
+
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else EXIT_USAGE
@@ -132,6 +136,8 @@ def _say(message: str) -> None:
 
 
 def _check_config(rest: list[str]) -> int:
+    import json  # noqa: PLC0415
+
     from .config import config_path, load_config, state_dir_of  # noqa: PLC0415
 
     explicit = rest[0] if rest else None

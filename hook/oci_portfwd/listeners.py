@@ -8,33 +8,41 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from .errors import BindError
 from .netns_setup import reachable
-from .ports import PortMapping
+from .values import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from .ports import PortMapping
 
 LISTEN_BACKLOG = 4096
 
 
-@dataclass(frozen=True)
-class BindTarget:
-    family: int
-    address: str
-    port: int
-    proto: str
-    mapping: PortMapping
+class BindTarget(Value):
+    __slots__ = ("family", "address", "port", "proto", "mapping")
+
+    def __init__(self, family: int, address: str, port: int, proto: str, mapping: PortMapping) -> None:
+        self.family = family
+        self.address = address
+        self.port = port
+        self.proto = proto
+        self.mapping = mapping
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
         return f"{host}:{self.port}/{self.proto}"
 
 
-@dataclass
 class Listener:
-    target: BindTarget
-    sock: socket.socket
+    __slots__ = ("target", "sock")
+
+    def __init__(self, target: BindTarget, sock: socket.socket) -> None:
+        self.target = target
+        self.sock = sock
 
     def close(self) -> None:
         self.sock.close()

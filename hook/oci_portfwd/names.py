@@ -9,11 +9,13 @@ which holds every container's names.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
 
 from .regularfile import read_regular
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # (pod, container) annotation keys, the pod's may be absent.
 PAIRS = (
@@ -45,6 +47,8 @@ def podman_name(container_id: str, bundle: str) -> str | None:
     if os.path.basename(userdata) != "userdata" or os.path.basename(container_dir) != container_id:
         return None
     path = os.path.join(os.path.dirname(container_dir), "containers.json")
+    import json  # noqa: PLC0415 - podman only: the supervisor says ready before this
+
     try:
         entries = json.loads(read_regular(path, MAX_CONTAINERS_JSON))
     except (OSError, ValueError, RecursionError):

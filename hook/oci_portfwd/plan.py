@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 from .config import Config
 from .errors import ConfigError, StateError, quoted
 from .ports import PortMapping, parse_port_specs
 from .state import ContainerState
+from .values import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 ANNOTATION_PREFIX = "io.oci-portfwd."
 PORTS_ANNOTATION = ANNOTATION_PREFIX + "ports"
@@ -20,18 +22,35 @@ LOOPBACK_POLICIES = ("preserve", "loopback", "container-address")
 SOURCE_ADDRESSES = ("client", "loopback")
 
 
-@dataclass(frozen=True)
-class Plan:
-    container_id: str
-    container_pid: int
-    driver: str
-    loopback: str
-    mappings: tuple[PortMapping, ...]
-    udp_idle_timeout: float
-    ready_timeout: float
-    allow_host_loopback: bool = False
-    source_address: str = "client"
-    core_user: str = "nobody"  # rootful: who the core runs as (privileges.py)
+class Plan(Value):
+    __slots__ = (
+        "container_id", "container_pid", "driver", "loopback", "mappings", "udp_idle_timeout",
+        "ready_timeout", "allow_host_loopback", "source_address", "core_user",
+    )
+
+    def __init__(
+        self,
+        container_id: str,
+        container_pid: int,
+        driver: str,
+        loopback: str,
+        mappings: tuple[PortMapping, ...],
+        udp_idle_timeout: float,
+        ready_timeout: float,
+        allow_host_loopback: bool = False,
+        source_address: str = "client",
+        core_user: str = "nobody",  # rootful: who the core runs as (privileges.py)
+    ) -> None:
+        self.container_id = container_id
+        self.container_pid = container_pid
+        self.driver = driver
+        self.loopback = loopback
+        self.mappings = mappings
+        self.udp_idle_timeout = udp_idle_timeout
+        self.ready_timeout = ready_timeout
+        self.allow_host_loopback = allow_host_loopback
+        self.source_address = source_address
+        self.core_user = core_user
 
 
 def make_plan(state: ContainerState, annotations: Mapping[str, str], config: Config) -> Plan:

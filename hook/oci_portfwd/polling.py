@@ -7,7 +7,10 @@ container with ~1,000 published ports pushes the hook's and the supervisor's pip
 from __future__ import annotations
 
 import select
-from collections.abc import Iterable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def wait_readable(fds: Iterable[int], timeout: float | None) -> set[int]:

@@ -14,11 +14,10 @@ out with it: a bare `/+proxy` is refused rather than guessed, and so is `udp+pro
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from dataclasses import dataclass
 
 from .errors import PortSpecError, quoted
+from .values import Value
 
 PROTOCOLS = ("tcp", "udp")
 PROXY_OPTION = "proxy"
@@ -26,15 +25,24 @@ PROXY_OPTION = "proxy"
 INTERFACE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 
 
-@dataclass(frozen=True)
-class PortMapping:
+class PortMapping(Value):
     """One host port forwarded to one container port."""
 
-    host_ip: str | None  # None: 0.0.0.0 and ::
-    host_port: int
-    container_port: int
-    proto: str  # "tcp" | "udp"
-    proxy: bool = False  # send a PROXY protocol v2 header first (TCP only)
+    __slots__ = ("host_ip", "host_port", "container_port", "proto", "proxy")
+
+    def __init__(
+        self,
+        host_ip: str | None,  # None: 0.0.0.0 and ::
+        host_port: int,
+        container_port: int,
+        proto: str,  # "tcp" | "udp"
+        proxy: bool = False,  # send a PROXY protocol v2 header first (TCP only)
+    ) -> None:
+        self.host_ip = host_ip
+        self.host_port = host_port
+        self.container_port = container_port
+        self.proto = proto
+        self.proxy = proxy
 
     def __str__(self) -> str:
         if self.host_ip is None:
@@ -136,6 +144,8 @@ def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
 
 
 def _parse_address(spec: str, text: str) -> str:
+    import ipaddress  # noqa: PLC0415 - only for a spec with a host address (~1 ms to import)
+
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

@@ -9,20 +9,24 @@ gone are pruned here: at most KEEP_LOGS of them, none older than KEEP_LOGS_FOR.
 
 from __future__ import annotations
 
-import logging
+# The stop path imports no dataclasses, logging, json or enum (signal's, socket's): a
+# container's delete waits for all of it (issue 12). _signal is the signal module's core.
+import _signal
 import os
-import signal
 import stat
 import time
-from collections.abc import Mapping
-from pathlib import Path
 
 from .config import Config, load_config, state_dir_of
 from .errors import ConfigError
-from .logs import append_line, close_log, open_log
+from .logs import HookLog, append_line
 from .polling import wait_readable
 from .state import parse_state
 from .statefile import Record, is_alive, log_path, prune_logs, read_record, remove_record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Mapping
 
 STOP_TIMEOUT = 5.0
 KILL_TIMEOUT = 2.0
@@ -48,7 +52,7 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
         except ConfigError:
             config = Config()
     state_dir = state_dir_of(config, env)
-    log = open_log(None, config.log_level, stderr=True)
+    log = HookLog(None, config.log_level, stderr=True)
     try:
         if broken_config is not None:
             log.warning("%s; looking for the forwarding in the default state dir %s", broken_config, state_dir)
@@ -77,11 +81,11 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
                         state.id, error, path)
         prune_logs(state_dir, KEEP_LOGS_FOR, KEEP_LOGS, time.time())
     finally:
-        close_log(log)
+        log.close()
     return 0
 
 
-def stop_supervisor(record: Record, log: logging.Logger) -> None:
+def stop_supervisor(record: Record, log: logging.Logger | HookLog) -> None:
     """SIGTERM, then SIGKILL; through a pidfd opened after checking the start time, so
     that a pid reused since the state file was written is never signalled."""
     try:
@@ -96,9 +100,9 @@ def stop_supervisor(record: Record, log: logging.Logger) -> None:
                 record.container_id,
             )
             return
-        for signum, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, KILL_TIMEOUT)):
+        for signum, name, timeout in ((_signal.SIGTERM, "SIGTERM", STOP_TIMEOUT), (_signal.SIGKILL, "SIGKILL", KILL_TIMEOUT)):
             try:
-                signal.pidfd_send_signal(pidfd, signum)
+                _signal.pidfd_send_signal(pidfd, signum)
             except ProcessLookupError:
                 return
             except PermissionError:
@@ -111,12 +115,12 @@ def stop_supervisor(record: Record, log: logging.Logger) -> None:
                 return
             if wait_readable([pidfd], timeout):
                 return
-            log.warning("supervisor pid %d did not stop on %s", record.supervisor_pid, signum.name)
+            log.warning("supervisor pid %d did not stop on %s", record.supervisor_pid, name)
     finally:
         os.close(pidfd)
 
 
-def _first_error(path: Path) -> str | None:
+def _first_error(path: str) -> str | None:
     """The first line of the log's last MiB that records an error (shortened), or None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -138,7 +142,7 @@ def _first_error(path: Path) -> str | None:
     return None
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from pathlib import Path
-
 from .config import Config, load_config, state_dir_of
 from .drivers import get_driver
 from .errors import PortfwdError
 from .hostnet import refuse_unless_host_netns
 from .listeners import bind_all, bind_targets, ipv6_available
-from .logs import close_log, open_log
+from .logs import HookLog
 from .namespaces import shares_our_netns
 from .plan import make_plan
 from .poststop import stop_supervisor
@@ -20,13 +16,17 @@ from .state import ContainerState, bundle_annotations, bundle_namespaces, parse_
 from .statefile import is_alive, log_path, prepare_state_dir, read_record, remove_record
 from .supervisor import Context, launch
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 
 def prestart(raw_state: bytes, env: Mapping[str, str]) -> int:
     state = parse_state(raw_state, full_validation=True)
     config = load_config(env)
     state_dir = prepare_state_dir(state_dir_of(config, env))
     log_file = log_path(state_dir, state.id)
-    log = open_log(log_file, config.log_level, stderr=True)
+    log = HookLog(log_file, config.log_level, stderr=True)
     try:
         return _prestart(state, config, state_dir, log_file, log)
     except PortfwdError as e:
@@ -36,11 +36,11 @@ def prestart(raw_state: bytes, env: Mapping[str, str]) -> int:
         log.exception("prestart of container %s failed with a bug", state.id)
         raise
     finally:
-        close_log(log)
+        log.close()
 
 
 def _prestart(
-    state: ContainerState, config: Config, state_dir: Path, log_file: Path, log: logging.Logger
+    state: ContainerState, config: Config, state_dir: str, log_file: str, log: HookLog
 ) -> int:
     annotations = dict(state.annotations) or bundle_annotations(state.bundle)
     plan = make_plan(state, annotations, config)
@@ -92,7 +92,7 @@ def _prestart(
     return 0
 
 
-def _already_forwarding(state_dir: Path, container_id: str, container_pid: int, log: logging.Logger) -> bool:
+def _already_forwarding(state_dir: str, container_id: str, container_pid: int, log: HookLog) -> bool:
     """createRuntime after prestart (or a repeated hook) must not forward twice."""
     record = read_record(state_dir, container_id)
     if record is None:

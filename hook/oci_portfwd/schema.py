@@ -8,22 +8,25 @@ whose messages quote the offending value.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
 from .errors import PortfwdError, quoted
 
 # typing costs ~5 ms to import on the container's start path; annotations need it only
-# for the type checker, which treats TYPE_CHECKING as true.
+# for the type checker, which treats TYPE_CHECKING as true. json and pathlib (~2 ms) only
+# for check-config's jsonschema path.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
     from typing import Any
 
 
 def schema_dirs() -> list[Path]:
     """Where the schemas may live: source tree, venv/prefix, system package."""
+    from pathlib import Path  # noqa: PLC0415
+
     dirs = []
     if env := os.environ.get("OCI_PORTFWD_SCHEMA_DIR"):
         dirs.append(Path(env))
@@ -36,7 +39,9 @@ def schema_dirs() -> list[Path]:
 
 
 def load_schema(name: str) -> dict[str, Any]:
-    from .regularfile import read_regular  # noqa: PLC0415 - check-config only
+    import json  # noqa: PLC0415 - check-config only
+
+    from .regularfile import read_regular  # noqa: PLC0415
 
     for directory in schema_dirs():
         path = directory / name
@@ -70,7 +75,7 @@ def validate(
     problem = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(instance))
     if problem is None:
         return
-    where = "/" + "/".join(str(p) for p in problem.absolute_path) if problem.absolute_path else ""
+    where = _place(str(p) for p in problem.absolute_path) if problem.absolute_path else ""
     message = describe(str(problem.validator), problem.instance, problem.schema, problem.message)
     raise error(f"{what}{' ' + where if where else ''}: {message}")
 
@@ -84,9 +89,15 @@ def _validate_compiled(instance: Any, schema_name: str, what: str, error: type[P
         name = e.name or "data"
         # "data.annotations.io.oci-portfwd.ports": our schemas nest two levels at most, and
         # only the second level's keys (annotations) hold dots.
-        where = "/" + "/".join(name[len("data.") :].split(".", 1)) if name.startswith("data.") else ""
+        where = _place(name[len("data.") :].split(".", 1)) if name.startswith("data.") else ""
         message = describe(str(e.rule), e.value, e.definition or {}, e.message)
         raise error(f"{what}{' ' + where if where else ''}: {message}") from None
+
+
+def _place(parts: Iterable[str]) -> str:
+    """`/annotations/KEY`; a key that is not printable (a newline, say) is escaped, so that
+    the error stays one line."""
+    return "/" + "/".join(p if p.isprintable() else repr(p)[1:-1] for p in parts)
 
 
 TYPE_WORDS = {

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 from .polling import wait_readable
-from .stats import Counters
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .stats import Counters
 
 
 class StatusWriter:
@@ -46,11 +48,13 @@ class StatusWriter:
             self.fd = -1
 
 
-@dataclass
 class StatusReader:
-    fd: int
-    buffered: bytes = b""
-    eof: bool = False
+    __slots__ = ("fd", "buffered", "eof")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffered = b""
+        self.eof = False
 
     def read_line(self, deadline: float) -> str | None:
         """The next line, or None at EOF; raises TimeoutError after `deadline`."""

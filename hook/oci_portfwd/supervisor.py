@@ -10,28 +10,34 @@ whole life, runs the driver's core as its child and restarts it when it dies.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from .drivers import Driver
-from .errors import StartError, StateDirError
+from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
-from .listeners import Listener
-from .logs import close_log, open_log
-from .plan import Plan
+from .logs import HookLog, close_log, open_log
 from .polling import wait_readable
 from .privileges import core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
-from .seccomp_filter import CoreSandbox
 from .seccomp_filter import check_available as check_seccomp
 from .statefile import Record, remove_record, write_record
-from .stats import FIELDS, TCP_OPEN, Counters, as_dict, new_counters, read
+from .stats import FIELDS, TCP_OPEN, as_dict, new_counters, read
 from .status import StatusReader, StatusWriter
+
+# The hook imports this module and the supervisor runs in the hook's image until it says
+# ready: what the core needs is imported after that (_preload_core), and no dataclasses or
+# logging before it (issue 12).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Mapping, Sequence
+
+    from .drivers import Driver
+    from .listeners import Listener
+    from .plan import Plan
+    from .seccomp_filter import CoreSandbox
+    from .stats import Counters
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
@@ -39,26 +45,40 @@ STABLE_AFTER = 30.0  # a core that lived this long restarts without backoff
 STOP_GRACE = 1.0
 
 
-@dataclass(frozen=True)
 class Started:
-    pid: int
-    start_time: int
+    __slots__ = ("pid", "start_time")
+
+    def __init__(self, pid: int, start_time: int) -> None:
+        self.pid = pid
+        self.start_time = start_time
 
 
-@dataclass(frozen=True)
 class Context:
-    plan: Plan
-    listeners: Sequence[Listener]
-    driver: Driver
-    state_dir: Path
-    log_path: Path
-    log_level: str
-    # Where the engine's name for the container is found (names.py), for the state file.
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    bundle: str | None = None
+    __slots__ = ("plan", "listeners", "driver", "state_dir", "log_path", "log_level", "annotations", "bundle")
+
+    def __init__(
+        self,
+        plan: Plan,
+        listeners: Sequence[Listener],
+        driver: Driver,
+        state_dir: str,
+        log_path: str,
+        log_level: str,
+        # Where the engine's name for the container is found (names.py), for the state file.
+        annotations: Mapping[str, str] | None = None,
+        bundle: str | None = None,
+    ) -> None:
+        self.plan = plan
+        self.listeners = listeners
+        self.driver = driver
+        self.state_dir = state_dir
+        self.log_path = log_path
+        self.log_level = log_level
+        self.annotations: Mapping[str, str] = {} if annotations is None else annotations
+        self.bundle = bundle
 
 
-def launch(ctx: Context, log: logging.Logger) -> Started:
+def launch(ctx: Context, log: HookLog) -> Started:
     """Detach the supervisor and wait until it says ready. Raises StartError."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
 
@@ -80,7 +100,7 @@ def launch(ctx: Context, log: logging.Logger) -> Started:
         os.close(read_fd)
 
 
-def _await_ready(reader: StatusReader, ctx: Context, log: logging.Logger) -> Started:
+def _await_ready(reader: StatusReader, ctx: Context, log: HookLog) -> Started:
     # The supervisor enforces ready_timeout on the core; the margin covers its own start.
     deadline = time.monotonic() + ctx.plan.ready_timeout + 2.0
     started: Started | None = None
@@ -109,14 +129,15 @@ def _supervisor_main(ctx: Context, report_fd: int) -> int:
     keep = {report_fd} | {listener.sock.fileno() for listener in ctx.listeners}
     _detach_stdio(ctx.log_path)
     close_fds_except(keep)
-    log = open_log(ctx.log_path, ctx.log_level, stderr=False)
+    # logging only once the hook has returned (Supervisor._full_log).
+    supervisor = Supervisor(ctx, StatusWriter(report_fd), HookLog(ctx.log_path, ctx.log_level, stderr=False))
     try:
-        return Supervisor(ctx, StatusWriter(report_fd), log).run()
+        return supervisor.run()
     finally:
-        close_log(log)
+        close_log(supervisor.log)
 
 
-def _detach_stdio(log_path: Path) -> None:
+def _detach_stdio(log_path: str) -> None:
     # The runtime waits for EOF on the hook's stdout/stderr: keep none of its pipes.
     null = os.open(os.devnull, os.O_RDWR)
     out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -127,19 +148,46 @@ def _detach_stdio(log_path: Path) -> None:
     os.close(out)
 
 
-@dataclass
+def _preload_core() -> None:
+    """Import what the core and its dialer run, then freeze the collector, before the first
+    fork: their pages stay shared with this process (copy-on-write) instead of each child
+    importing its own copy; frozen objects are never written by a collection."""
+    import gc  # noqa: PLC0415
+    import traceback  # noqa: F401, PLC0415 - the sandbox's (seccomp_filter._no_source_lines)
+
+    from . import core  # noqa: F401, PLC0415
+    from .seccomp_filter import _library  # noqa: PLC0415
+
+    _library()
+    gc.collect()
+    gc.freeze()
+
+
 class Core:
-    pid: int
-    pidfd: int
-    status: StatusReader
-    started_at: float
-    counts: Counters
-    ready: bool = False
-    sandbox: CoreSandbox | None = None
+    __slots__ = ("pid", "pidfd", "status", "started_at", "counts", "ready", "sandbox")
+
+    def __init__(
+        self,
+        pid: int,
+        pidfd: int,
+        status: StatusReader,
+        started_at: float,
+        counts: Counters,
+        sandbox: CoreSandbox | None = None,
+    ) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.status = status
+        self.started_at = started_at
+        self.counts = counts
+        self.ready = False
+        self.sandbox = sandbox
 
 
 class Supervisor:
-    def __init__(self, ctx: Context, report: StatusWriter, log: logging.Logger) -> None:
+    log: logging.Logger | HookLog
+
+    def __init__(self, ctx: Context, report: StatusWriter, log: logging.Logger | HookLog) -> None:
         self.ctx = ctx
         self.plan = ctx.plan
         self.report = report
@@ -152,12 +200,10 @@ class Supervisor:
         self.core_identity: tuple[int, int] | None = None
 
     def run(self) -> int:
-        import prctl  # noqa: PLC0415
-
         cid = self.plan.container_id
-        prctl.set_name(f"portfwd:{cid[:7]}")
-        prctl.set_child_subreaper(True)
-        prctl.set_dumpable(False)
+        # PR_SET_NAME, without importing prctl (~2 ms) before the hook may return.
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(f"portfwd:{cid[:7]}")
         me = os.getpid()
         start_time = process_start_time(me)
         assert start_time is not None
@@ -177,26 +223,13 @@ class Supervisor:
                 check_seccomp()
         except StartError as e:
             return self._fail(str(e))
-        limit_supervisor(self.plan.driver)
+        if self.plan.driver == "builtin":
+            return self._run_bound(container, me, start_time)
+        self._settle()
         core = self._spawn_core()
         try:
             self._await_first_ready(core)
-            from .names import container_name  # noqa: PLC0415 - only the supervisor needs it
-
-            self.record = Record(
-                container_id=cid,
-                name=container_name(cid, self.ctx.annotations, self.ctx.bundle),
-                container_pid=self.plan.container_pid,
-                supervisor_pid=me,
-                supervisor_start_time=start_time,
-                driver=self.plan.driver,
-                ports=tuple(str(m) for m in self.plan.mappings),
-                log=str(self.ctx.log_path),
-                created=time.time(),
-                stats=as_dict(read(core.counts)),
-            )
-            write_record(self.ctx.state_dir, self.record)
-            self.published = read(core.counts)
+            self._write_first_record(me, start_time, read(core.counts))
             # Lines that came with "ready" in the same read wait in the buffer.
             for line in core.status.lines():
                 self._on_core_line(core, line)
@@ -217,6 +250,75 @@ class Supervisor:
         self._teardown()
         return 0
 
+    def _run_bound(self, container: int, me: int, start_time: int) -> int:
+        """The builtin driver: the hook returns once the ports are bound and held here (issue
+        12); the kernel queues connections until the core serves them. What could still fail
+        the start is checked before: the container's namespaces can be opened (rootless crun's
+        are not before it exec'd: deferred, as the core's dialer does), the state file is
+        written. A core that fails later is logged (an error: poststop keeps the log) and
+        restarted, as after any crash; the listeners stay open meanwhile."""
+        from .namespaces import open_namespaces  # noqa: PLC0415
+
+        deferred: list[bool] = []
+        try:
+            user_fd, net_fd = open_namespaces(self.plan.container_pid, 0.0, lambda: deferred.append(True))
+        except NamespaceError as e:
+            if not deferred:
+                return self._fail(str(e))
+        else:
+            for fd in (user_fd, net_fd):
+                if fd is not None:
+                    os.close(fd)
+        try:
+            self._write_first_record(me, start_time, [0] * len(FIELDS))
+        except (StateDirError, OSError) as e:
+            return self._fail(str(e))
+        self.log.info(
+            "forwarding %s for container %s (driver %s): bound, starting the core",
+            ", ".join(str(m) for m in self.plan.mappings),
+            self.plan.container_id,
+            self.plan.driver,
+        )
+        self.report.ready()
+        self.report.close()
+        self._settle()
+        self._full_log()
+        _preload_core()
+        core = self._spawn_core()
+        reason = self._watch(container, core)
+        self.log.info("tearing down: %s", reason)
+        self._teardown()
+        return 0
+
+    def _settle(self) -> None:
+        """What the supervisor is for its long life, before it starts a core: the reaper of
+        the core's orphans, not dumpable, and only the privileges that restarting the core
+        needs (privileges.py). Builtin: after the hook has returned (prctl's import ~2 ms)."""
+        import prctl  # noqa: PLC0415
+
+        prctl.set_child_subreaper(True)
+        prctl.set_dumpable(False)
+        limit_supervisor(self.plan.driver)
+
+    def _write_first_record(self, me: int, start_time: int, stats: list[int]) -> None:
+        from .names import container_name  # noqa: PLC0415 - only the supervisor needs it
+
+        cid = self.plan.container_id
+        self.record = Record(
+            container_id=cid,
+            name=container_name(cid, self.ctx.annotations, self.ctx.bundle),
+            container_pid=self.plan.container_pid,
+            supervisor_pid=me,
+            supervisor_start_time=start_time,
+            driver=self.plan.driver,
+            ports=tuple(str(m) for m in self.plan.mappings),
+            log=str(self.ctx.log_path),
+            created=time.time(),
+            stats=as_dict(stats),
+        )
+        write_record(self.ctx.state_dir, self.record)
+        self.published = stats
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_reason = f"{signal.Signals(signum).name} received (poststop)"
 
@@ -227,7 +329,18 @@ class Supervisor:
         return 1
 
     # the core
+    def _full_log(self) -> logging.Logger:
+        """The logging logger that the core and the relays take, in place of the HookLog the
+        supervisor starts with (the hook waits for nothing of logging's import)."""
+        if isinstance(self.log, HookLog):
+            self.log.close()
+            self.log = open_log(self.ctx.log_path, self.ctx.log_level, stderr=False)
+        return self.log
+
     def _spawn_core(self) -> Core:
+        from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
+
+        log = self._full_log()
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         counts = new_counters()
         # The builtin core sandboxes itself once it serves; the external drivers' process
@@ -243,9 +356,15 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             status = StatusWriter(status_w, counts)
             try:
-                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, self.log, sandbox=sandbox)
+                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, log, sandbox=sandbox)
             except StartError as e:
-                self.log.error("%s", e)
+                if process_start_time(self.plan.container_pid) is None:
+                    # The container ended while this core started (a delete right after the
+                    # start, which the hook no longer waits out): nothing failed, and the
+                    # supervisor tears down; no error to keep the log for.
+                    log.info("%s (the container ended while the forwarding started)", e)
+                    return 1
+                log.error("%s", e)
                 status.error(str(e))
                 return 1
 
@@ -314,7 +433,12 @@ class Supervisor:
                     current.status.feed()
                     for line in current.status.lines():
                         self._on_core_line(current, line)
-                if current.pidfd in readable:
+                if current.pidfd in readable and process_start_time(self.plan.container_pid) is None:
+                    # It ended with the container (which the container's pidfd tells next).
+                    reason = f"container process {self.plan.container_pid} exited"
+                    self.log.debug("core pid %d ended (%s)", current.pid, self._reap_core(current))
+                    current = None
+                elif current.pidfd in readable:
                     lived = time.monotonic() - current.started_at
                     # An error, so that poststop keeps the log: the builtin core's open
                     # connections were reset (see tcp_relay), which a user may need explained.
@@ -331,6 +455,8 @@ class Supervisor:
                     self.earlier = [a + b for a, b in zip(self.earlier, final, strict=True)]
                     restart_at = time.monotonic() + delay
                     current = None
+                else:
+                    self._check_ready_in_time(current)
                 self._publish_stats(current)
             elif time.monotonic() >= restart_at:
                 current = self._spawn_core()
@@ -340,7 +466,23 @@ class Supervisor:
         return reason
 
     def _on_core_line(self, core: Core, line: str) -> None:
+        if line == "ready":
+            core.ready = True
         self.log.info("core pid %d: %s", core.pid, line)
+
+    def _check_ready_in_time(self, core: Core) -> None:
+        # Off the hook's path (builtin): a core that does not come up is killed and restarted.
+        if core.ready or time.monotonic() - core.started_at < self.plan.ready_timeout:
+            return
+        core.ready = True  # said once
+        self.log.error(
+            "the forwarding core pid %d did not become ready within %gs (ready_timeout); killing it",
+            core.pid, self.plan.ready_timeout,
+        )
+        try:
+            signal.pidfd_send_signal(core.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _publish_stats(self, core: Core | None) -> None:
         """The state file's traffic figures (for `ps`): the dead cores' plus the running
@@ -349,7 +491,7 @@ class Supervisor:
         if values == self.published:
             return
         self.published = values
-        self.record = replace(self.record, stats=as_dict(values))
+        self.record = self.record.with_stats(as_dict(values))
         try:
             write_record(self.ctx.state_dir, self.record)
         except OSError as e:
@@ -415,5 +557,22 @@ class Supervisor:
                         except ProcessLookupError:
                             pass
                     deadline = time.monotonic() + STOP_GRACE
-                time.sleep(0.01)
+                self._wait_for_a_child(deadline)
+
+    @staticmethod
+    def _wait_for_a_child(deadline: float) -> None:
+        """Until one of our children exits (its pidfd), not a fixed sleep: poststop, and the
+        container's delete with it, waits for this teardown (issue 12)."""
+        pidfds = []
+        for child in children():
+            try:
+                pidfds.append(os.pidfd_open(child))
+            except ProcessLookupError:
+                pass
+        try:
+            # A child may be gone between waitpid and here: then poll briefly, not forever.
+            wait_readable(pidfds, max(0.0, deadline - time.monotonic()) if pidfds else 0.005)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
 

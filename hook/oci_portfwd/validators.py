@@ -24,7 +24,7 @@ JsonSchemaValuesException = SchemaViolation
 
 
 # --- config.schema.json ---
-from decimal import Decimal
+Decimal = float  # no decimal import: see schemas/compile_validators.py
 import re
 
 
@@ -154,7 +154,7 @@ validate_config = validate_https___oci_portfwd_invalid_schemas_config_schema_jso
 
 
 # --- oci-state.schema.json ---
-from decimal import Decimal
+Decimal = float  # no decimal import: see schemas/compile_validators.py
 import re
 
 

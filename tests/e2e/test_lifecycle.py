@@ -4,6 +4,7 @@ supervisor itself; createRuntime works as the start stage."""
 
 import os
 import signal
+import socket
 
 import pytest
 from e2ekit import clients
@@ -103,3 +104,39 @@ def test_create_runtime_stage(containers, hook_env, port_alloc):
     assert clients.whoami("127.0.0.1", port) == ("127.0.0.1", WHO)
     c.stop()
     assert port_is_free("127.0.0.1", port)
+
+
+def test_ports_take_connections_as_soon_as_the_hook_returned(containers, hook_env, port_alloc):
+    """The builtin hook returns once the listeners are bound and held by the supervisor, before
+    the core serves (issue 12): a connect right after `run -d` is queued by the kernel, never
+    refused, and is served once the core runs. A delete right after that leaves nothing."""
+    tcp, udp = port_alloc.take(), port_alloc.take()
+    services = Services().whoami(WHO).udp_echo(UDP)
+    c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{tcp}:{WHO},127.0.0.1:{udp}:{UDP}/udp")
+    pid = c.start()
+    with socket.create_connection(("127.0.0.1", tcp), timeout=5):
+        pass  # accepted by the kernel: no ConnectionRefusedError
+    services.wait_ready(pid)
+    assert clients.whoami("127.0.0.1", tcp)[1] == WHO
+    assert clients.udp_echo("127.0.0.1", udp, b"x") == b"x"
+    sup = supervisor_of(hook_env, c)
+    procs = [sup, *descendants(sup.pid)]
+    result = c.stop()
+    assert result is not None and result.ok, result
+    assert_all_gone(procs, [("127.0.0.1", tcp, "tcp"), ("127.0.0.1", udp, "udp")], timeout=1)
+    assert not hook_env.state_file(c.id).exists()
+
+
+def test_delete_right_after_start_leaves_nothing(containers, hook_env, port_alloc):
+    """poststop may come while the supervisor is still starting the core (the hook no longer
+    waits for it): everything ends all the same."""
+    tcp = port_alloc.take()
+    c = containers.new(Services().whoami(WHO).argv(), hook=hook_env, ports=f"127.0.0.1:{tcp}:{WHO}")
+    c.start()
+    sup = supervisor_of(hook_env, c)
+    result = c.stop()
+    assert result is not None and result.ok, result
+    wait_until(lambda: not sup.alive() and not descendants(sup.pid) and port_is_free("127.0.0.1", tcp, "tcp"),
+               5, "the supervisor, its children and the port to go")
+    assert not hook_env.state_file(c.id).exists()
+    assert "ERROR" not in hook_env.log_text(c.id)

@@ -33,7 +33,15 @@ def test_no_signal_blocked_in_the_hooks_processes(containers, hook_env, port_all
     supervisor = int(hook_env.read_state(c.id)["supervisor_pid"])
     procs = [supervisor, *(p.pid for p in descendants(supervisor))]
     assert len(procs) >= 3, procs  # supervisor, core, and the dialer or the program
-    masks = {pid: blocked_mask(pid) for pid in procs}
+    masks = {}
+    for pid in procs:
+        try:
+            masks[pid] = blocked_mask(pid)
+        except FileNotFoundError:
+            # The dialer's short-lived routing child (source_address client) may end meanwhile:
+            # the hook returns before the core and its dialer have started (issue 12).
+            continue
+    assert len(masks) >= 3, masks
     assert all(mask == 0 for mask in masks.values()), {p: hex(m) for p, m in masks.items()}
 
 

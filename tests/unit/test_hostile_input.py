@@ -200,6 +200,7 @@ def check_state(state: ContainerState, full: bool) -> None:
 @PROPERTY
 @given(doc=hostile_states(), full=st.booleans())
 @example(doc={**VALID_STATE, "id": "web\n"}, full=False)
+@example(doc={**VALID_STATE, "annotations": {"\n": 1}}, full=True)
 def test_state_parses_or_fails_with_one_line(doc, full):
     raw = json.dumps(doc).encode()
     try:

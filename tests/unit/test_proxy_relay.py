@@ -4,7 +4,6 @@ also when it does not fit into one send(); drivers that do not relay TCP themsel
 
 import socket
 import threading
-from dataclasses import replace
 
 import pytest
 from oci_portfwd import tcp_relay
@@ -189,7 +188,7 @@ def test_drivers_that_relay_tcp_themselves_refuse_proxy():
     with pytest.raises(DriverError, match=r"cannot send a PROXY protocol header \(8443:443/tcp\+proxy\)"):
         check_capabilities(plan, "pasta", _caps({"udp"}), pytest.fail)
     assert check_capabilities(plan, "x", _caps({"tcp", "udp"}), pytest.fail).mappings == plan.mappings
-    plain = replace(plan, mappings=tuple(replace(m, proxy=False) for m in plan.mappings))
+    plain = plan.replace(mappings=tuple(m.replace(proxy=False) for m in plan.mappings))
     assert check_capabilities(plain, "pasta", _caps({"udp"}), pytest.fail).mappings == plain.mappings
 
 

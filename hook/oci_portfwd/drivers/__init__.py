@@ -4,36 +4,54 @@ serves differently from what was asked, an error where it cannot serve at all.""
 
 from __future__ import annotations
 
-import ipaddress
-import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-
 from ..errors import DriverError, quoted
-from ..listeners import Listener
-from ..plan import Plan
-from ..ports import PortMapping
-from ..status import StatusWriter
+from ..values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import logging
+    from collections.abc import Callable, Sequence
+
+    from ..listeners import Listener
+    from ..plan import Plan
+    from ..ports import PortMapping
     from ..seccomp_filter import CoreSandbox
+    from ..status import StatusWriter
 
-Warn = Callable[[str], None]
+    Warn = Callable[[str], None]
+else:
+    Warn = object  # for the drivers' annotations only
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    tcp: bool
-    udp: bool
-    ipv4: bool
-    ipv6: bool  # can publish on IPv6 host addresses
-    family_fallback: bool  # a refused dial of one family is retried in the other
-    preserves_loopback_address: bool  # 127.0.0.2 on the host is dialled as 127.0.0.2
-    outbound: bool  # gives the container network access of its own
-    # Protocols served on the sockets the hook bound; the driver's program binds the rest.
-    holds_listeners: frozenset[str]
-    link_local: bool = False  # can publish on a scoped link-local address (fe80::1%eth0)
+class Capabilities(Value):
+    __slots__ = (
+        "tcp", "udp", "ipv4", "ipv6", "family_fallback", "preserves_loopback_address", "outbound",
+        "holds_listeners", "link_local",
+    )
+
+    def __init__(
+        self,
+        *,
+        tcp: bool,
+        udp: bool,
+        ipv4: bool,
+        ipv6: bool,  # can publish on IPv6 host addresses
+        family_fallback: bool,  # a refused dial of one family is retried in the other
+        preserves_loopback_address: bool,  # 127.0.0.2 on the host is dialled as 127.0.0.2
+        outbound: bool,  # gives the container network access of its own
+        # Protocols served on the sockets the hook bound; the driver's program binds the rest.
+        holds_listeners: frozenset[str],
+        link_local: bool = False,  # can publish on a scoped link-local address (fe80::1%eth0)
+    ) -> None:
+        self.tcp = tcp
+        self.udp = udp
+        self.ipv4 = ipv4
+        self.ipv6 = ipv6
+        self.family_fallback = family_fallback
+        self.preserves_loopback_address = preserves_loopback_address
+        self.outbound = outbound
+        self.holds_listeners = holds_listeners
+        self.link_local = link_local
 
 
 class Driver:
@@ -107,29 +125,31 @@ def check_capabilities(plan: Plan, driver: str, caps: Capabilities, warn: Warn) 
                 "127.0.0.1 (a service bound only to that address in the container is not reached)"
             )
         kept.append(mapped)
-    return replace(plan, mappings=tuple(kept))
+    return plan.replace(mappings=tuple(kept))
 
 
 def _ipv4_for(m: PortMapping, driver: str, caps: Capabilities, warn: Warn) -> PortMapping | None:
     if m.host_ip is None:
         if not caps.ipv6:
             warn(f"driver {driver} cannot forward IPv6: {m} is published on 0.0.0.0 (IPv4) only")
-            return replace(m, host_ip="0.0.0.0")
+            return m.replace(host_ip="0.0.0.0")
         if not caps.family_fallback:
             warn(
                 f"driver {driver} cannot fall back between families (an IPv6 client of an IPv4-only "
                 f"service would be reset): {m} is published on 0.0.0.0 (IPv4) only; "
                 f"ask for [::]:{m.host_port}:{m.container_port}/{m.proto} to publish IPv6 too"
             )
-            return replace(m, host_ip="0.0.0.0")
+            return m.replace(host_ip="0.0.0.0")
         return m
+    import ipaddress  # noqa: PLC0415 - only for a driver without IPv6
+
     address = ipaddress.ip_address(m.host_ip)
     if address.version == 4 or caps.ipv6:
         return m
     if address.is_loopback or address.is_unspecified:
         ipv4 = "127.0.0.1" if address.is_loopback else "0.0.0.0"
         warn(f"driver {driver} cannot forward IPv6: {m} is published on {ipv4}:{m.host_port} (IPv4) instead")
-        return replace(m, host_ip=ipv4)
+        return m.replace(host_ip=ipv4)
     warn(f"driver {driver} cannot forward IPv6 and {m.host_ip} has no IPv4 twin: {m} is not forwarded")
     return None
 
@@ -144,5 +164,7 @@ def _already_covered(m: PortMapping, kept: list[PortMapping]) -> bool:
 def _is_other_loopback(host_ip: str | None) -> bool:
     if host_ip is None:
         return False
+    import ipaddress  # noqa: PLC0415
+
     address = ipaddress.ip_address(host_ip)
     return address.is_loopback and host_ip not in ("127.0.0.1", "::1")

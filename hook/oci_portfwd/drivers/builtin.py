@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-
-from ..listeners import Listener
-from ..plan import Plan
-from ..status import StatusWriter
 from . import Capabilities, Driver, Warn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import logging
+    from collections.abc import Sequence
+
+    from ..listeners import Listener
+    from ..plan import Plan
     from ..seccomp_filter import CoreSandbox
+    from ..status import StatusWriter
 
 
 class BuiltinDriver(Driver):

@@ -1,0 +1,318 @@
+"""What each container pays for the hook (issue 12), next to its peers' per-container cost.
+
+    .venv/bin/python bench/container_cost.py [--runs 12] [--runtimes crun,runc] [--counts 1,30]
+                                             [--out bench/container_cost.json]
+
+Rows:
+- start and delete: `RUNTIME run -d` and `RUNTIME delete -f` (poststop runs there) of a
+  container (`sleep`), with the hook publishing one TCP port against the same container with
+  `/bin/true` as its prestart and poststop hook; interleaved, the order turned each run, runs
+  medians [min–max]; the added cost is median(hook) − median(true). The hook twice: the venv's
+  console script (what the tests run; pip's wrapper imports re) and the script the packages
+  install in hooks.d (python3 -I), both on the venv's interpreter.
+- memory: N containers forwarded at once (runc); the sum of smaps_rollup Pss of every process
+  the hook left running (each supervisor and all its descendants) 1 s after the last start,
+  divided by N. The same for pasta (one per container, as podman runs it: one port each) and
+  rootlesskit (one process tree serves every container of a user, as rootless docker runs it:
+  one port per container added with rootlessctl).
+As root; measurement only, nothing is asserted. Everything made is removed on exit.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+from e2ekit.container import ContainerFactory  # noqa: E402
+from e2ekit.hookenv import HookEnv, reap_leftovers  # noqa: E402
+from e2ekit.rootfs import build_rootfs  # noqa: E402
+from e2ekit.runtimes import make_runtime  # noqa: E402
+from infra import Cleanup, Netns, free_port, pss_kib, run, run_timed, start, tree, wait_for  # noqa: E402
+
+SLEEP = ["sleep", "3600"]
+RUNTIME_TIMEOUT = 60
+WRAPPER = """#!/bin/sh
+PYTHONPATH={src} exec {python} -I -c 'import sys; sys.path.insert(0, "{src}"); from oci_portfwd.cli import main; sys.exit(main())' "$@"
+"""
+INNER_PORT = 81
+
+
+def timed(argv: list[str], out: Path) -> float:
+    """Wall time of a command in ms (infra.run_timed: a pidfd, not subprocess's polling wait)."""
+    with open(out, "wb") as f:
+        code, seconds = run_timed(argv, f, RUNTIME_TIMEOUT)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} -> {code}: {out.read_text(errors='replace')[-2000:]}")
+    return seconds * 1000
+
+
+def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int]) -> dict:
+    out: dict = {}
+    names = list(hooks)
+    for i in range(runs):
+        # The order turns each run: a start right after one of our deletes shares the CPUs
+        # with that teardown (supervisor, core and dialer exiting, the netns going).
+        order = names[i % len(names):] + names[:i % len(names)]
+        for rt_name, f in factory.items():
+            for variant in order:
+                hook = hooks[variant]
+                cell = out.setdefault(rt_name, {}).setdefault(variant, {"start_ms": [], "delete_ms": []})
+                c = f.new(SLEEP, hook=hook, ports=f"127.0.0.1:{free_port(ports)}:{INNER_PORT}")
+                c._created = True  # noqa: SLF001 - the factory's cleanup deletes it on failure
+                rt = c.runtime
+                cell["start_ms"].append(timed(rt.create_argv(
+                    "run", "-d", "--bundle", str(c.bundle), "--pid-file", str(c.bundle / "pid"), c.id),
+                    c.bundle / "run.out"))
+                # delete -f of the running container: the runtime kills it, then runs poststop.
+                cell["delete_ms"].append(timed(rt.argv("delete", "-f", c.id), c.bundle / "delete.out"))
+                c._created = False  # noqa: SLF001 - deleted
+    return out
+
+
+def hook_pss(factory: ContainerFactory, hook: HookEnv, count: int, ports: set[int], settle: float) -> dict:
+    made = []
+    try:
+        for _ in range(count):
+            c = factory.new(SLEEP, hook=hook, ports=f"127.0.0.1:{free_port(ports)}:{INNER_PORT}")
+            c.start()
+            made.append(c)
+        time.sleep(settle)
+        total, procs = 0, 0
+        for c in made:
+            sup = int(hook.read_state(c.id)["supervisor_pid"])
+            for p in tree(sup):
+                total += pss_kib(p.pid)
+                procs += 1
+        return {"pss_kib_per_container": total / count, "processes": procs}
+    finally:
+        for c in made:
+            c.stop()
+
+
+def pasta_pss(cleanup: Cleanup, work: Path, count: int, ports: set[int], settle: float) -> dict:
+    own = Cleanup()
+    token = cleanup.push("pasta instances", own.run_all)
+    try:
+        pids = []
+        for i in range(count):
+            ns = Netns(own, _NoLog(), f"pasta{i}")
+            port = free_port(ports)
+            proc = start(own, ["pasta", "-f", "--runas", "0", "--netns", ns.path,
+                               "-t", f"127.0.0.1/{port}:{INNER_PORT}", "-T", "none", "-U", "none",
+                               "-u", "none"], work / f"pasta{i}.log", "pasta")
+            pids.append(proc.pid)
+            wait_for(lambda port=port: _listening_on(port), 10, f"pasta on {port}")
+        time.sleep(settle)
+        total = sum(pss_kib(p.pid) for pid in pids for p in tree(pid))
+        return {"pss_kib_per_container": total / count}
+    finally:
+        cleanup.pop(token)
+
+
+def rootlesskit_pss(cleanup: Cleanup, work: Path, count: int, ports: set[int], settle: float) -> dict:
+    from run import ensure_bench_user, private_tun_node  # noqa: PLC0415
+
+    own = Cleanup()
+    token = cleanup.push("rootlesskit", own.run_all)
+    try:
+        user = ensure_bench_user(cleanup)
+        tun = work / "priv" / "tun"
+        if not tun.exists():
+            tun = private_tun_node(work)
+        state = work / f"rk{count}"
+        state.mkdir(mode=0o700)
+        os.chown(state, user.uid, user.gid)
+        as_user = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
+                   "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", f"HOME={user.home}"]
+        argv = ["unshare", "-m", "--propagation", "slave", "sh", "-c",
+                'mount --bind "$1" /dev/net/tun && shift && exec "$@"', "sh", str(tun), *as_user,
+                "rootlesskit", "--net=slirp4netns", "--port-driver=builtin", "--disable-host-loopback",
+                "--state-dir", str(state / "st"), *SLEEP]
+        proc = start(own, argv, work / f"rk{count}.log", "rootlesskit", cwd="/")
+        api = state / "st" / "api.sock"
+        wait_for(api.exists, 20, "rootlesskit's API socket")
+        for _ in range(count):
+            port = free_port(ports)
+            run(["rootlessctl", "--socket", str(api), "add-ports", f"127.0.0.1:{port}:{INNER_PORT}/tcp"])
+        time.sleep(settle)
+        procs = [p for p in tree(proc.pid) if p.comm() not in ("sleep", "unshare", "sh", "setpriv")]
+        total = sum(pss_kib(p.pid) for p in procs)
+        return {"pss_kib_per_container": total / count, "processes": len(procs)}
+    finally:
+        cleanup.pop(token)
+
+
+class _NoLog:
+    def note(self, key: str, argv: list[str] | str) -> None:
+        pass
+
+
+def _listening_on(port: int) -> bool:
+    needle = f":{port:04X} "
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[1].endswith(needle.strip()):
+                return True
+    return False
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
+
+
+def render(results: dict) -> str:
+    lines = ["| runtime | start, /bin/true hook ms | start, oci-portfwd-hook ms | added | "
+             "delete, /bin/true hook ms | delete, oci-portfwd-hook ms | added |", "|---|---|---|---|---|---|---|"]
+    for rt, cells in results["start_delete"].items():
+        t = cells["/bin/true"]
+        for variant, h in cells.items():
+            if variant == "/bin/true":
+                continue
+            add_s = statistics.median(h["start_ms"]) - statistics.median(t["start_ms"])
+            add_d = statistics.median(h["delete_ms"]) - statistics.median(t["delete_ms"])
+            label = f"{rt}, {'the venv console script' if variant == 'oci-portfwd-hook' else variant}"
+            lines.append(f"| {label} | {summary(t['start_ms'])} | {summary(h['start_ms'])} | **{add_s:+.1f}** | "
+                         f"{summary(t['delete_ms'])} | {summary(h['delete_ms'])} | **{add_d:+.1f}** |")
+    lines += ["", "| per container, PSS MB (MiB) | " + " | ".join(f"{n} container{'s' * (n > 1)}"
+                                                         for n in results["counts"]) + " |",
+              "|---|" + "---|" * len(results["counts"])]
+    for who, label in (("ours", "oci-portfwd-hook (builtin; supervisor + core + dialer)"),
+                       ("pasta", "pasta (one per container)"),
+                       ("rootlesskit", "rootlesskit --port-driver=builtin (one for all)")):
+        cells = []
+        for n in results["counts"]:
+            got = results["memory"].get(who, {}).get(str(n))
+            if not got or "error" in got:
+                cells.append("—" if not got else f"error: {got['error'][:60]}")
+            else:
+                kib = got["pss_kib_per_container"]
+                cells.append(f"{kib * 1024 / 1e6:.1f} ({kib / 1024:.1f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=12)
+    ap.add_argument("--runtimes", default="crun,runc")
+    ap.add_argument("--counts", default="1,30")
+    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--hook", type=Path, default=REPO / ".venv" / "bin" / "oci-portfwd-hook")
+    ap.add_argument("--out", type=Path, default=HERE / "container_cost.json")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: write the section again from --out's figures")
+    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"),
+                    help="the section goes there (empty: nowhere)")
+    ap.add_argument("--compare", type=Path, metavar="DIR",
+                    help="also time the hook package in DIR (e.g. another checkout's hook/), and "
+                         "this tree's, both through the same shell wrapper (start/delete only)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("container_cost: run as root", file=sys.stderr)
+        return 2
+    if args.render:
+        results = json.loads(args.out.read_text())
+        table = render(results)
+        print(table)
+        if args.results_md:
+            update_results_md(Path(args.results_md), results, table)
+        return 0
+    counts = [int(n) for n in args.counts.split(",") if n]
+    work = Path(tempfile.mkdtemp(prefix="container-cost-"))
+    work.chmod(0o755)
+    cleanup = Cleanup()
+    cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+    ports: set[int] = set()
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": args.runs, "counts": counts,
+                     "load_before": os.getloadavg(), "start_delete": {}, "memory": {}}
+    if args.compare:
+        args.results_md = None  # a comparison is not the bench's figure
+    hooks = {"/bin/true": HookEnv(Path("/bin/true"), work / "true"),
+             "oci-portfwd-hook": HookEnv(args.hook, work / "hook", settings={"log_level": "info"})}
+    if not args.compare:
+        # What the packages install in hooks.d (python3 -I, no console-script wrapper), run by
+        # this venv's interpreter.
+        script = work / "hooks.d-script"
+        body = (REPO / "packaging" / "libexec" / "oci-portfwd-hook").read_text().split("\n", 1)[1]
+        script.write_text(f"#!{REPO / '.venv' / 'bin' / 'python3'} -I\n{body}")
+        script.chmod(0o755)
+        hooks["hooks.d script"] = HookEnv(script, work / "hooksd", settings={"log_level": "info"})
+    if args.compare:
+        for name, src in (("this tree (wrapper)", REPO / "hook"), (f"{args.compare} (wrapper)", args.compare)):
+            wrapper = work / f"hook-{len(hooks)}"
+            wrapper.write_text(WRAPPER.format(src=Path(src).resolve(), python=Path(sys.executable)))
+            wrapper.chmod(0o755)
+            hooks[name] = HookEnv(wrapper, work / f"hook-{len(hooks)}-state", settings={"log_level": "info"})
+    factories = {}
+    try:
+        rootfs = build_rootfs(work / "rootfs", REPO / "tests" / "e2e" / "servers.py")
+        for name in args.runtimes.split(","):
+            factories[name] = ContainerFactory(make_runtime(name, work / name), rootfs, work / f"bundles-{name}")
+            cleanup.push(f"{name} containers", factories[name].cleanup)
+        results["start_delete"] = start_delete(factories, hooks, args.runs, ports)
+        f = factories.get("runc") or next(iter(factories.values()))
+        if args.compare:
+            counts = []
+        for who, fn in (("ours", lambda n: hook_pss(f, hooks["oci-portfwd-hook"], n, ports, args.settle)),
+                        ("pasta", lambda n: pasta_pss(cleanup, work, n, ports, args.settle)),
+                        ("rootlesskit", lambda n: rootlesskit_pss(cleanup, work, n, ports, args.settle))):
+            for n in counts:
+                try:
+                    results["memory"].setdefault(who, {})[str(n)] = fn(n)
+                except Exception as e:  # noqa: BLE001 - one peer failing is a result
+                    results["memory"].setdefault(who, {})[str(n)] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        reap_leftovers(hooks["oci-portfwd-hook"])
+        cleanup.run_all()
+    results["load_after"] = os.getloadavg()
+    args.out.write_text(json.dumps(results, indent=1))
+    table = render(results)
+    print(table)
+    if args.results_md:
+        update_results_md(Path(args.results_md), results, table)
+    return 0
+
+
+MARK_BEGIN, MARK_END = "<!-- container-cost: bench/container_cost.py -->", "<!-- /container-cost -->"
+
+
+def update_results_md(path: Path, results: dict, table: str) -> None:
+    """Put the section into RESULTS.md (replacing an earlier one; after bench/run.py's)."""
+    load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
+    section = (
+        f"{MARK_BEGIN}\n## What each container pays (issue 12)\n\n"
+        f"`bench/container_cost.py` on {results['date']}: {results['runs']} interleaved runs per runtime of "
+        "`RUNTIME run -d` and `RUNTIME delete -f` (poststop runs in the delete) of a container with one "
+        "published TCP port, against the same container with `/bin/true` as its prestart and poststop "
+        "hook; medians [min–max] in ms, timed with a pidfd. Targets: start ≤ +25 ms, delete ≤ +15 ms. "
+        "Memory: N containers at once (runc), Pss (smaps_rollup) of every process the hook left running "
+        "(each supervisor with all its descendants) ÷ N, target ≤ 8 MB; pasta as podman runs it (one per "
+        "container), rootlesskit as rootless docker runs it (one for all containers of a user, one port "
+        f"each added with rootlessctl). Load average before / after: {load} on {os.cpu_count()} CPUs. "
+        "bench/run.py's hook-start figures of runs before 2026-11-27 were rounded up to 50 ms steps "
+        "(subprocess's polling wait; both now use a pidfd).\n\n"
+        f"{table}{MARK_END}\n"
+    )
+    text = path.read_text() if path.exists() else ""
+    if MARK_BEGIN in text and MARK_END in text:
+        head, _, rest = text.partition(MARK_BEGIN)
+        _, _, tail = rest.partition(MARK_END + "\n")
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
