@@ -280,6 +280,13 @@ def shutdown_write(sock: socket.socket) -> None:
 
 
 class TcpConnection:
+    # Slots, not a __dict__: ~1 KiB less per connection (5,000 held connections: ~5 MiB).
+    __slots__ = (
+        "loop", "pool", "pipes", "counts", "client", "targets", "log", "on_close", "preamble",
+        "upstream", "ways", "closed", "answered", "tried", "peer", "source", "from_client",
+        "client_out",
+    )
+
     def __init__(
         self,
         loop: EventLoop,
