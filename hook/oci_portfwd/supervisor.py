@@ -539,8 +539,10 @@ class Supervisor:
     def _teardown(self) -> None:
         for listener in self.ctx.listeners:
             listener.close()
-        remove_record(self.ctx.state_dir, self.plan.container_id, owner_pid=os.getpid())
+        # Children first: slirp4netns/pasta hold their ports themselves, and a poststop that
+        # finds no state file returns at once, so the record goes only once they are gone.
         self._reap_all(deadline=time.monotonic() + STOP_GRACE)
+        remove_record(self.ctx.state_dir, self.plan.container_id, owner_pid=os.getpid())
 
     def _reap_all(self, deadline: float) -> None:
         """Wait for every remaining child (a dialer left to us); kill those that linger."""
