@@ -358,7 +358,7 @@ class Supervisor:
             try:
                 return self.ctx.driver.run(self.plan, self.ctx.listeners, status, log, sandbox=sandbox)
             except StartError as e:
-                if process_start_time(self.plan.container_pid) is None:
+                if _exited(self.plan.container_pid):
                     # The container ended while this core started (a delete right after the
                     # start, which the hook no longer waits out): nothing failed, and the
                     # supervisor tears down; no error to keep the log for.
@@ -578,3 +578,15 @@ class Supervisor:
             for fd in pidfds:
                 os.close(fd)
 
+
+def _exited(pid: int) -> bool:
+    """Whether the process has exited, a zombie included (its /proc entry, start time and
+    all, stays until the runtime reaps it): a pidfd is readable from the exit on."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(wait_readable([fd], 0))
+    finally:
+        os.close(fd)
