@@ -171,12 +171,8 @@ def test_orderly_end_is_fin_after_every_byte_even_for_a_lagging_reader(container
     c, _echo, events = serve(containers, hook_env, port_alloc)
     fw = forwarding_of(hook_env, c.id)
     size, seed = 1 << 20, 4242
-    sock = socket.socket()
+    sock = lagging_download(events, size, seed)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # most of it stays with the relay
-        sock.settimeout(TIMEOUT)
-        sock.connect(("127.0.0.1", events))
-        sock.sendall(f"{uuid.uuid4().hex} send {size} {seed}\n".encode())
         sock.shutdown(socket.SHUT_WR)
 
         def closed_by_the_relay() -> bool:
@@ -201,12 +197,8 @@ def test_a_reply_complete_before_the_container_exits_reaches_the_client_whole(co
     c, _echo, events = serve(containers, hook_env, port_alloc)
     fw = forwarding_of(hook_env, c.id)
     size, seed = 1 << 20, 99
-    sock = socket.socket()
+    sock = lagging_download(events, size, seed)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # most of it stays with the relay
-        sock.settimeout(TIMEOUT)
-        sock.connect(("127.0.0.1", events))
-        sock.sendall(f"{uuid.uuid4().hex} send {size} {seed}\n".encode())
         client_port = sock.getsockname()[1]
         wait_until(lambda: relay_sent_fin(events, client_port), TIMEOUT,
                    "the relay to queue its FIN after the whole reply")
@@ -216,6 +208,21 @@ def test_a_reply_complete_before_the_container_exits_reaches_the_client_whole(co
     finally:
         sock.close()
     assert len(data) == size and data == stream(size, seed)
+
+
+def lagging_download(port: int, size: int, seed: int) -> socket.socket:
+    """A client that asks for `size` bytes with a small receive buffer and reads nothing yet:
+    most of the reply stays in the relay's send buffer."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"{uuid.uuid4().hex} send {size} {seed}\n".encode())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def relay_sent_fin(port: int, client_port: int) -> bool:
