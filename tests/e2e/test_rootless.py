@@ -15,7 +15,7 @@ from e2ekit import clients
 from e2ekit.container import ContainerFactory, published
 from e2ekit.hookenv import HookEnv
 from e2ekit.ports import listeners, port_is_free
-from e2ekit.procs import Proc, descendants, find_by_comm, supervisor_comm
+from e2ekit.procs import Proc, descendants, find_by_comm, forwarding_procs, supervisor_comm
 from e2ekit.services import Services
 from e2ekit.users import process_uid
 from e2ekit.wait import wait_until
@@ -51,8 +51,13 @@ def test_container_and_forwarding_run_as_the_user(rpub, test_user):
     assert os.stat(f"/proc/{c.pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino, \
         "the container has no user namespace of its own: not rootless"
     sup = int(rpub.hook.read_state(c.id)["supervisor_pid"])
-    procs = [Proc.of(sup), *descendants(sup)]
-    assert len(procs) >= 3, f"supervisor, core and dialer expected, got {procs}"
+    # The hook returns before the core and its dialer have started (issue 12).
+    # forwarding_procs leaves out the dialer's transient routing child.
+    def all_three() -> list[Proc] | None:
+        procs = forwarding_procs(Proc(sup, 0))
+        return procs if len(procs) >= 3 else None
+
+    procs = wait_until(all_three, 10, lambda: f"supervisor {sup}, core and dialer: {descendants(sup)}")
     owners = {p.pid: process_uid(p.pid) for p in procs}
     assert set(owners.values()) == {test_user.uid}, owners
 

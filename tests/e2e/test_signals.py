@@ -4,6 +4,7 @@ SIGKILL 5 s later), every stop waited for a grace period, and slirp4netns/pasta 
 their death signal."""
 
 import pytest
+from e2ekit.clients import whoami
 from e2ekit.hookenv import oci_state
 from e2ekit.procs import descendants
 from e2ekit.services import Services
@@ -30,6 +31,9 @@ def test_no_signal_blocked_in_the_hooks_processes(containers, hook_env, port_all
     c = containers.new(services.argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{WHO}",
                        annotations={"io.oci-portfwd.driver": driver})
     services.wait_ready(c.start())
+    # The hook returns before the core and its dialer have started (issue 12): one answered
+    # request through the port proves they are all there.
+    whoami("127.0.0.1", port)
     supervisor = int(hook_env.read_state(c.id)["supervisor_pid"])
     procs = [supervisor, *(p.pid for p in descendants(supervisor))]
     assert len(procs) >= 3, procs  # supervisor, core, and the dialer or the program
