@@ -60,6 +60,10 @@ def generate() -> str:
                 # Only in isinstance() checks, and the hook's JSON (errors.loads_strict) never
                 # holds a Decimal: the decimal module would cost every container start ~2 ms.
                 line = "Decimal = float  # no decimal import: see schemas/compile_validators.py"
+            if line == "import re":
+                # The schemas' patterns, written out without re (patterns.py): re brings enum,
+                # functools and collections onto every container start (~2 ms).
+                line = "from . import patterns as re  # not re: see hook/oci_portfwd/patterns.py"
             body.append(line)
         entry = _entry_function(code)
         # Every schema gets its own namespace of helpers: prefix them by the schema.

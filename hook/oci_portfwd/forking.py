@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Callable
+from _signal import SIGKILL  # not signal: its enums are off the hook's path (issue 12)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def fork_child(body: Callable[[], int], *, die_with_parent: bool = True) -> int:
@@ -24,7 +27,7 @@ def fork_child(body: Callable[[], int], *, die_with_parent: bool = True) -> int:
         if die_with_parent:
             import prctl  # noqa: PLC0415
 
-            prctl.set_pdeathsig(signal.SIGKILL)
+            prctl.set_pdeathsig(SIGKILL)
             if os.getppid() != parent:
                 os._exit(1)
         code = body()

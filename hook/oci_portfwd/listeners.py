@@ -2,12 +2,17 @@
 
 Everything is bound before anything starts, and on the first failure every socket bound
 so far is closed: a failed hook leaves no port behind.
+
+The hook binds with `_socket`, the C module under `socket`: `import socket` brings enum and
+selectors (~4 ms of every container start, issue 12). The supervisor turns them into
+`socket.socket`s (same descriptors) with `as_socket_objects` once the hook has returned,
+before anything serves them.
 """
 
 from __future__ import annotations
 
+import _socket
 import errno
-import socket
 
 from .errors import BindError
 from .netns_setup import reachable
@@ -15,7 +20,8 @@ from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    import socket
+    from collections.abc import Callable, Iterable, Sequence
 
     from .ports import PortMapping
 
@@ -33,24 +39,41 @@ class BindTarget(Value):
         self.mapping = mapping
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
+        host = f"[{self.address}]" if self.family == _socket.AF_INET6 else self.address
         return f"{host}:{self.port}/{self.proto}"
 
 
 class Listener:
     __slots__ = ("target", "sock")
 
-    def __init__(self, target: BindTarget, sock: socket.socket) -> None:
+    # A socket.socket once as_socket_objects() ran; until then its base, a _socket.socket,
+    # of which the hook and the supervisor before "ready" use fileno() and close() only.
+    sock: socket.socket
+
+    def __init__(self, target: BindTarget, sock: _socket.socket) -> None:
         self.target = target
-        self.sock = sock
+        self.sock = sock  # type: ignore[assignment]  # a _socket.socket until as_socket_objects
 
     def close(self) -> None:
         self.sock.close()
 
 
+def as_socket_objects(listeners: Sequence[Listener]) -> None:
+    """What the hook bound as `_socket.socket`s become `socket.socket`s on the same
+    descriptors, non-blocking as they were bound (accept() then returns socket objects).
+    In the supervisor after "ready": the import of socket is off the container's start."""
+    import socket  # noqa: PLC0415
+
+    for listener in listeners:
+        if not isinstance(listener.sock, socket.socket):
+            sock = socket.socket(fileno=listener.sock.detach())
+            sock.setblocking(False)
+            listener.sock = sock
+
+
 def ipv6_available() -> bool:
     """False when the kernel has no IPv6 or this netns has it disabled (no ::1)."""
-    return reachable(socket.AF_INET6, "::1")
+    return reachable(_socket.AF_INET6, "::1")
 
 
 def bind_targets(
@@ -60,13 +83,13 @@ def bind_targets(
     skipped_v6 = []
     for m in mappings:
         if m.host_ip is None:
-            targets.append(BindTarget(socket.AF_INET, "0.0.0.0", m.host_port, m.proto, m))
+            targets.append(BindTarget(_socket.AF_INET, "0.0.0.0", m.host_port, m.proto, m))
             if ipv6_ok:
-                targets.append(BindTarget(socket.AF_INET6, "::", m.host_port, m.proto, m))
+                targets.append(BindTarget(_socket.AF_INET6, "::", m.host_port, m.proto, m))
             else:
                 skipped_v6.append(str(m))
         else:
-            family = socket.AF_INET6 if ":" in m.host_ip else socket.AF_INET
+            family = _socket.AF_INET6 if ":" in m.host_ip else _socket.AF_INET
             targets.append(BindTarget(family, m.host_ip, m.host_port, m.proto, m))
     if skipped_v6:
         warn(
@@ -88,20 +111,20 @@ def bind_all(targets: Iterable[BindTarget]) -> list[Listener]:
     return bound
 
 
-def _bind_one(t: BindTarget) -> socket.socket:
-    kind = socket.SOCK_STREAM if t.proto == "tcp" else socket.SOCK_DGRAM
+def _bind_one(t: BindTarget) -> _socket.socket:
+    kind = _socket.SOCK_STREAM if t.proto == "tcp" else _socket.SOCK_DGRAM
     try:
-        sock = socket.socket(t.family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock = _socket.socket(t.family, kind | _socket.SOCK_NONBLOCK | _socket.SOCK_CLOEXEC)
     except OSError as e:
         raise BindError(f"cannot create a socket for {t}: {e.strerror}") from None
     try:
-        if t.family == socket.AF_INET6:
+        if t.family == _socket.AF_INET6:
             # Each family gets its own socket: the IPv4 one is bound separately.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
         if t.proto == "tcp":
             # Rebinding right after a restart must not fail on TIME_WAIT; on Linux this
             # never lets two listeners share a port. Never on UDP: there it would.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
         sock.bind(socket_address(t.address, t.port))
         if t.proto == "tcp":
             sock.listen(LISTEN_BACKLOG)
@@ -128,7 +151,7 @@ def socket_address(address: str, port: int) -> tuple[str, int] | tuple[str, int,
     if scope.isdigit():
         return (host, port, 0, int(scope))
     try:
-        return (host, port, 0, socket.if_nametoindex(scope))
+        return (host, port, 0, _socket.if_nametoindex(scope))
     except OSError:
         raise NoSuchInterface(scope) from None
 

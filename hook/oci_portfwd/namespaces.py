@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
 
 from .errors import NamespaceError
 from .forking import fork_child
@@ -18,6 +17,7 @@ from .forking import fork_child
 # for the type checker, which treats TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 CLONE_NEWNET = 0x40000000

@@ -3,7 +3,7 @@ read the container's own addresses (netlink, through pyroute2)."""
 
 from __future__ import annotations
 
-import socket
+import _socket  # not socket: its enums are off the hook's path (listeners.py)
 
 
 def reachable(family: int, address: str) -> bool:
@@ -11,17 +11,22 @@ def reachable(family: int, address: str) -> bool:
     route up and sends nothing. Binding is no test: kernel 6.18 lets a netns bind 127.0.0.1
     while lo is down, and only routing fails (ENETUNREACH)."""
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((address, 9))
+        s = _socket.socket(family, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        s.connect((address, 9))
         return True
     except OSError:
         return False
+    finally:
+        s.close()
 
 
 def loopback_is_up() -> bool:
     # Checked before bringing lo up: spares the ~120 ms pyroute2 import when the runtime
     # already did it (runc and crun do).
-    return reachable(socket.AF_INET, "127.0.0.1")
+    return reachable(_socket.AF_INET, "127.0.0.1")
 
 
 def bring_loopback_up() -> None:
@@ -36,7 +41,7 @@ def container_addresses() -> dict[int, list[str]]:
     """The container's non-loopback addresses of global scope, per family."""
     from pyroute2 import IPRoute  # noqa: PLC0415 - heavy, only for loopback=container-address
 
-    found: dict[int, list[str]] = {socket.AF_INET: [], socket.AF_INET6: []}
+    found: dict[int, list[str]] = {_socket.AF_INET: [], _socket.AF_INET6: []}
     with IPRoute() as ipr:
         for msg in list(ipr.get_addr()):
             family = msg["family"]

@@ -20,7 +20,7 @@ core restarted by the supervisor (which is still privileged) takes the same path
 from __future__ import annotations
 
 import os
-import signal
+from _signal import SIGKILL  # not signal: its enums are off the hook's path (issue 12)
 
 from .errors import StartError
 
@@ -48,6 +48,25 @@ SUPERVISOR_CAPS = frozenset({
 # this bounding set: they also bind the host ports, which may be below 1024.
 EXTERNAL_DRIVER_CAPS = SUPERVISOR_CAPS | frozenset({CAP_NET_BIND_SERVICE})
 DIALER_CAPS = frozenset({CAP_NET_ADMIN})
+
+
+# libseccomp's Python bindings, the one the sandbox takes first (seccomp_filter._library).
+SECCOMP_BINDINGS = ("seccomp", "pyseccomp")
+
+
+def check_seccomp_binding() -> None:
+    """Before the hook returns: a missing binding would only show once the core serves. Here,
+    not in seccomp_filter (which imports socket, select and struct at once): the supervisor
+    checks it before "ready"."""
+    # PathFinder, not importlib.util.find_spec: importlib.util costs the start path ~1 ms, and
+    # both bindings are modules on sys.path.
+    from importlib.machinery import PathFinder  # noqa: PLC0415
+
+    if not any(PathFinder.find_spec(name) for name in SECCOMP_BINDINGS):
+        raise StartError(
+            "libseccomp's Python binding is missing (Debian: apt-get install python3-seccomp; "
+            "Fedora: dnf install python3-libseccomp; pip: pip install pyseccomp)"
+        )
 
 
 def core_identity(user: str) -> tuple[int, int] | None:
@@ -94,7 +113,7 @@ def drop_core(identity: tuple[int, int] | None) -> None:
         os.setuid(uid)  # clears the permitted and effective sets (no keep-caps)
         # A change of credentials clears the parent-death signal: set it again, and go if
         # the supervisor died meanwhile (fork_child's reasoning).
-        prctl.set_pdeathsig(signal.SIGKILL)
+        prctl.set_pdeathsig(SIGKILL)
         if os.getppid() == 1:
             os._exit(1)
     _limit_capabilities(frozenset())

@@ -34,7 +34,6 @@ import socket
 import struct
 from types import ModuleType
 
-from .errors import StartError
 from .privileges import drop_core
 
 TYPE_CHECKING = False
@@ -76,21 +75,7 @@ DIALER_SYSCALLS = (
 )
 
 
-LIBRARIES = ("seccomp", "pyseccomp")
 SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
-
-
-def check_available() -> None:
-    """Before anything starts: a missing binding would only show once the core serves."""
-    # PathFinder, not importlib.util.find_spec: importlib.util costs the start path ~1 ms, and
-    # both bindings are modules on sys.path.
-    from importlib.machinery import PathFinder  # noqa: PLC0415
-
-    if not any(PathFinder.find_spec(name) for name in LIBRARIES):
-        raise StartError(
-            "libseccomp's Python binding is missing (Debian: apt-get install python3-seccomp; "
-            "Fedora: dnf install python3-libseccomp; pip: pip install pyseccomp)"
-        )
 
 
 def _library() -> ModuleType:

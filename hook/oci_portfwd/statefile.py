@@ -19,8 +19,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-# Paths: str (or any os.PathLike given), joined with os.path: pathlib costs the stop path
-# ~4 ms (fnmatch, re, urllib.parse; issue 12). prepare_state_dir, prestart only, uses it.
+# Paths: str (or any os.PathLike given), joined with os.path: pathlib costs the start and
+# stop paths ~4 ms (fnmatch, re, urllib.parse, ipaddress; issue 12).
 
 MAX_RECORD_BYTES = 1 << 20
 
@@ -108,19 +108,18 @@ def prepare_state_dir(state_dir: str | Path) -> str:
     that someone else could change under us: a symlink, one owned by another user or
     writable by group or others, or one below a dir that another user could write to
     (where the state dir could be renamed away and replaced)."""
-    from pathlib import Path  # noqa: PLC0415
-
     me = os.geteuid()
     # Resolved parents: the checks below are then about the dirs really walked through.
-    given = Path(state_dir)
-    path = Path(os.path.realpath(given.parent)) / given.name
+    given_parent, given_name = parent_and_name(os.fspath(state_dir))
+    path = os.path.realpath(given_parent)
+    path = os.path.join(path, given_name) if given_name else path
     missing = []
     existing = path
     while not os.path.lexists(existing):
         missing.append(existing)
-        existing = existing.parent
+        existing = os.path.dirname(existing)
     owners = _trusted_owners(me)
-    for parent in [existing, *existing.parents] if existing != path else list(path.parents):
+    for parent in [existing, *_parents(existing)] if existing != path else _parents(path):
         _check_parent(path, parent, me, owners)
     for directory in reversed(missing):
         try:
@@ -148,7 +147,27 @@ def prepare_state_dir(state_dir: str | Path) -> str:
     return str(path)
 
 
-def _check_parent(state_dir: Path, parent: Path, me: int, owners: set[int]) -> None:
+def parent_and_name(path: str) -> tuple[str, str]:
+    """str(Path(path).parent) and Path(path).name, without pathlib."""
+    # PurePosixPath: exactly two leading slashes stay (POSIX leaves them to the system),
+    # other repeated slashes and "." components go; ".." stays.
+    root = "//" if path.startswith("//") and not path.startswith("///") else "/" if path.startswith("/") else ""
+    parts = [p for p in path.split("/") if p and p != "."]
+    if not parts:
+        return (root or "."), ""
+    return (root + "/".join(parts[:-1])) or ".", parts[-1]
+
+
+def _parents(path: str) -> list[str]:
+    """Path(path).parents of an absolute, normalised path (os.path.realpath's)."""
+    found = []
+    while (parent := os.path.dirname(path)) != path:
+        found.append(parent)
+        path = parent
+    return found
+
+
+def _check_parent(state_dir: str, parent: str, me: int, owners: set[int]) -> None:
     try:
         st = os.stat(parent)
     except OSError as e:

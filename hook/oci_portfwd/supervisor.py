@@ -10,17 +10,16 @@ whole life, runs the driver's core as its child and restarts it when it dies.
 
 from __future__ import annotations
 
+import _signal as signal  # signal's enums (~2 ms with enum) are off the hook's path
 import os
-import signal
 import time
 
 from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
 from .logs import HookLog, close_log, open_log
 from .polling import wait_readable
-from .privileges import core_identity, limit_supervisor
+from .privileges import check_seccomp_binding, core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
-from .seccomp_filter import check_available as check_seccomp
 from .statefile import Record, remove_record, write_record
 from .stats import FIELDS, TCP_OPEN, as_dict, new_counters, read
 from .status import StatusReader, StatusWriter
@@ -220,7 +219,7 @@ class Supervisor:
         try:
             self.core_identity = core_identity(self.plan.core_user)
             if self.plan.driver == "builtin":
-                check_seccomp()
+                check_seccomp_binding()
         except StartError as e:
             return self._fail(str(e))
         if self.plan.driver == "builtin":
@@ -320,7 +319,7 @@ class Supervisor:
         self.published = stats
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        self.stop_reason = f"{signal.Signals(signum).name} received (poststop)"
+        self.stop_reason = f"{_signal_name(signum)} received (poststop)"
 
     def _fail(self, message: str) -> int:
         self.log.error("%s", message)
@@ -338,9 +337,11 @@ class Supervisor:
         return self.log
 
     def _spawn_core(self) -> Core:
+        from .listeners import as_socket_objects  # noqa: PLC0415
         from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
 
         log = self._full_log()
+        as_socket_objects(self.ctx.listeners)  # the hook bound them with _socket
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         counts = new_counters()
         # The builtin core sandboxes itself once it serves; the external drivers' process
@@ -510,7 +511,7 @@ class Supervisor:
         if core.sandbox is not None and core.sandbox.violation:
             return f"ended by its seccomp filter: forbidden system call {core.sandbox.violation}"
         if os.WIFSIGNALED(status):
-            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            return f"killed by {_signal_name(os.WTERMSIG(status))}"
         return f"exit code {os.WEXITSTATUS(status)}"
 
     def _drain_wakeup(self) -> None:
@@ -577,6 +578,12 @@ class Supervisor:
         finally:
             for fd in pidfds:
                 os.close(fd)
+
+
+def _signal_name(signum: int) -> str:
+    import signal as signal_module  # noqa: PLC0415 - loaded by then (the core's modules)
+
+    return signal_module.Signals(signum).name
 
 
 def _exited(pid: int) -> bool:

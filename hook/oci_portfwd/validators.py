@@ -25,7 +25,7 @@ JsonSchemaValuesException = SchemaViolation
 
 # --- config.schema.json ---
 Decimal = float  # no decimal import: see schemas/compile_validators.py
-import re
+from . import patterns as re  # not re: see hook/oci_portfwd/patterns.py
 
 
 validate_config_REGEX_PATTERNS = {
@@ -155,7 +155,7 @@ validate_config = validate_https___oci_portfwd_invalid_schemas_config_schema_jso
 
 # --- oci-state.schema.json ---
 Decimal = float  # no decimal import: see schemas/compile_validators.py
-import re
+from . import patterns as re  # not re: see hook/oci_portfwd/patterns.py
 
 
 validate_oci_state_REGEX_PATTERNS = {

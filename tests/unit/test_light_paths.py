@@ -1,9 +1,12 @@
 """The hook's start and stop paths do without json, dataclasses, logging and pathlib (issue 12):
 what replaces them behaves as they did, and they stay off those paths."""
 
+import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -12,11 +15,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from oci_portfwd import patterns, validators
 from oci_portfwd.errors import loads_strict
 from oci_portfwd.logs import FORMAT, HookLog, format_line
+from oci_portfwd.patterns import KNOWN
 from oci_portfwd.plan import Plan
-from oci_portfwd.ports import PortMapping
-from oci_portfwd.statefile import Record, read_record, write_record
+from oci_portfwd.ports import PortMapping, _is_plain_ipv4
+from oci_portfwd.statefile import Record, parent_and_name, read_record, write_record
 
 HOOK = Path(__file__).resolve().parents[2] / "hook"
 JSON = st.recursive(
@@ -99,18 +104,88 @@ def test_hook_log_lines_are_logging_s(tmp_path, capsys):
     assert capsys.readouterr().err == "oci-portfwd-hook: WARNING: careful 2\n"
 
 
+HEAVY = ("json", "dataclasses", "logging", "pathlib", "inspect", "typing", "decimal", "importlib.util",
+         "prctl", "enum", "re", "socket", "signal", "selectors", "functools", "collections", "ipaddress",
+         "ctypes", "struct", "fcntl")
+
+
 @pytest.mark.parametrize("module", ["oci_portfwd.prestart", "oci_portfwd.poststop"])
 def test_start_and_stop_paths_import_none_of_the_heavy_modules(module):
     code = (f"import sys; import oci_portfwd.cli, {module}; "
-            "print(' '.join(m for m in ('json', 'dataclasses', 'logging', 'pathlib', 'inspect', 'typing', "
-            "'decimal', 'importlib.util', 'prctl', 'enum', 're', 'socket') if m in sys.modules))")
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(HOOK)}
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            check=True, timeout=60).stdout.split()
-    allowed = {"enum", "re", "socket"} if module.endswith("prestart") else set()
-    assert set(loaded) <= allowed, f"{module} imports {sorted(set(loaded) - allowed)}"
+    # -I -S: what site imports (a .pth's modules) is not the hook's doing.
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code.replace("import sys;", f"import sys; sys.path.insert(0, {str(HOOK)!r});")],
+                            capture_output=True, text=True, env=env, check=True, timeout=60).stdout.split()
+    assert not loaded, f"{module} imports {loaded}"
+
+
+def test_what_prestart_runs_imports_none_of_the_heavy_modules(tmp_path):
+    """Not only the imports at the top: what parsing, validating (the schemas' patterns),
+    planning and binding import on the way, with a host address in the port spec."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free a moment ago; bound again (and closed) below
+    raw = json.dumps({"ociVersion": "1.0.2", "id": "c1", "status": "creating", "pid": 1, "bundle": str(bundle),
+                      "annotations": {"io.oci-portfwd.ports": f"127.0.0.1:{port}:80"}}).encode()
+    config = tmp_path / "oci-portfwd.json"
+    # Every pattern of the config's schema on the way (state_dir, runtime, core_user).
+    config.write_text(json.dumps({"state_dir": str(tmp_path / "state"), "runtime": "runc", "core_user": "nobody"}))
+    code = f"""
+import sys
+sys.path.insert(0, {str(HOOK)!r})
+from oci_portfwd.config import load_config
+from oci_portfwd.listeners import bind_all, bind_targets, ipv6_available
+from oci_portfwd.drivers import get_driver
+from oci_portfwd.plan import make_plan
+from oci_portfwd.state import parse_state
+from oci_portfwd.statefile import prepare_state_dir
+state = parse_state({raw!r}, full_validation=True)
+config = load_config({{"OCI_PORTFWD_CONFIG": {str(config)!r}}})
+prepare_state_dir({str(tmp_path / "state")!r})
+plan = make_plan(state, dict(state.annotations), config)
+plan = get_driver(plan.driver).check(plan, print)
+for listener in bind_all(bind_targets(plan.mappings, ipv6_available(), print)):
+    listener.close()
+print("LOADED", " ".join(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                         check=False, timeout=60)
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.split("LOADED", 1)[1].split()
+    assert not loaded, f"prestart's work imports {loaded}"
 
 
 def test_format_line_is_local_time():
     now = time.time()
     assert format_line("INFO", "m", now).startswith(time.strftime("%Y-%m-%d %H:%M", time.localtime(now)))
+
+
+@pytest.mark.parametrize("source", sorted(KNOWN))
+@given(text=st.text(alphabet=st.sampled_from("aZ09_.-+$/:@\\\x00 \n\u00e9\u0661"), max_size=300) | st.text())
+def test_written_out_patterns_match_as_re_does(source, text):
+    assert bool(patterns.compile(source).search(text)) == bool(re.compile(source).search(text))
+
+
+def test_every_schema_pattern_is_written_out():
+    # A new pattern works through re (compiled when first searched), but puts re back on the path.
+    for table in (validators.validate_config_REGEX_PATTERNS, validators.validate_oci_state_REGEX_PATTERNS):
+        for pattern in table.values():
+            assert pattern.source in KNOWN, f"{pattern.source!r}: add it to patterns.KNOWN"
+    unknown = patterns.compile("^a+b\\Z")
+    assert unknown.search("aab") and not unknown.search("ab c")
+
+
+@given(st.ip_addresses(v=4).map(str) | st.text(alphabet="0123456789.", max_size=16))
+def test_plain_ipv4_fast_path_is_what_ipaddress_returns(text):
+    if _is_plain_ipv4(text):
+        assert str(ipaddress.ip_address(text)) == text
+
+
+@pytest.mark.parametrize("path", ["/run/oci-portfwd", "/run/oci-portfwd/", "//run/x", "///run/x", "/", "//", "a",
+                                  "a/b", "./a", "a/./b/", "/a/../b", "", ".", "/a//b", "x/.."])
+def test_parent_and_name_are_pathlibs(path):
+    p = Path(path)
+    assert parent_and_name(path) == (str(p.parent), p.name)

@@ -141,10 +141,12 @@ def _ipv4_for(m: PortMapping, driver: str, caps: Capabilities, warn: Warn) -> Po
             )
             return m.replace(host_ip="0.0.0.0")
         return m
-    import ipaddress  # noqa: PLC0415 - only for a driver without IPv6
+    if caps.ipv6:
+        return m
+    import ipaddress  # noqa: PLC0415 - only for a driver without IPv6 (re and enum with it)
 
     address = ipaddress.ip_address(m.host_ip)
-    if address.version == 4 or caps.ipv6:
+    if address.version == 4:
         return m
     if address.is_loopback or address.is_unspecified:
         ipv4 = "127.0.0.1" if address.is_loopback else "0.0.0.0"
