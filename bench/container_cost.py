@@ -9,7 +9,7 @@ Rows:
   `/bin/true` as its prestart and poststop hook; interleaved, the order turned each run, runs
   medians [min–max]; the added cost is median(hook) − median(true). The hook twice: the venv's
   console script (what the tests run; pip's wrapper imports re) and the script the packages
-  install in hooks.d (python3 -I), both on the venv's interpreter.
+  install in hooks.d (python3 -IS), both on the venv's interpreter.
 - memory: N containers forwarded at once (runc); the sum of smaps_rollup Pss of every process
   the hook left running (each supervisor and all its descendants) 1 s after the last start,
   divided by N. The same for pasta (one per container, as podman runs it: one port each) and
@@ -45,6 +45,20 @@ WRAPPER = """#!/bin/sh
 PYTHONPATH={src} exec {python} -I -c 'import sys; sys.path.insert(0, "{src}"); from oci_portfwd.cli import main; sys.exit(main())' "$@"
 """
 INNER_PORT = 81
+
+
+LIBEXEC = Path("packaging") / "libexec" / "oci-portfwd-hook"
+
+
+def hooksd_script(hook_dir: Path, work: Path, name: str) -> HookEnv:
+    """The hooks.d script of the tree that holds hook_dir, on this venv's interpreter."""
+    shebang, body = (hook_dir.parent / LIBEXEC).read_text().split("\n", 1)
+    options = shebang.split(" ", 1)[1] if " " in shebang else ""
+    script = work / f"{name}-script"
+    script.write_text(f"#!{REPO / '.venv' / 'bin' / 'python3'} {options}\n"
+                      f"import sys; sys.path.insert(0, {str(hook_dir)!r})\n{body}")
+    script.chmod(0o755)
+    return HookEnv(script, work / name, settings={"log_level": "info"})
 
 
 def timed(argv: list[str], out: Path) -> float:
@@ -222,7 +236,8 @@ def main() -> int:
                     help="the section goes there (empty: nowhere)")
     ap.add_argument("--compare", type=Path, metavar="DIR",
                     help="also time the hook package in DIR (e.g. another checkout's hook/), and "
-                         "this tree's, both through the same shell wrapper (start/delete only)")
+                         "this tree's, each through its tree's hooks.d script (packaging/libexec, "
+                         "else a shell wrapper) on this venv's interpreter (start/delete only)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("container_cost: run as root", file=sys.stderr)
@@ -246,20 +261,23 @@ def main() -> int:
         args.results_md = None  # a comparison is not the bench's figure
     hooks = {"/bin/true": HookEnv(Path("/bin/true"), work / "true"),
              "oci-portfwd-hook": HookEnv(args.hook, work / "hook", settings={"log_level": "info"})}
+    # What the packages install in hooks.d (packaging/libexec, no console-script wrapper), with
+    # its own interpreter options, run by this venv's interpreter, with the tree's hook/ first
+    # on sys.path (the venv's site dir has oci_portfwd only through the editable install's .pth
+    # file, which -S skips).
     if not args.compare:
-        # What the packages install in hooks.d (python3 -I, no console-script wrapper), run by
-        # this venv's interpreter.
-        script = work / "hooks.d-script"
-        body = (REPO / "packaging" / "libexec" / "oci-portfwd-hook").read_text().split("\n", 1)[1]
-        script.write_text(f"#!{REPO / '.venv' / 'bin' / 'python3'} -I\n{body}")
-        script.chmod(0o755)
-        hooks["hooks.d script"] = HookEnv(script, work / "hooksd", settings={"log_level": "info"})
-    if args.compare:
-        for name, src in (("this tree (wrapper)", REPO / "hook"), (f"{args.compare} (wrapper)", args.compare)):
-            wrapper = work / f"hook-{len(hooks)}"
-            wrapper.write_text(WRAPPER.format(src=Path(src).resolve(), python=Path(sys.executable)))
-            wrapper.chmod(0o755)
-            hooks[name] = HookEnv(wrapper, work / f"hook-{len(hooks)}-state", settings={"log_level": "info"})
+        hooks["hooks.d script"] = hooksd_script(REPO / "hook", work, "hooksd")
+    else:
+        for name, src in (("this tree's hooks.d script", REPO / "hook"),
+                          (f"{args.compare}'s hooks.d script", args.compare)):
+            if (Path(src).resolve().parent / LIBEXEC).exists():
+                hooks[name] = hooksd_script(Path(src).resolve(), work, f"hook-{len(hooks)}")
+            else:
+                wrapper = work / f"hook-{len(hooks)}"
+                wrapper.write_text(WRAPPER.format(src=Path(src).resolve(), python=Path(sys.executable)))
+                wrapper.chmod(0o755)
+                hooks[f"{src} (wrapper)"] = HookEnv(wrapper, work / f"hook-{len(hooks)}-state",
+                                                    settings={"log_level": "info"})
     factories = {}
     try:
         rootfs = build_rootfs(work / "rootfs", REPO / "tests" / "e2e" / "servers.py")
