@@ -192,6 +192,8 @@ class Supervisor:
         self.report = report
         self.log = log
         self.stop_reason: str | None = None
+        # Between "ready" and the core's fork (builtin): a stop ends this process at once.
+        self.quick_stop = False
         # Traffic of the cores that died: a restarted core counts from zero again.
         self.earlier = [0] * len(FIELDS)
         self.published: list[int] = []
@@ -280,9 +282,16 @@ class Supervisor:
         )
         self.report.ready()
         self.report.close()
+        # A delete right after the start (short-lived containers) must not wait for what
+        # follows: prctl, logging, the core's imports, ~20-30 ms of CPU. Nothing runs yet but
+        # this process; the kernel closes the listeners with it.
+        self.quick_stop = True
+        if self.stop_reason is not None:
+            self._stop_before_core()
         self._settle()
         self._full_log()
         _preload_core()
+        self.quick_stop = False
         core = self._spawn_core()
         reason = self._watch(container, core)
         self.log.info("tearing down: %s", reason)
@@ -320,6 +329,19 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_reason = f"{_signal_name(signum)} received (poststop)"
+        if self.quick_stop:
+            self._stop_before_core()
+
+    def _stop_before_core(self) -> None:
+        """Teardown before the first core exists: no child to wait for; the state file goes,
+        then this process, and the listeners with it. From the signal handler: it runs
+        between two bytecodes of whatever was under way (an import, logging's setup)."""
+        try:
+            self.log.info("tearing down: %s (before the core started)", self.stop_reason)
+        except (OSError, ValueError):
+            pass  # a log being switched (_full_log): the state file still goes
+        remove_record(self.ctx.state_dir, self.plan.container_id, owner_pid=os.getpid())
+        os._exit(0)
 
     def _fail(self, message: str) -> int:
         self.log.error("%s", message)
@@ -581,9 +603,17 @@ class Supervisor:
 
 
 def _signal_name(signum: int) -> str:
-    import signal as signal_module  # noqa: PLC0415 - loaded by then (the core's modules)
+    # The handled ones without signal.Signals: no import in a signal handler before the core's
+    # modules are loaded (_stop_before_core).
+    handled = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
+    if signum in handled:
+        return handled[signum]
+    import signal as signal_module  # noqa: PLC0415 - a core's death: loaded by then
 
-    return signal_module.Signals(signum).name
+    try:
+        return signal_module.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _exited(pid: int) -> bool:

@@ -140,3 +140,22 @@ def test_delete_right_after_start_leaves_nothing(containers, hook_env, port_allo
                5, "the supervisor, its children and the port to go")
     assert not hook_env.state_file(c.id).exists()
     assert "ERROR" not in hook_env.log_text(c.id)
+
+
+def test_nothing_is_left_when_the_delete_returns_right_after_the_start(containers, hook_env, port_alloc):
+    """No waiting afterwards: when the delete returns (poststop waited for the supervisor),
+    the supervisor and its children are gone, the port is free and the state file removed,
+    whether poststop's SIGTERM came before the core was forked (the supervisor then exits at
+    once) or after (it stops the core first). Several rounds, to meet both."""
+    for _ in range(6):
+        tcp = port_alloc.take()
+        c = containers.new(Services().whoami(WHO).argv(), hook=hook_env, ports=f"127.0.0.1:{tcp}:{WHO}")
+        c.start()
+        sup = supervisor_of(hook_env, c)
+        result = c.delete()
+        assert result.ok, result
+        c._created = False  # noqa: SLF001 - deleted
+        assert not sup.alive() and not descendants(sup.pid)
+        assert port_is_free("127.0.0.1", tcp, "tcp")
+        assert not hook_env.state_file(c.id).exists()
+        assert "ERROR" not in hook_env.log_text(c.id)
