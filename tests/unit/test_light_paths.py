@@ -16,11 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from oci_portfwd import patterns, validators
-from oci_portfwd.errors import loads_strict
+from oci_portfwd.errors import StartError, loads_strict
 from oci_portfwd.logs import FORMAT, HookLog, format_line
 from oci_portfwd.patterns import KNOWN
 from oci_portfwd.plan import Plan
 from oci_portfwd.ports import PortMapping, _is_plain_ipv4
+from oci_portfwd.privileges import check_seccomp_binding
 from oci_portfwd.statefile import Record, parent_and_name, read_record, write_record
 
 HOOK = Path(__file__).resolve().parents[2] / "hook"
@@ -189,3 +190,10 @@ def test_plain_ipv4_fast_path_is_what_ipaddress_returns(text):
 def test_parent_and_name_are_pathlibs(path):
     p = Path(path)
     assert parent_and_name(path) == (str(p.parent), p.name)
+
+
+def test_seccomp_binding_check_finds_one_or_says_what_to_install(monkeypatch, tmp_path):
+    check_seccomp_binding()  # the venv has pyseccomp
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    with pytest.raises(StartError, match="libseccomp's Python binding is missing"):
+        check_seccomp_binding()
