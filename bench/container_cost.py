@@ -9,7 +9,9 @@ Rows:
   `/bin/true` as its prestart and poststop hook; interleaved, the order turned each run, runs
   medians [min–max]; the added cost is median(hook) − median(true). The hook twice: the venv's
   console script (what the tests run; pip's wrapper imports re) and the script the packages
-  install in hooks.d (python3 -IS), both on the venv's interpreter.
+  install in hooks.d (python3 -IS), both on the venv's interpreter. --gap: quiet after each
+  delete (what it leaves to the kernel lands on no start); --hold: time between a start and its
+  delete (0, the default: at once, while the forwarding still starts its core).
 - memory: N containers forwarded at once (runc); the sum of smaps_rollup Pss of every process
   the hook left running (each supervisor and all its descendants) 1 s after the last start,
   divided by N. The same for pasta (one per container, as podman runs it: one port each) and
@@ -70,7 +72,7 @@ def timed(argv: list[str], out: Path) -> float:
     return seconds * 1000
 
 
-def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int], gap: float) -> dict:
+def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int], gap: float, hold: float) -> dict:
     out: dict = {}
     names = list(hooks)
     for i in range(runs):
@@ -88,6 +90,9 @@ def start_delete(factory: dict, hooks: dict, runs: int, ports: set[int], gap: fl
                     "run", "-d", "--bundle", str(c.bundle), "--pid-file", str(c.bundle / "pid"), c.id),
                     c.bundle / "run.out"))
                 # delete -f of the running container: the runtime kills it, then runs poststop.
+                # Right after the start (hold 0), the delete meets the forwarding still starting
+                # its core on the same CPUs; with a hold, a forwarding that has settled.
+                time.sleep(hold)
                 cell["delete_ms"].append(timed(rt.argv("delete", "-f", c.id), c.bundle / "delete.out"))
                 c._created = False  # noqa: SLF001 - deleted
                 # What a delete leaves to the kernel (the netns going, exits reaped) must not
@@ -228,6 +233,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--gap", type=float, default=0.2,
                     help="seconds of quiet after each delete, before the next start")
+    ap.add_argument("--hold", type=float, default=0.0,
+                    help="seconds between a start and its delete (0: at once, the worst case)")
     ap.add_argument("--hook", type=Path, default=REPO / ".venv" / "bin" / "oci-portfwd-hook")
     ap.add_argument("--out", type=Path, default=HERE / "container_cost.json")
     ap.add_argument("--render", action="store_true",
@@ -256,6 +263,7 @@ def main() -> int:
     cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
     ports: set[int] = set()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": args.runs, "counts": counts,
+                     "gap": args.gap, "hold": args.hold,
                      "load_before": os.getloadavg(), "start_delete": {}, "memory": {}}
     if args.compare:
         args.results_md = None  # a comparison is not the bench's figure
@@ -284,7 +292,7 @@ def main() -> int:
         for name in args.runtimes.split(","):
             factories[name] = ContainerFactory(make_runtime(name, work / name), rootfs, work / f"bundles-{name}")
             cleanup.push(f"{name} containers", factories[name].cleanup)
-        results["start_delete"] = start_delete(factories, hooks, args.runs, ports, args.gap)
+        results["start_delete"] = start_delete(factories, hooks, args.runs, ports, args.gap, args.hold)
         f = factories.get("runc") or next(iter(factories.values()))
         if args.compare:
             counts = []
