@@ -18,6 +18,7 @@ from .addressing import Target, dial_targets
 from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
+from .logs import seal_syslog
 from .plan import Plan
 from .seccomp_filter import CoreSandbox
 from .source_address import SourceBinder
@@ -121,6 +122,7 @@ def run_core(
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
+        seal_syslog(log)
         sandbox.enter()
     loop.run()
     return 3
