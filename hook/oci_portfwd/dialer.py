@@ -154,6 +154,8 @@ def _serve(sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, i
             # set here, so that it costs the core nothing per connection.
             for s in made:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                # No Nagle in the relay (see tcp_relay.TcpListener).
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:
             s.close()
