@@ -27,10 +27,10 @@ APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit ui
 	socat curl ncat iproute2 python3-venv python3-dev libcap-dev gcc libc6-dev \
 	python3-pyroute2 python3-jsonschema python3-prctl haproxy docker.io python3-seccomp
 
-# What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild), and the checkers the
-# packaging tests run on their output.
+# What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild; gcc and libc6-dev for
+# the native dialer), and the checkers the packaging tests run on their output.
 PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	lintian rpm rpmlint
+	gcc libc6-dev lintian rpm rpmlint
 
 # What `make bench` adds (bench/README.md): HTTP load generators. The forwarders, iperf3, crun
 # and gcc (for bench/httpd.c) are in APT_PACKAGES.

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def built_deb(tmp_path_factory) -> Built:
     need_apt_packages("debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all",
-                      "python3-setuptools")
+                      "python3-setuptools", "gcc", "libc6-dev")
     out = tmp_path_factory.mktemp("deb")
     make_package("deb", out)
     v = version()
@@ -33,7 +33,7 @@ def built_deb(tmp_path_factory) -> Built:
 
 @pytest.fixture(scope="session")
 def built_rpm(tmp_path_factory) -> Built:
-    need_apt_packages("rpm", "pybuild-plugin-pyproject")
+    need_apt_packages("rpm", "pybuild-plugin-pyproject", "gcc", "libc6-dev")
     out = tmp_path_factory.mktemp("rpm")
     make_package("rpm", out)
     v = version()
