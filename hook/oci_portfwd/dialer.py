@@ -69,7 +69,7 @@ def native_dialer() -> tuple[str | None, str]:
     if os.environ.get(PYTHON_DIALER_ENV):
         return None, f"{PYTHON_DIALER_ENV} is set"
     if not os.access(NATIVE_DIALER, os.X_OK):
-        return None, f"{NATIVE_DIALER} is missing"
+        return None, f"{NATIVE_DIALER} is missing or not executable"
     return NATIVE_DIALER, ""
 
 
