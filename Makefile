@@ -90,9 +90,12 @@ venv: $(VENV_STAMP) $(NATIVE_DIALER)
 
 native-dialer: $(NATIVE_DIALER)
 
+# Execute-only (0111), as the packages install it: exec'd from a file it cannot read, the
+# dialer stays out of reach of the container's user namespace (see the program's header).
 $(NATIVE_DIALER): $(NATIVE_DIALER_SRC) | $(VENV_STAMP)
 	@mkdir -p $(@D)
 	$(CC) $(NATIVE_CFLAGS) -o $@ $<
+	chmod 0111 $@
 
 # The stamp makes a second `make venv` a no-op; it is redone when the package metadata changes.
 # A .venv made by another interpreter (e.g. pyenv's) is thrown away rather than reused.

@@ -15,8 +15,15 @@
  *   4, 6       the families whose client-address routing is ready: their sockets get
  *              IP_TRANSPARENT / IPV6_TRANSPARENT and the mark
  *
- * Here: not dumpable again (exec made it dumpable), no capability but CAP_NET_ADMIN, the
- * filter, then the protocol of dialer.py: request `kind " " count` (kind t4 t6 u4 u6), reply
+ * Not dumpable, from the exec on: the file is installed execute-only (mode 0111), which the
+ * dialer (no CAP_DAC_*) cannot read, so the kernel (would_dump) execs it non-dumpable and gives
+ * its memory to the user namespace where the file's owner is mapped: the host's for root's
+ * file. Exec'ing a readable file in the container's user namespace would give the memory to
+ * that namespace, where a process with CAP_SYS_PTRACE could attach even after
+ * PR_SET_DUMPABLE 0 (tests/e2e/test_privileges.py checks that it cannot).
+ *
+ * Here: PR_SET_DUMPABLE 0 all the same (a warning if the file was readable), no capability
+ * but CAP_NET_ADMIN, the filter, then the protocol of dialer.py: request `kind " " count` (kind t4 t6 u4 u6), reply
  * "S" kind with count non-blocking, close-on-exec sockets as SCM_RIGHTS, TCP ones with
  * SO_LINGER {1, 0}. Exits 0 when the core closes its end; on an error one line on stderr
  * (the container's log) and exit 1, after which the core exits and the supervisor restarts
@@ -335,8 +342,9 @@ static void serve(int sock, int mark)
 
 int main(int argc, char **argv)
 {
-    /* First: exec made this process dumpable again, and a process in the container's user
-     * namespace must not ptrace it or read its memory. */
+    /* First: a process in the container's user namespace must not ptrace it or read its
+     * memory. Exec of an execute-only file made it non-dumpable already (see the top). */
+    int dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     self = getpid();
     long sock, filter, mark;
@@ -352,6 +360,9 @@ int main(int argc, char **argv)
             fail("usage: portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6] (started by the core's dialer)", 0);
     }
     limit_capabilities();
+    if (dumpable == 1)
+        say("warning: the dialer could read this program's file; install it mode 0111 "
+            "(execute-only), or the container's user namespace may trace the dialer");
     install_probes();
     /* strerror's first call must not happen under the filter, should it ever load a table. */
     (void)strerror(EPIPE);

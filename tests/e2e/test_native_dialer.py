@@ -227,3 +227,20 @@ def test_socket_is_allowed_and_a_probe_says_so(native):
     finally:
         code, err = d.finish()
     assert code == 0 and err.endswith("sandbox probe socket: the call was allowed\n"), (code, err)
+
+
+def test_it_is_execute_only_and_warns_when_readable(native, tmp_path):
+    """Execute-only, exec leaves it non-dumpable with its memory the host's (see the program's
+    header); a readable copy still serves, with one warning line."""
+    assert os.stat(native).st_mode & 0o777 == 0o111
+    readable = tmp_path / "portfwd-dialer"
+    readable.write_bytes(Path(native).read_bytes())
+    readable.chmod(0o755)
+    d = Dialer(str(readable))
+    try:
+        data, socks = d.request(b"t4 1")
+        assert data == b"St4" and len(socks) == 1
+        socks[0].close()
+    finally:
+        code, err = d.finish()
+    assert code == 0 and err.count("\n") == 1 and "install it mode 0111 (execute-only)" in err, err

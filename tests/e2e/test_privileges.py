@@ -313,3 +313,23 @@ def test_check_config_names_a_core_user_the_host_lacks(hook_env, tmp_path):
     config.write_text(json.dumps({"core_user": "nobody"}))
     r = hook_env.run("check-config", str(config))
     assert r.returncode == 0 and "core_user: nobody" in r.stdout.decode(), r
+
+
+@pytest.mark.parametrize("setup", [s for s in SETUPS if s.startswith("rootless-")], indirect=True)
+def test_the_containers_user_namespace_cannot_read_the_dialer(setup, test_user):
+    """Dialer and core are not dumpable (design §4): a process that joined the container's
+    user namespace, with every capability there and in the host's pid namespace (where the
+    dialer's pid is visible), can neither read the dialer's memory (/proc/PID/environ needs
+    ptrace read access) nor attach to it."""
+    dialer = setup.forwarding().dialer
+    probe = (f"import ctypes, sys\n"
+             f"try:\n    open('/proc/{dialer.pid}/environ', 'rb').read()\n"
+             f"except PermissionError:\n    pass\nelse:\n    sys.exit('read the environment')\n"
+             f"libc = ctypes.CDLL(None, use_errno=True)\n"
+             f"if libc.ptrace(16, {dialer.pid}, None, None) == 0:\n    sys.exit('attached')\n"
+             f"print('errno', ctypes.get_errno())\n")
+    r = test_user.run(["nsenter", "--user", "--preserve-credentials", "--target", str(setup.container.pid),
+                       "/usr/bin/python3",
+                       "-c", probe])
+    assert r.returncode == 0 and r.stdout.decode().split() == ["errno", "1"], r
+    assert dialer.alive()
