@@ -147,10 +147,10 @@ static void limit_capabilities(void)
 
 static void load_filter(int fd)
 {
-    static struct sock_filter code[BPF_MAXINSNS];
+    static struct sock_filter code[BPF_MAXINSNS + 1]; /* one more: to see a longer one */
     size_t size = 0;
     for (;;) {
-        ssize_t n = read(fd, (char *)code + size, MAX_FILTER - size);
+        ssize_t n = read(fd, (char *)code + size, sizeof code - size);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -158,7 +158,7 @@ static void load_filter(int fd)
         if (n == 0)
             break;
         size += (size_t)n;
-        if (size == MAX_FILTER)
+        if (size > MAX_FILTER)
             fail("the seccomp filter is too long", 0);
     }
     close(fd);
