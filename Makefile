@@ -10,21 +10,27 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 PYTEST := $(VENV)/bin/pytest
 PYTEST_ARGS ?=
+# The dialer's loop in C (hook/native/portfwd-dialer.c; dialer.py execs it from
+# sys.prefix/libexec/oci-portfwd-hook/, so the venv gets it where the packages put it in /usr).
+NATIVE_DIALER_SRC := hook/native/portfwd-dialer.c
+NATIVE_DIALER := $(VENV)/libexec/oci-portfwd-hook/portfwd-dialer
+NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror
 
 # Runtimes, network tools and clients the e2e tests and the demo drive, plus what
 # `pip install python-prctl` needs to compile (libcap-dev, python3-dev, gcc) and Debian's own
 # hook dependencies (one e2e test runs the hook against them). haproxy is the PROXY protocol
 # parser the e2e tests run inside a container (its service is not started: see deps).
+# gcc and libc6-dev also build the native dialer (hook/native/portfwd-dialer.c).
 # docker.io brings dockerd 20.10, containerd 1.6 and ctr for oci-portfwd-runtime's tests;
 # python3-seccomp is libseccomp's binding (the venv gets pyseccomp from PyPI instead).
 APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit uidmap iperf3 \
-	socat curl ncat iproute2 python3-venv python3-dev libcap-dev gcc \
+	socat curl ncat iproute2 python3-venv python3-dev libcap-dev gcc libc6-dev \
 	python3-pyroute2 python3-jsonschema python3-prctl haproxy docker.io python3-seccomp
 
-# What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild), and the checkers the
-# packaging tests run on their output.
+# What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild; gcc and libc6-dev for
+# the native dialer), and the checkers the packaging tests run on their output.
 PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	lintian rpm rpmlint
+	gcc libc6-dev lintian rpm rpmlint
 
 # What `make bench` adds (bench/README.md): HTTP load generators. The forwarders, iperf3, crun
 # and gcc (for bench/httpd.c) are in APT_PACKAGES.
@@ -50,7 +56,7 @@ SOURCE_FILES := { if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 			-o -type f -print0; \
 	fi; }
 
-.PHONY: deps pkg-deps bench-deps bench venv validators lint test test-unit test-e2e test-packaging deb rpm demo clean
+.PHONY: deps pkg-deps bench-deps bench venv native-dialer validators lint test test-unit test-e2e test-packaging deb rpm demo clean
 
 deps: PKGS = $(APT_PACKAGES)
 pkg-deps: PKGS = $(PKG_APT_PACKAGES)
@@ -80,7 +86,16 @@ deps pkg-deps bench-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing </dev/null; \
 	fi
 
-venv: $(VENV_STAMP)
+venv: $(VENV_STAMP) $(NATIVE_DIALER)
+
+native-dialer: $(NATIVE_DIALER)
+
+# Execute-only (0111), as the packages install it: exec'd from a file it cannot read, the
+# dialer stays out of reach of the container's user namespace (see the program's header).
+$(NATIVE_DIALER): $(NATIVE_DIALER_SRC) | $(VENV_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(NATIVE_CFLAGS) -o $@ $<
+	chmod 0111 $@
 
 # The stamp makes a second `make venv` a no-op; it is redone when the package metadata changes.
 # A .venv made by another interpreter (e.g. pyenv's) is thrown away rather than reused.
@@ -123,8 +138,11 @@ DEB_BUILD = $(abspath $(PKG_BUILD_DIR))/deb
 RPM_BUILD = $(abspath $(PKG_BUILD_DIR))/rpm
 DIST = $(abspath $(DIST_DIR))
 
-# dist/oci-portfwd-hook_VERSION_all.deb, built with dpkg-buildpackage in a copy of the tree
-# (build/deb/src, packaging/debian as its debian/): the source tree stays clean.
+# dist/oci-portfwd-hook_VERSION_ARCH.deb, built with dpkg-buildpackage in a copy of the tree
+# (build/deb/src, packaging/debian as its debian/): the source tree stays clean. ARCH is the
+# build machine's (the native dialer is compiled).
+DEB_ARCH = $(shell dpkg --print-architecture)
+RPM_ARCH = $(shell rpm --eval '%{_arch}')
 deb: pkg-deps
 	@v=$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version); \
 	[ "$$v" = "$(VERSION)" ] || { echo "deb: packaging/debian/changelog is at $$v," \
@@ -133,10 +151,10 @@ deb: pkg-deps
 	$(SOURCE_FILES) | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(DEB_BUILD)/src
 	cp -a packaging/debian $(DEB_BUILD)/src/debian
 	cd $(DEB_BUILD)/src && $(BUILD_ENV) DEB_BUILD_OPTIONS=nocheck dpkg-buildpackage -b -us -uc </dev/null
-	cp $(DEB_BUILD)/oci-portfwd-hook_$(VERSION)_all.deb $(DIST)/
-	@echo "deb: $(DIST)/oci-portfwd-hook_$(VERSION)_all.deb"
+	cp $(DEB_BUILD)/oci-portfwd-hook_$(VERSION)_$(DEB_ARCH).deb $(DIST)/
+	@echo "deb: $(DIST)/oci-portfwd-hook_$(VERSION)_$(DEB_ARCH).deb"
 
-# dist/oci-portfwd-hook-VERSION-1.noarch.rpm with Debian's rpmbuild. --nodeps: the spec's
+# dist/oci-portfwd-hook-VERSION-1.ARCH.rpm with Debian's rpmbuild. --nodeps: the spec's
 # BuildRequires are Fedora packages, absent here (see the spec's header). Debian's brp-compress
 # is a bash script under #!/bin/sh (dash fails on `read -d`): run it with bash, so that the man
 # pages are gzipped as rpmbuild does on Fedora.
@@ -152,8 +170,8 @@ rpm: pkg-deps
 	$(BUILD_ENV) rpmbuild -bb --nodeps --define "_topdir $(RPM_BUILD)" \
 		--define '__brp_compress bash %{_rpmconfigdir}/brp-compress %{?_prefix}' \
 		packaging/rpm/oci-portfwd-hook.spec </dev/null
-	cp $(RPM_BUILD)/RPMS/noarch/oci-portfwd-hook-$(VERSION)-*.noarch.rpm $(DIST)/
-	@echo "rpm: $$(ls $(DIST)/oci-portfwd-hook-$(VERSION)-*.noarch.rpm)"
+	cp $(RPM_BUILD)/RPMS/$(RPM_ARCH)/oci-portfwd-hook-$(VERSION)-*.$(RPM_ARCH).rpm $(DIST)/
+	@echo "rpm: $$(ls $(DIST)/oci-portfwd-hook-$(VERSION)-*.$(RPM_ARCH).rpm)"
 
 # The performance comparison with rootlesskit, pasta, slirp4netns, socat and direct loopback
 # (~15 min, root): writes bench/RESULTS.md and bench/results.json.

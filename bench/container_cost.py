@@ -111,12 +111,18 @@ def hook_pss(factory: ContainerFactory, hook: HookEnv, count: int, ports: set[in
             made.append(c)
         time.sleep(settle)
         total, procs = 0, 0
+        by_comm: dict[str, int] = {}
         for c in made:
             sup = int(hook.read_state(c.id)["supervisor_pid"])
             for p in tree(sup):
-                total += pss_kib(p.pid)
+                pss = pss_kib(p.pid)
+                total += pss
                 procs += 1
-        return {"pss_kib_per_container": total / count, "processes": procs}
+                # supervisor ("portfwd:<id>"), core, dialer: which process costs what
+                comm = "portfwd:<id>" if p.comm().startswith("portfwd:") else p.comm()
+                by_comm[comm] = by_comm.get(comm, 0) + pss
+        return {"pss_kib_per_container": total / count, "processes": procs,
+                "pss_kib_per_process": {k: v / count for k, v in sorted(by_comm.items())}}
     finally:
         for c in made:
             c.stop()

@@ -186,6 +186,12 @@ def measure(inst, seconds: int, requests: int, work: Path, do_udp: bool) -> dict
     note_err("keepalive", res)
     mark("keepalive")
 
+    # Latency of a request written in two parts (no CPU meter: one connection, mostly waiting).
+    res = clients.split_requests(inst.http_port)
+    fig["split_req_ms"], fig["split_req_p99_ms"] = res["median_ms"], res.get("p99_ms")
+    note_err("split_req", res)
+    mark("split_req")
+
     # Scale: the same keep-alive test with 2 and with 1,000 connections.
     for conns in SCALE_CONNECTIONS:
         with clients.CpuMeter(inst.procs) as cpu:

@@ -15,9 +15,10 @@ import time
 from collections.abc import Sequence
 
 from .addressing import Target, dial_targets
-from .dialer import Addresses, SocketPool, await_hello, kind_of, start_dialer
+from .dialer import Addresses, SocketPool, await_hello, kind_of, native_dialer, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
+from .logs import seal_syslog
 from .plan import Plan
 from .seccomp_filter import CoreSandbox
 from .source_address import SourceBinder
@@ -44,13 +45,17 @@ def run_core(
     _raise_fd_limit(log)
 
     deadline = time.monotonic() + plan.ready_timeout
+    native, why_not = native_dialer()
+    if native is None:
+        log.info("the dialer's loop runs in Python (~6 MB more per container): %s", why_not)
     dialer_pid, dialer_sock = start_dialer(
         plan.container_pid,
         plan.loopback == "container-address",
         deadline,
         client_udp_ports(listeners) if plan.source_address == "client" else None,
+        native,
     )
-    log.debug("dialer started, pid %d", dialer_pid)
+    log.debug("dialer started, pid %d (%s)", dialer_pid, native or "Python")
     addresses = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
     if addresses is None:
         log.info("the container has not exec'd yet (rootless crun); connections wait until the dialer joins it")
@@ -121,6 +126,7 @@ def run_core(
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
+        seal_syslog(log)
         sandbox.enter()
     loop.run()
     return 3

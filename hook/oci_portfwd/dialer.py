@@ -19,6 +19,12 @@ Protocol (one datagram each):
                  b"S" + kind, with the sockets as SCM_RIGHTS           sockets
   core → dialer  kind + b" " + count                                   please make sockets
 kind is b"t4", b"t6", b"u4" or b"u6".
+
+The loop that answers requests (`_serve`, after the hello, the client-address routing and
+the privilege drop) is a small C program when it is installed, NATIVE_DIALER (built from
+hook/native/portfwd-dialer.c by `make venv` and the packages): the dialer execs it with its
+end of the socketpair, and a forked CPython's ~6 MB per container become ~0.2 MB (issue 12).
+Without it (a pip install), the same loop runs in Python; the core logs that once.
 """
 
 from __future__ import annotations
@@ -28,18 +34,19 @@ import os
 import signal
 import socket
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 
-from .client_routing import make_transparent
+from .client_routing import MARK, make_transparent
 from .errors import NamespaceError, StartError
 from .forking import fork_child
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
-from .privileges import drop_dialer
+from .privileges import drop_dialer, keep_net_admin_across_exec
 from .procfs import close_fds_except
-from .seccomp_filter import sandbox_dialer
+from .seccomp_filter import export_native_dialer, sandbox_dialer
 from .source_address import ReplyRoutes, Routing
 
 KINDS = {
@@ -51,6 +58,19 @@ KINDS = {
 MAX_BATCH = 32
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 LINGER_RESET = struct.pack("ii", 1, 0)
+# sys.prefix: the venv's for `make venv`, /usr for the packages.
+NATIVE_DIALER = sys.prefix + "/libexec/oci-portfwd-hook/portfwd-dialer"
+# Test switch (like seccomp_filter.PROBE_ENV): set, the dialer's loop stays in Python.
+PYTHON_DIALER_ENV = "OCI_PORTFWD_TEST_PYTHON_DIALER"
+
+
+def native_dialer() -> tuple[str | None, str]:
+    """The program the dialer execs for its loop, or None and why the loop stays in Python."""
+    if os.environ.get(PYTHON_DIALER_ENV):
+        return None, f"{PYTHON_DIALER_ENV} is set"
+    if not os.access(NATIVE_DIALER, os.X_OK):
+        return None, f"{NATIVE_DIALER} is missing or not executable"
+    return NATIVE_DIALER, ""
 
 
 def kind_of(family: int, proto: str) -> bytes:
@@ -62,17 +82,19 @@ def start_dialer(
     want_addresses: bool,
     deadline: float,
     client_udp_ports: list[tuple[int, int]] | None = None,
+    native: str | None = None,
 ) -> tuple[int, socket.socket]:
     """Fork the dialer; returns its pid and the core's end of the socketpair.
     client_udp_ports: set up client-address routing (source_address client) for these
-    container UDP ports; None: no client addresses (source_address loopback)."""
+    container UDP ports; None: no client addresses (source_address loopback).
+    native: the program to exec for the loop (native_dialer()); None: the loop in Python."""
     core_end, dialer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def child() -> int:
         # Keep nothing of the core's: above all not the host listeners, which must never
         # be reachable from inside the container's namespaces.
         close_fds_except({dialer_end.fileno()})
-        _dialer_main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports)
+        _dialer_main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports, native)
         return 1
 
     pid = fork_child(child)
@@ -86,6 +108,7 @@ def _dialer_main(
     want_addresses: bool,
     deadline: float,
     client_udp_ports: list[tuple[int, int]] | None,
+    native: str | None,
 ) -> None:
     import prctl  # noqa: PLC0415 - only in the child
 
@@ -117,13 +140,15 @@ def _dialer_main(
         return
     hello = {"addresses": {str(4 if f == socket.AF_INET else 6): a for f, a in addresses.items()}}
     try:
-        _serve(sock, hello, client_udp_ports)
+        _serve(sock, hello, client_udp_ports, native)
     except (BrokenPipeError, ConnectionResetError):
         # The core is gone (stopped or crashed while we set up): nobody to make sockets for.
         os._exit(0)
 
 
-def _serve(sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None) -> None:
+def _serve(
+    sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None, native: str | None
+) -> None:
     sock.send(b"K" + json.dumps(hello).encode())
     # After the hello: the container's start does not wait for this (~130 ms, mostly the
     # pyroute2 import); connections do, since no socket leaves before it.
@@ -132,6 +157,20 @@ def _serve(sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, i
     # the allow-list. After the hello, so that the hook need not wait for it: requests queue
     # meanwhile. Whatever else the dialer sets up in the container goes above.
     drop_dialer()
+    if native is not None:
+        try:
+            _exec_native(native, sock, transparent)
+        except Exception as e:  # noqa: BLE001 - logged; the Python loop serves instead
+            # Found by the core, not runnable here (e.g. a rootless user who may not enter
+            # its directory): the loop in Python serves as well.
+            reason = e.strerror if isinstance(e, OSError) else repr(e)
+            print(
+                f"portfwd-dialer pid {os.getpid()}: cannot run {native} ({reason}); "
+                "the dialer's loop runs in Python",
+                file=sys.stderr,
+                flush=True,
+            )
+            drop_dialer()  # the inheritable and ambient sets again
     sandbox_dialer()
     while True:
         request = sock.recv(64)
@@ -154,9 +193,29 @@ def _serve(sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, i
             # set here, so that it costs the core nothing per connection.
             for s in made:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                # No Nagle in the relay (see tcp_relay.TcpListener).
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:
             s.close()
+
+
+def _exec_native(path: str, sock: socket.socket, transparent: dict[int, bool]) -> None:
+    """Replace this process with the native loop (hook/native/portfwd-dialer.c): same
+    protocol, same allow-list's purpose (built here, loaded there), same capabilities."""
+    filter_r, filter_w = os.pipe()
+    try:
+        # The filter is a few hundred bytes: the pipe holds it without a reader.
+        export_native_dialer(filter_w)
+        os.set_inheritable(filter_r, True)
+        os.set_inheritable(sock.fileno(), True)
+        keep_net_admin_across_exec()
+        families = [str(4 if f == socket.AF_INET else 6) for f in FAMILIES if transparent.get(f)]
+        # Descriptors: 0-2 (/dev/null, the log), the socketpair and the filter; everything
+        # else the dialer holds is close-on-exec.
+        os.execv(path, ["portfwd-dialer", str(sock.fileno()), str(filter_r), str(MARK), *families])
+    finally:
+        os.close(filter_r)
 
 
 def _set_up_client_routing(sock: socket.socket, udp_ports: list[tuple[int, int]]) -> dict[int, bool]:

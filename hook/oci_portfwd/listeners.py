@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import _socket
 import errno
+import sys
 
 from .errors import BindError
 from .netns_setup import reachable
 from .values import Value
+
+# struct linger {l_onoff 1, l_linger 0}, two C ints (struct's import stays off the start path).
+LINGER_RESET = (1).to_bytes(4, sys.byteorder) + bytes(4)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -125,6 +129,11 @@ def _bind_one(t: BindTarget) -> _socket.socket:
             # Rebinding right after a restart must not fail on TIME_WAIT; on Linux this
             # never lets two listeners share a port. Never on UDP: there it would.
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            # What every accepted socket inherits, set before the kernel queues any
+            # connection (the core starts after the hook returned): reset, not FIN, if the
+            # process holding it dies; no Nagle in a relay (tcp_relay.TcpListener).
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         sock.bind(socket_address(t.address, t.port))
         if t.proto == "tcp":
             sock.listen(LISTEN_BACKLOG)

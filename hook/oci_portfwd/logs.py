@@ -13,6 +13,7 @@ from .errors import StateDirError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    import socket
 
 FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
@@ -34,15 +35,8 @@ def open_log(path: str | None, level: str, *, stderr: bool) -> logging.Logger:
         handler.setFormatter(logging.Formatter(FORMAT))
         logger.addHandler(handler)
     if os.path.exists("/dev/log"):
-        # Imported only here: logging.handlers brings pickle, queue and threading along.
-        from logging.handlers import SysLogHandler  # noqa: PLC0415
-
-        try:
-            syslog = SysLogHandler(address="/dev/log")
-        except OSError:
-            pass
-        else:
-            syslog.ident = f"oci-portfwd-hook[{os.getpid()}]: "
+        syslog = _syslog_handler()
+        if syslog is not None:
             logger.addHandler(syslog)
     if stderr:
         console = logging.StreamHandler(sys.stderr)
@@ -52,6 +46,78 @@ def open_log(path: str | None, level: str, *, stderr: bool) -> logging.Logger:
         console.setFormatter(logging.Formatter("oci-portfwd-hook: %(levelname)s: %(message)s"))
         logger.addHandler(console)
     return logger
+
+
+def _syslog_handler() -> logging.Handler | None:
+    """A handler for /dev/log (the lines HookLog sends, without logging.handlers' pickle,
+    queue and threading) that never stalls its process and, once sealed, never makes a
+    socket. Syslog is a copy: the container's log file has every line.
+    - Non-blocking: a syslog that does not read (stuck on a full disk) fills the socket's queue
+      (net.unix.max_dgram_qlen, 10 here) and a blocking send would stop the forwarding core in
+      the middle of its loop. A line that does not fit is dropped from syslog.
+    - Sealed (the core's sandbox forbids socket()): a syslog that went away (journald
+      restarted) is not reconnected, which would end the core; its lines go on into the file.
+      Unsealed (the supervisor), one reconnect per line that fails."""
+    import logging  # noqa: PLC0415
+
+    sock = _syslog_socket()
+    if sock is None:
+        return None
+
+    class Syslog(logging.Handler):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__()
+            self.sock = sock
+            self.sealed = False
+            self.ident = f"oci-portfwd-hook[{os.getpid()}]: "
+
+        def emit(self, record: logging.LogRecord) -> None:
+            priority = (SYSLOG_USER << 3) | SYSLOG_PRIORITIES.get(record.levelname, 3)
+            try:
+                data = f"<{priority}>{self.ident}{record.getMessage()}\x00".encode()
+            except Exception:  # noqa: BLE001 - a bad format string, as logging reports it
+                self.handleError(record)
+                return
+            try:
+                self.sock.send(data)
+            except BlockingIOError:
+                pass  # the syslog does not read: dropped here, kept in the file
+            except OSError:
+                if self.sealed:
+                    return
+                fresh = _syslog_socket()
+                if fresh is not None:
+                    self.sock.close()
+                    self.sock = fresh
+                    try:
+                        self.sock.send(data)
+                    except OSError:
+                        pass
+
+        def close(self) -> None:
+            self.sock.close()
+            super().close()
+
+    return Syslog(sock)
+
+
+def _syslog_socket() -> socket.socket | None:
+    import socket  # noqa: PLC0415
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect("/dev/log")
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def seal_syslog(logger: logging.Logger) -> None:
+    """Before the core's sandbox: its syslog handler must not make a socket any more."""
+    for handler in logger.handlers:
+        if hasattr(handler, "sealed"):
+            handler.sealed = True
 
 
 def _open_log_file(path: str) -> int:
@@ -82,6 +148,9 @@ class HookLog:
             import _socket  # noqa: PLC0415 - socket's enums are not needed to send a datagram
 
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+            # Non-blocking, as in open_log: a syslog that does not read must not hold up a
+            # container's start; a line that does not fit is dropped (the file has it).
+            sock.setblocking(False)
             try:
                 sock.connect("/dev/log")
             except OSError:

@@ -137,6 +137,31 @@ def drop_dialer() -> None:
     prctl.set_no_new_privs(1)
 
 
+# <linux/prctl.h>: python-prctl 1.8.1 has no ambient capabilities.
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+
+
+def keep_net_admin_across_exec() -> None:
+    """CAP_NET_ADMIN into the inheritable and ambient sets, so that it survives the exec of
+    the native dialer also where this process is not uid 0 of its user namespace (a rootful
+    container with a user namespace does not map host root: exec would drop every
+    capability). The native dialer clears both again at once (hook/native/portfwd-dialer.c)."""
+    import ctypes  # noqa: PLC0415 - only in the dialer, right before its exec
+
+    import prctl  # noqa: PLC0415
+
+    if not prctl.cap_permitted.net_admin:
+        return
+    prctl.set_caps(([CAP_NET_ADMIN], prctl.CAP_INHERITABLE, True))
+    # CDLL(None): libc is loaded already; the arguments are unsigned long in prctl(2).
+    libc = ctypes.CDLL(None, use_errno=True)
+    arg = ctypes.c_ulong
+    if libc.prctl(PR_CAP_AMBIENT, arg(PR_CAP_AMBIENT_RAISE), arg(CAP_NET_ADMIN), arg(0), arg(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"raising CAP_NET_ADMIN into the ambient set: {os.strerror(err)}")
+
+
 # SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | its lock | KEEP_CAPS_LOCKED
 SECBITS_NOROOT_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x20
 

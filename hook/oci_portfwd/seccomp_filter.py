@@ -74,6 +74,16 @@ DIALER_SYSCALLS = (
     "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "exit", "exit_group",
 )
 
+# The native dialer's loop (hook/native/portfwd-dialer.c, exec'd by the Python dialer, which
+# exports this filter for it): read a request, make sockets (socket() only for AF_INET and
+# AF_INET6), set their options, send them, close them; one line on stderr (fd 2 only) and
+# exit on an error. rt_sigreturn and restart_syscall for a signal's handler (the test
+# probes). Nothing else: no memory calls (it allocates nothing), no ioctl, no tgkill.
+NATIVE_DIALER_SYSCALLS = (
+    "recvfrom", "sendmsg", "setsockopt", "close",
+    "rt_sigreturn", "restart_syscall", "exit", "exit_group",
+)
+
 
 SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 
@@ -244,6 +254,22 @@ def sandbox_dialer() -> None:
     for family in (socket.AF_INET, socket.AF_INET6):
         f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))  # type: ignore[attr-defined]
     f.load()  # type: ignore[attr-defined]
+
+
+def export_native_dialer(fd: int) -> None:
+    """Write the native dialer's filter to `fd` as BPF (libseccomp's export: what
+    `load()` would give the kernel) and close it; the program loads it after its own setup.
+    A forbidden call kills it, as the Python dialer's filter does."""
+    with open(fd, "wb") as out:
+        lib = _library()
+        f = lib.SyscallFilter(lib.KILL_PROCESS)
+        f.set_attr(lib.Attr.ACT_BADARCH, lib.KILL_PROCESS)
+        for name in NATIVE_DIALER_SYSCALLS:
+            f.add_rule(lib.ALLOW, name)
+        f.add_rule(lib.ALLOW, "write", lib.Arg(0, lib.EQ, 2))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))
+        f.export_bpf(out)
 
 
 def _keep_pages_shared() -> None:

@@ -83,7 +83,22 @@ def _peer(conn: socket.socket) -> None:
     conn.sendall(f"{addr} {port}\n".encode())
 
 
-TCP_HANDLERS = {"whoami": _whoami, "sink": _sink, "source": _source, "peer": _peer}
+def _request_reply(conn: socket.socket) -> None:
+    """Requests of REQUEST_SIZE bytes, each answered with one byte once it is complete, as a
+    database or an RPC server answers a request its client wrote in several parts."""
+    while True:
+        got = 0
+        while got < REQUEST_SIZE:
+            data = conn.recv(REQUEST_SIZE - got)
+            if not data:
+                return
+            got += len(data)
+        conn.sendall(b"k")
+
+
+REQUEST_SIZE = 200
+TCP_HANDLERS = {"whoami": _whoami, "sink": _sink, "source": _source, "peer": _peer,
+                "request-reply": _request_reply}
 
 
 def _serve_conn(handler, conn: socket.socket) -> None:

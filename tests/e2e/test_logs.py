@@ -106,3 +106,83 @@ def test_kept_logs_are_bounded_by_age_and_count(containers, hook_env, port_alloc
     assert result is not None and result.ok, result
     left = sorted(p.name for p in hook_env.state_dir.glob("*.log"))
     assert left == sorted(p.name for p in recent[-100:]), left
+
+
+def _bind_dev_log() -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind("/dev/log")
+    server.settimeout(5)
+    return server
+
+
+def _received(server: socket.socket) -> list[bytes]:
+    lines = []
+    server.setblocking(False)
+    try:
+        while True:
+            lines.append(server.recv(65536))
+    except BlockingIOError:
+        pass
+    server.settimeout(5)
+    return lines
+
+
+def _reset_by_the_forwarding(port: int) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            assert sock.recv(1) == b"", "data from a port without a service"
+    except ConnectionResetError:
+        pass
+
+
+def _fill(path: str) -> None:
+    """Fill a syslog's queue as a syslog that stopped reading has it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.setblocking(False)
+        try:
+            while True:
+                sock.send(b"<14>filler: a syslog that does not read")
+        except BlockingIOError:
+            pass
+
+
+def test_syslog_never_stalls_nor_ends_the_forwarding(containers, hook_env, port_alloc):
+    """A syslog that does not read does not hold up the start or the core (its lines are
+    dropped from syslog, the file has them); one that restarts does not end the sandboxed core
+    (no socket() there): its lines go on into the file."""
+    if os.path.lexists("/dev/log"):
+        import pytest
+
+        pytest.skip("/dev/log exists here: the test needs a syslog of its own to stop and restart")
+    served, unserved = port_alloc.take(), port_alloc.take()
+    services = Services().whoami(WHO)
+    syslog = _bind_dev_log()
+    try:
+        _fill("/dev/log")
+        c = containers.new(services.argv(), hook=hook_env,
+                           ports=f"127.0.0.1:{served}:{WHO},127.0.0.1:{unserved}:{WHO + 1}")
+        services.wait_ready(c.start())
+        assert clients.whoami("127.0.0.1", served)[1] == WHO
+        fw = forwarding_of(hook_env, c.id)
+        # The syslog reads again: the core's lines reach it.
+        _received(syslog)
+        # No service on the second port: the core logs (debug) that it resets the client.
+        _reset_by_the_forwarding(unserved)
+        got = wait_until(lambda: [x for x in _received(syslog) if b"no container service answers" in x], 5,
+                         "the core's line in syslog")
+        assert got[0].startswith(b"<15>oci-portfwd-hook["), got
+        # The syslog restarts: the core's connected socket now gets ECONNREFUSED.
+        syslog.close()
+        os.unlink("/dev/log")
+        syslog = _bind_dev_log()
+        for _ in range(2):
+            _reset_by_the_forwarding(unserved)
+        assert clients.whoami("127.0.0.1", served)[1] == WHO
+        assert fw.core.alive(), hook_env.log_text(c.id)
+        log = hook_env.log_text(c.id)
+        assert "forbidden" not in log and "restarting" not in log, log
+        assert log.count("no container service answers") == 3, log
+    finally:
+        syslog.close()
+        os.unlink("/dev/log")

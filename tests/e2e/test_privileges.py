@@ -39,10 +39,15 @@ from e2ekit.runtimes import RuntimeUnavailable, make_rootless_runtime, make_runt
 from e2ekit.services import Services
 from e2ekit.tools import need_tools
 from e2ekit.wait import wait_until
+from oci_portfwd.dialer import NATIVE_DIALER, PYTHON_DIALER_ENV
 
 WHO, UDP = 81, 53
 RUNTIMES = ["crun", "runc"]
-SETUPS = [*RUNTIMES, *(f"rootless-{r}" for r in RUNTIMES)]
+# +python-dialer: the dialer's loop in Python (dialer.PYTHON_DIALER_ENV), as without the
+# native portfwd-dialer; the others run the native one.
+PYTHON_DIALER = "+python-dialer"
+SETUPS = [*RUNTIMES, *(f"rootless-{r}" for r in RUNTIMES), f"runc{PYTHON_DIALER}",
+          f"rootless-crun{PYTHON_DIALER}"]
 PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
 # The order of seccomp_filter.PROBES: SIGRTMIN+N attempts probe N; the syscall each one is.
 PROBES = {"open": "openat", "exec": "execve", "ptrace": "ptrace", "socket": "socket"}
@@ -62,6 +67,7 @@ class Setup:
     hook: HookEnv
     ports: dict[str, int]
     uid: int                  # who the hook ran as
+    python_dialer: bool       # the dialer's loop in Python, not the native program
 
     @property
     def rootless(self) -> bool:
@@ -79,11 +85,13 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(request, e2e_tmp, hook_command, port_alloc, tmp_path_factory):
     name = request.param
+    python_dialer = name.endswith(PYTHON_DIALER)
+    runtime_name = name.removesuffix(PYTHON_DIALER)
     if name.startswith("rootless-"):
         user = request.getfixturevalue("test_user")
         area = request.getfixturevalue("user_area")
         try:
-            runtime = make_rootless_runtime(name.removeprefix("rootless-"), e2e_tmp, area, user)
+            runtime = make_rootless_runtime(runtime_name.removeprefix("rootless-"), e2e_tmp, area, user)
         except RuntimeUnavailable as exc:
             pytest.skip(str(exc))
         rootfs = request.getfixturevalue("user_rootfs")
@@ -93,13 +101,14 @@ def setup(request, e2e_tmp, hook_command, port_alloc, tmp_path_factory):
         uid = pwd.getpwnam(user.name).pw_uid
     else:
         try:
-            runtime = make_runtime(name, e2e_tmp)
+            runtime = make_runtime(runtime_name, e2e_tmp)
         except RuntimeUnavailable as exc:
             pytest.skip(str(exc))
         rootfs, command = request.getfixturevalue("rootfs"), hook_command
         work = tmp_path_factory.mktemp(f"privileges-{name}")
         hook_dir, bundles, uid = work / "hook", work / "bundles", 0
-    hook = HookEnv(command, hook_dir, extra_env=[f"{PROBE_ENV}=1"])
+    env = [f"{PROBE_ENV}=1", *([f"{PYTHON_DIALER_ENV}=1"] if python_dialer else [])]
+    hook = HookEnv(command, hook_dir, extra_env=env)
     ports = {"tcp": port_alloc.take(), "udp": port_alloc.take()}
     services = Services().whoami(WHO).udp_echo(UDP)
     factory = ContainerFactory(runtime, rootfs, bundles)
@@ -107,7 +116,7 @@ def setup(request, e2e_tmp, hook_command, port_alloc, tmp_path_factory):
         c = factory.new(services.argv(), hook=hook,
                         ports=f"{ports['tcp']}:{WHO},{ports['udp']}:{UDP}/udp")
         services.wait_ready(c.start())
-        s = Setup(name, c, hook, ports, uid)
+        s = Setup(name, c, hook, ports, uid, python_dialer)
         # One round trip: with rootless crun the dialer joins only after the hook returned.
         s.serves()
         yield s
@@ -154,6 +163,27 @@ def test_each_process_holds_what_the_readme_says(setup):
             for name, d in found.items()} == \
         {name: {k: (hex(v) if isinstance(v, int) else v) for k, v in d.items()}
          for name, d in expected.items()}
+
+
+@pytest.mark.parametrize("setup", SETUPS, indirect=True)
+def test_the_dialer_runs_the_native_program_unless_told_not_to(setup):
+    """The native portfwd-dialer (~0.2 MB) from the venv's libexec, holding its socketpair
+    and stdio only; with the test switch the Python loop, which the core logs."""
+    dialer = setup.forwarding().dialer
+    exe = os.readlink(f"/proc/{dialer.pid}/exe")
+    log = setup.hook.log_text(setup.container.id)
+    if setup.python_dialer:
+        assert exe != NATIVE_DIALER and "python" in Path(exe).name, exe
+        assert f"the dialer's loop runs in Python (~6 MB more per container): {PYTHON_DIALER_ENV} is set" in log
+        return
+    assert exe == NATIVE_DIALER
+    assert "the dialer's loop runs in Python" not in log, log
+    # /dev/null, the log twice, the socketpair: no filter pipe, nothing of the core's.
+    fds = {int(fd.name): os.readlink(fd) for fd in Path(f"/proc/{dialer.pid}/fd").iterdir()}
+    log_file = str(setup.hook.log_file(setup.container.id).resolve())
+    assert [fds.pop(0), fds.pop(1), fds.pop(2)] == ["/dev/null", log_file, log_file]
+    assert len(fds) == 1 and next(iter(fds.values())).startswith("socket:"), fds
+    assert int(status_field(dialer.pid, "VmRSS").split()[0]) < 2048
 
 
 @pytest.mark.parametrize("setup", SETUPS, indirect=True)
@@ -283,3 +313,23 @@ def test_check_config_names_a_core_user_the_host_lacks(hook_env, tmp_path):
     config.write_text(json.dumps({"core_user": "nobody"}))
     r = hook_env.run("check-config", str(config))
     assert r.returncode == 0 and "core_user: nobody" in r.stdout.decode(), r
+
+
+@pytest.mark.parametrize("setup", [s for s in SETUPS if s.startswith("rootless-")], indirect=True)
+def test_the_containers_user_namespace_cannot_read_the_dialer(setup, test_user):
+    """Dialer and core are not dumpable (design §4): a process that joined the container's
+    user namespace, with every capability there and in the host's pid namespace (where the
+    dialer's pid is visible), can neither read the dialer's memory (/proc/PID/environ needs
+    ptrace read access) nor attach to it."""
+    dialer = setup.forwarding().dialer
+    probe = (f"import ctypes, sys\n"
+             f"try:\n    open('/proc/{dialer.pid}/environ', 'rb').read()\n"
+             f"except PermissionError:\n    pass\nelse:\n    sys.exit('read the environment')\n"
+             f"libc = ctypes.CDLL(None, use_errno=True)\n"
+             f"if libc.ptrace(16, {dialer.pid}, None, None) == 0:\n    sys.exit('attached')\n"
+             f"print('errno', ctypes.get_errno())\n")
+    r = test_user.run(["nsenter", "--user", "--preserve-credentials", "--target", str(setup.container.pid),
+                       "/usr/bin/python3",
+                       "-c", probe])
+    assert r.returncode == 0 and r.stdout.decode().split() == ["errno", "1"], r
+    assert dialer.alive()

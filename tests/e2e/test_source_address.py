@@ -17,6 +17,7 @@ from e2ekit.clientaddrs import V4_CLIENT, V6_CLIENT, on_loopback
 from e2ekit.container import Container, ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.services import Services
+from oci_portfwd.dialer import PYTHON_DIALER_ENV
 
 # Ports inside the container: the peer services, per family they listen on.
 PEER, PEER4, PEER6, PEER_DUAL, UPEER, UPEER4, UPEER6 = 80, 81, 82, 83, 53, 54, 55
@@ -56,11 +57,14 @@ class Pub:
     mode: str  # source_address
 
 
-@pytest.fixture(scope="module", params=["client", "loopback"])
+# client-python-dialer: the dialer's loop in Python (no native portfwd-dialer), whose
+# transparent sockets are made by other code than the C program's.
+@pytest.fixture(scope="module", params=["client", "loopback", "client-python-dialer"])
 def pub(request, addresses, runtime, rootfs, hook_command, port_alloc, tmp_path_factory):
-    mode = request.param
-    work = tmp_path_factory.mktemp(f"source-{runtime.name}-{mode}")
-    hook = HookEnv(hook_command, work / "hook")
+    mode = request.param.removesuffix("-python-dialer")
+    work = tmp_path_factory.mktemp(f"source-{runtime.name}-{request.param}")
+    env = [f"{PYTHON_DIALER_ENV}=1"] if request.param.endswith("-python-dialer") else []
+    hook = HookEnv(hook_command, work / "hook", extra_env=env)
     port = {name: port_alloc.take() for name in NAMES}
     factory = ContainerFactory(runtime, rootfs, work / "bundles")
     services = peer_services()

@@ -22,6 +22,17 @@ def version() -> str:
     return match.group(1)
 
 
+def deb_arch() -> str:
+    """The packages are built for the machine (the native dialer is compiled)."""
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+
+
+def rpm_arch() -> str:
+    return subprocess.run(["rpm", "--eval", "%{_arch}"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+
+
 def missing_apt_packages(names: list[str]) -> list[str]:
     if shutil.which("dpkg-query") is None:
         return names

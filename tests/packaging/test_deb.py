@@ -2,7 +2,7 @@
 
 import subprocess
 
-from pkgkit import need_apt_packages, python_modules, schema_files
+from pkgkit import deb_arch, need_apt_packages, python_modules, schema_files
 
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
 DEPENDS = {"python3-pyroute2": "0.7.2", "python3-jsonschema": "4.10.3", "python3-prctl": "1.8.1"}
@@ -14,6 +14,8 @@ def expected_files(tree) -> set[str]:
         "usr/bin/oci-portfwd-hook",
         "usr/bin/oci-portfwd-runtime",
         "usr/libexec/oci/hooks.d/oci-portfwd-hook",
+        "usr/libexec/oci-portfwd-hook/portfwd-dialer",
+        "usr/share/lintian/overrides/oci-portfwd-hook",  # the dialer is execute-only
         "usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
         "usr/share/man/man1/oci-portfwd-hook.1.gz",
         "usr/share/man/man1/oci-portfwd-runtime.1.gz",
@@ -53,6 +55,7 @@ def test_deb_ships_every_file(built_deb):
     assert files == expected, (f"missing: {sorted(expected - files)}; "
                                f"unexpected: {sorted(files - expected)}")
     assert members["usr/libexec/oci/hooks.d/oci-portfwd-hook"][0] == "-rwxr-xr-x"
+    assert members["usr/libexec/oci-portfwd-hook/portfwd-dialer"][0] == "---x--x--x"  # execute-only
     assert members["usr/bin/oci-portfwd-hook"][0] == "-rwxr-xr-x"
     assert members["usr/bin/oci-portfwd-runtime"][0] == "-rwxr-xr-x"
 
@@ -61,11 +64,12 @@ def test_deb_control(built_deb):
     deb = built_deb.path
     assert field(deb, "Package") == "oci-portfwd-hook"
     assert field(deb, "Version") == built_deb.version
-    assert field(deb, "Architecture") == "all"
+    assert field(deb, "Architecture") == deb_arch()  # the native dialer is compiled
     depends = {d.strip() for d in field(deb, "Depends").split(",")}
     for name, least in DEPENDS.items():
         assert f"{name} (>= {least})" in depends, depends
     assert any(d.startswith("python3") and "(>= 3.11" in d for d in depends), depends
+    assert any(d.startswith("libc6 (>=") for d in depends), depends  # the native dialer's
     # libseccomp's own binding; setup.cfg's pyseccomp maps to it (debian/py3dist-overrides).
     assert "python3-seccomp" in depends and not any("pyseccomp" in d for d in depends), depends
     assert field(deb, "Recommends") == "crun | runc"

@@ -31,6 +31,7 @@ HOOKS_D_FILE = Path("/usr/share/containers/oci/hooks.d/oci-portfwd-hook.json")
 CLI = Path("/usr/bin/oci-portfwd-hook")
 WRAPPER = Path("/usr/bin/oci-portfwd-runtime")
 PY_PACKAGE = Path("/usr/lib/python3/dist-packages/oci_portfwd")
+NATIVE_DIALER = Path("/usr/libexec/oci-portfwd-hook/portfwd-dialer")
 STATE_DIR = Path("/run/oci-portfwd")
 # Whatever dpkg may leave next to a conffile.
 CONFFILE_LEFTOVERS = [Path(f"{CONFIG}{suffix}") for suffix in
@@ -247,6 +248,32 @@ def test_podman_finds_the_installed_hook_in_default_hooks_dir(installed, podman)
         (STATE_DIR / f"{container_id}.log").unlink(missing_ok=True)
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def dialer_exe(container_id: str) -> str | None:
+    """What the container's dialer runs (supervisor → core → dialer)."""
+    try:
+        supervisor = json.loads((STATE_DIR / f"{container_id}.json").read_text())["supervisor_pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for core in children(int(supervisor)):
+        for pid in children(core):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "portfwd-dialer":
+                    return os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                continue
+    return None
+
+
 def check_forwarding(podman: list[str], name: str, container_id: str, port: int) -> None:
     def fetch():
         c = subprocess.run(["curl", "-sS", "--max-time", "3", f"http://127.0.0.1:{port}/"],
@@ -259,6 +286,9 @@ def check_forwarding(podman: list[str], name: str, container_id: str, port: int)
     assert body == PAGE, f"no page through 127.0.0.1:{port}\n{state_logs(container_id)}"
     ps = run([str(CLI), "ps"]).stdout
     assert container_id[:12] in ps and f"{port}" in ps, ps
+    # The packaged native dialer serves (dialer.py execs it from /usr/libexec), on Debian's
+    # python3-seccomp, which exported its filter.
+    assert wait_for(lambda: dialer_exe(container_id), 10, "the dialer") == str(NATIVE_DIALER)
 
     run([*podman, "rm", "-f", "-t", "0", name], timeout=60)
     wait_for(lambda: port_is_free(port), 10, f"port {port} to be freed after podman rm")

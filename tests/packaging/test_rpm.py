@@ -3,7 +3,7 @@
 
 import subprocess
 
-from pkgkit import REPO, need_apt_packages, python_modules, schema_files
+from pkgkit import REPO, need_apt_packages, python_modules, rpm_arch, schema_files
 
 
 def fedora_sitelib() -> str:
@@ -28,6 +28,8 @@ def expected_paths(tree) -> set[str]:
         "/usr/libexec/oci",
         "/usr/libexec/oci/hooks.d",
         "/usr/libexec/oci/hooks.d/oci-portfwd-hook",
+        "/usr/libexec/oci-portfwd-hook",
+        "/usr/libexec/oci-portfwd-hook/portfwd-dialer",
         "/usr/share/containers/oci",
         "/usr/share/containers/oci/hooks.d",
         "/usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
@@ -56,19 +58,25 @@ def test_rpm_file_list(built_rpm):
     docs = {p for p in listed if p.startswith(("/usr/share/doc/", "/usr/share/licenses/"))}
     assert any(p.endswith("/README.md") for p in docs), docs
     assert any(p.startswith("/usr/share/licenses/") and p.endswith("/LICENSE") for p in docs), docs
-    rest = {p for p in listed - docs if not p.startswith(dist_info)}
+    # rpm links each ELF file's build-id there (Fedora too): the native dialer's.
+    build_ids = {p for p in listed if p.startswith("/usr/lib/.build-id")}
+    assert any(p.count("/") == 5 for p in build_ids), listed
+    rest = {p for p in listed - docs - build_ids if not p.startswith(dist_info)}
     expected = expected_paths(built_rpm.source)
     assert rest == expected, (f"missing: {sorted(expected - rest)}; "
                               f"unexpected: {sorted(rest - expected)}")
     assert not any("__pycache__" in p or "/usr/local/" in p for p in listed)
 
 
-def test_rpm_config_is_noreplace_and_arch_noarch(built_rpm):
+def test_rpm_config_is_noreplace_and_arch_the_machines(built_rpm):
     flags = dict(line.split(" ", 1)[::-1] for line in
                  rpm_query(built_rpm.path, "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]"))
     assert flags["/etc/containers/oci-portfwd.json"] == "cn"  # %config(noreplace)
     assert rpm_query(built_rpm.path, "--qf", "%{ARCH} %{VERSION}\n") == [
-        f"noarch {built_rpm.version}"]
+        f"{rpm_arch()} {built_rpm.version}"]  # the native dialer is compiled
+    modes = dict(line.split(" ", 1)[::-1] for line in
+                 rpm_query(built_rpm.path, "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]"))
+    assert modes["/usr/libexec/oci-portfwd-hook/portfwd-dialer"] == "---x--x--x"  # execute-only
 
 
 def test_rpm_dependencies(built_rpm):
@@ -105,6 +113,9 @@ def test_rpmlint_reports_no_errors(built_rpm):
     assert not [line for line in lines if ": E: " in line], "\n".join(lines)
     # Known and accepted (see the report in packaging/rpm/rpmlint.toml's header): no URL (there
     # is no upstream home page yet) and rpmlint 2.4's no-manual-page-for-binary false positive.
+    # And the native dialer unstripped: Debian's rpmbuild runs only brp-strip (strip -g, the
+    # symbol table stays); Fedora's find-debuginfo strips it and makes the -debuginfo package.
     accepted = ("no-url-tag", "invalid-url Source0", "no-manual-page-for-binary oci-portfwd-hook",
-                "no-manual-page-for-binary oci-portfwd-runtime")
+                "no-manual-page-for-binary oci-portfwd-runtime",
+                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-dialer")
     assert not [line for line in lines if not any(a in line for a in accepted)], "\n".join(lines)

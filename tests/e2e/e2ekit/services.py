@@ -41,6 +41,10 @@ class Services:
         """TCP: answers with the client address and port the service sees."""
         return self._add("peer", family, port, port, "tcp")
 
+    def request_reply(self, port: int, family: str = "46") -> "Services":
+        """TCP: requests of servers.REQUEST_SIZE bytes, each answered with one byte."""
+        return self._add("request-reply", family, port, port, "tcp")
+
     def udp_peer(self, port: int, family: str = "46") -> "Services":
         """UDP: answers each datagram with the client address and port the service sees."""
         return self._add("udp-peer", family, port, port, "udp")
