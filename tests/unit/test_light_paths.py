@@ -197,3 +197,17 @@ def test_seccomp_binding_check_finds_one_or_says_what_to_install(monkeypatch, tm
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     with pytest.raises(StartError, match="libseccomp's Python binding is missing"):
         check_seccomp_binding()
+
+
+# What the supervisor and the core keep for their whole life (issue 12: each module's objects
+# are memory of every forwarded container). dataclasses brings inspect, ast and dis: ~1 MB.
+LONG_LIVED_HEAVY = ("dataclasses", "inspect", "ast", "dis", "pathlib", "decimal")
+
+
+def test_the_core_s_modules_import_none_of_the_long_lived_heavy_ones():
+    code = (f"import sys; sys.path.insert(0, {str(HOOK)!r}); import traceback; "
+            "import oci_portfwd.supervisor, oci_portfwd.core; "
+            f"print(' '.join(m for m in {LONG_LIVED_HEAVY!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60).stdout.split()
+    assert not loaded, f"the core's modules import {loaded}"
