@@ -26,14 +26,15 @@ and the forwarded UDP ports, and the netns dies with its last holder.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 
+from .errors import loads_strict
 from .forking import fork_child
 from .netns_setup import reachable
 from .polling import wait_readable
+from .statefile import to_json  # json's, without the json package and its re (issue 12)
 
 TABLE = 7071
 MARK = 0x7071
@@ -77,7 +78,7 @@ def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
         os.close(read_fd)
         ready, notes = _set_up(udp_ports)
         report = {"ready": {FAMILY_KEY[f]: ok for f, ok in ready.items()}, "notes": notes}
-        os.write(write_fd, json.dumps(report).encode())
+        os.write(write_fd, to_json(report).encode())
         return 0
 
     pid = fork_child(child)
@@ -92,7 +93,7 @@ def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
         raw = b""
     os.waitpid(pid, 0)
     try:
-        report = json.loads(raw)
+        report = loads_strict(raw)
     except ValueError:
         return {socket.AF_INET: False, socket.AF_INET6: False}, ["the routing setup failed (see the log)"]
     ready = {f: bool(report["ready"].get(k)) for f, k in FAMILY_KEY.items()}

@@ -7,7 +7,6 @@ is signalled. It never joins the container's namespaces itself.
 
 from __future__ import annotations
 
-import logging
 import resource
 import select
 import socket
@@ -18,7 +17,6 @@ from .addressing import Target, dial_targets
 from .dialer import Addresses, SocketPool, await_hello, kind_of, native_dialer, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
-from .logs import seal_syslog
 from .plan import Plan
 from .seccomp_filter import CoreSandbox
 from .source_address import SourceBinder
@@ -27,12 +25,16 @@ from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
 from .udp_relay import UdpListener
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .logs import HookLog
+
 
 def run_core(
     plan: Plan,
     listeners: Sequence[Listener],
     status: StatusWriter,
-    log: logging.Logger,
+    log: HookLog,
     until_readable: int | None = None,
     sandbox: CoreSandbox | None = None,
 ) -> int:
@@ -126,7 +128,7 @@ def run_core(
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
-        seal_syslog(log)
+        log.seal()  # its syslog is not connected again: no socket() in the sandbox
         sandbox.enter()
     loop.run()
     return 3
@@ -144,7 +146,7 @@ def client_udp_ports(listeners: Sequence[Listener]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _raise_fd_limit(log: logging.Logger) -> None:
+def _raise_fd_limit(log: HookLog) -> None:
     # Each TCP connection costs two descriptors, four more while bytes are in flight.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

@@ -29,7 +29,6 @@ Without it (a pip install), the same loop runs in Python; the core logs that onc
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -40,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .client_routing import MARK, make_transparent
-from .errors import NamespaceError, StartError
+from .errors import NamespaceError, StartError, loads_strict
 from .forking import fork_child
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
@@ -48,6 +47,7 @@ from .privileges import drop_dialer, keep_net_admin_across_exec
 from .procfs import close_fds_except
 from .seccomp_filter import export_native_dialer, sandbox_dialer
 from .source_address import ReplyRoutes, Routing
+from .statefile import to_json  # json's, without the json package and its re (issue 12)
 
 KINDS = {
     b"t4": (socket.AF_INET, socket.SOCK_STREAM),
@@ -149,7 +149,7 @@ def _dialer_main(
 def _serve(
     sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None, native: str | None
 ) -> None:
-    sock.send(b"K" + json.dumps(hello).encode())
+    sock.send(b"K" + to_json(hello).encode())
     # After the hello: the container's start does not wait for this (~130 ms, mostly the
     # pyroute2 import); connections do, since no socket leaves before it.
     transparent = _set_up_client_routing(sock, client_udp_ports) if client_udp_ports is not None else {}
@@ -229,7 +229,7 @@ def _set_up_client_routing(sock: socket.socket, udp_ports: list[tuple[int, int]]
         "ms": round((time.monotonic() - started) * 1000),
     }
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as routes:
-        socket.send_fds(sock, [b"T" + json.dumps(report).encode()], [routes.fileno()])
+        socket.send_fds(sock, [b"T" + to_json(report).encode()], [routes.fileno()])
     return ready
 
 
@@ -256,7 +256,7 @@ def await_hello(sock: socket.socket, timeout: float) -> Addresses | None:
 
 
 def decode_hello(message: bytes) -> Addresses:
-    hello = json.loads(message[1:])
+    hello = loads_strict(message[1:])
     return {
         socket.AF_INET if key == "4" else socket.AF_INET6: list(addrs)
         for key, addrs in hello.get("addresses", {}).items()
@@ -339,7 +339,7 @@ class SocketPool:
     def _on_control(self, message: bytes, fds: list[int]) -> None:
         # After a deferred start (b"W"), the dialer's hello or failure arrives here.
         if message.startswith(b"T"):
-            report = json.loads(message[1:])
+            report = loads_strict(message[1:])
             ready = report.get("ready", {})
             self.routing.ready = {f: bool(ready.get("4" if f == socket.AF_INET else "6")) for f in FAMILIES}
             if fds:

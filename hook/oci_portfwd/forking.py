@@ -31,9 +31,12 @@ def fork_child(body: Callable[[], int], *, die_with_parent: bool = True) -> int:
             if os.getppid() != parent:
                 os._exit(1)
         code = body()
-    except BaseException:  # noqa: BLE001 - a bug: its traceback goes to the log
-        import traceback  # noqa: PLC0415 - only for bugs
+    except BaseException as e:  # noqa: BLE001 - a bug: its traceback goes to the log
+        from .logs import format_exception  # noqa: PLC0415 - only for bugs
 
-        traceback.print_exc()
+        try:
+            os.write(2, format_exception(e).encode(errors="replace"))
+        except OSError:
+            pass
     finally:
         os._exit(code)

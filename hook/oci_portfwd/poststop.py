@@ -25,7 +25,6 @@ from .statefile import Record, is_alive, log_path, prune_logs, read_record, remo
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Mapping
 
 STOP_TIMEOUT = 5.0
@@ -85,7 +84,7 @@ def poststop(raw_state: bytes, env: Mapping[str, str]) -> int:
     return 0
 
 
-def stop_supervisor(record: Record, log: logging.Logger | HookLog) -> None:
+def stop_supervisor(record: Record, log: HookLog) -> None:
     """SIGTERM, then SIGKILL; through a pidfd opened after checking the start time, so
     that a pid reused since the state file was written is never signalled."""
     try:

@@ -32,6 +32,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 from types import ModuleType
 
 from .privileges import drop_core
@@ -282,19 +283,34 @@ def _keep_pages_shared() -> None:
 
 
 def _no_source_lines() -> None:
-    # A traceback reads the source files of its frames (linecache), which the filter forbids
-    # and which would end the process before the traceback is written: without source lines.
-    import linecache  # noqa: PLC0415
-    import traceback  # noqa: PLC0415, F401 - fork_child imports it for a bug's traceback
+    """Tracebacks without source lines: reading a frame's source file is an openat, which the
+    filter forbids and which would end the process before the traceback is written. A bug in
+    fork_child's body goes through logs.format_exception already; this covers what the
+    interpreter prints by itself (an uncaught exception, one in a __del__)."""
+    from .logs import format_exception  # noqa: PLC0415
 
-    def no_lines(filename: str, module_globals: object = None) -> list[str]:
-        return []
+    def write(text: str) -> None:
+        try:
+            os.write(2, text.encode(errors="replace"))
+        except OSError:
+            pass
 
-    def no_check(filename: str | None = None) -> None:
-        return None
+    def excepthook(_kind: object, value: BaseException, _tb: object) -> None:
+        write(format_exception(value))
 
-    linecache.updatecache = no_lines
-    linecache.checkcache = no_check
+    def unraisablehook(unraisable: sys.UnraisableHookArgs) -> None:
+        where = f"Exception ignored in: {unraisable.object!r}\n"
+        write(where + (format_exception(unraisable.exc_value) if unraisable.exc_value else ""))
+
+    sys.excepthook = excepthook
+    sys.unraisablehook = unraisablehook
+    linecache = sys.modules.get("linecache")
+    if linecache is not None:  # a library loaded it: its callers must not read sources either
+
+        def no_lines(filename: str, module_globals: object = None) -> list[str]:
+            return []
+
+        linecache.updatecache = no_lines  # type: ignore[attr-defined]
 
 
 def _install_probes() -> None:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import socket
 import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .logs import HookLog
 
 Address = tuple[object, ...]  # (host, port) or (host, port, flow, scope), as accept() gives
 NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::"))
@@ -109,7 +112,7 @@ class SourceBinder:
     """Binds one host listener's container-side sockets to its clients' addresses; says once
     per listener why a kind of client is seen as loopback."""
 
-    def __init__(self, label: str, routing: Routing, log: logging.Logger) -> None:
+    def __init__(self, label: str, routing: Routing, log: HookLog) -> None:
         self.label = label
         self.routing = routing
         self.log = log

@@ -16,7 +16,7 @@ import time
 
 from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
-from .logs import HookLog, close_log, open_log
+from .logs import HookLog, close_log
 from .polling import wait_readable
 from .privileges import check_seccomp_binding, core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
@@ -26,10 +26,9 @@ from .status import StatusReader, StatusWriter
 
 # The hook imports this module and the supervisor runs in the hook's image until it says
 # ready: what the core needs is imported after that (_preload_core), and no dataclasses or
-# logging before it (issue 12).
+# logging at all (issue 12).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Mapping, Sequence
 
     from .drivers import Driver
@@ -128,7 +127,7 @@ def _supervisor_main(ctx: Context, report_fd: int) -> int:
     keep = {report_fd} | {listener.sock.fileno() for listener in ctx.listeners}
     _detach_stdio(ctx.log_path)
     close_fds_except(keep)
-    # logging only once the hook has returned (Supervisor._full_log).
+    # One HookLog for the supervisor's whole life; the core inherits it (a fork).
     supervisor = Supervisor(ctx, StatusWriter(report_fd), HookLog(ctx.log_path, ctx.log_level, stderr=False))
     try:
         return supervisor.run()
@@ -152,7 +151,6 @@ def _preload_core() -> None:
     fork: their pages stay shared with this process (copy-on-write) instead of each child
     importing its own copy; frozen objects are never written by a collection."""
     import gc  # noqa: PLC0415
-    import traceback  # noqa: F401, PLC0415 - the sandbox's (seccomp_filter._no_source_lines)
 
     from . import core  # noqa: F401, PLC0415
     from .seccomp_filter import _library  # noqa: PLC0415
@@ -184,9 +182,9 @@ class Core:
 
 
 class Supervisor:
-    log: logging.Logger | HookLog
+    log: HookLog
 
-    def __init__(self, ctx: Context, report: StatusWriter, log: logging.Logger | HookLog) -> None:
+    def __init__(self, ctx: Context, report: StatusWriter, log: HookLog) -> None:
         self.ctx = ctx
         self.plan = ctx.plan
         self.report = report
@@ -283,13 +281,12 @@ class Supervisor:
         self.report.ready()
         self.report.close()
         # A delete right after the start (short-lived containers) must not wait for what
-        # follows: prctl, logging, the core's imports, ~20-30 ms of CPU. Nothing runs yet but
+        # follows: prctl, the core's imports, ~20-30 ms of CPU. Nothing runs yet but
         # this process; the kernel closes the listeners with it.
         self.quick_stop = True
         if self.stop_reason is not None:
             self._stop_before_core()
         self._settle()
-        self._full_log()
         _preload_core()
         self.quick_stop = False
         core = self._spawn_core()
@@ -335,11 +332,11 @@ class Supervisor:
     def _stop_before_core(self) -> None:
         """Teardown before the first core exists: no child to wait for; the state file goes,
         then this process, and the listeners with it. From the signal handler: it runs
-        between two bytecodes of whatever was under way (an import, logging's setup)."""
+        between two bytecodes of whatever was under way (an import)."""
         try:
             self.log.info("tearing down: %s (before the core started)", self.stop_reason)
         except (OSError, ValueError):
-            pass  # a log being switched (_full_log): the state file still goes
+            pass  # the log cannot be written: the state file still goes
         remove_record(self.ctx.state_dir, self.plan.container_id, owner_pid=os.getpid())
         os._exit(0)
 
@@ -350,19 +347,11 @@ class Supervisor:
         return 1
 
     # the core
-    def _full_log(self) -> logging.Logger:
-        """The logging logger that the core and the relays take, in place of the HookLog the
-        supervisor starts with (the hook waits for nothing of logging's import)."""
-        if isinstance(self.log, HookLog):
-            self.log.close()
-            self.log = open_log(self.ctx.log_path, self.ctx.log_level, stderr=False)
-        return self.log
-
     def _spawn_core(self) -> Core:
         from .listeners import as_socket_objects  # noqa: PLC0415
         from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
 
-        log = self._full_log()
+        log = self.log
         as_socket_objects(self.ctx.listeners)  # the hook bound them with _socket
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         counts = new_counters()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import select
 import socket
@@ -36,6 +35,10 @@ from .eventloop import EventLoop
 from .proxy_header import header_for
 from .source_address import Address, SourceBinder
 from .stats import TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CLIENT, TO_CONTAINER, Counters
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .logs import HookLog
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bigger pipes mean fewer splice calls per byte; the kernel caps an unprivileged pipe at
@@ -295,7 +298,7 @@ class TcpConnection:
         client: socket.socket,
         targets: Sequence[Target],
         counts: Counters,
-        log: logging.Logger,
+        log: HookLog,
         on_close: Callable[[TcpConnection], None],
         peer: Address = (),
         source: SourceBinder | None = None,
@@ -511,7 +514,7 @@ class TcpListener:
         sock: socket.socket,
         targets: Sequence[Target],
         counts: Counters,
-        log: logging.Logger,
+        log: HookLog,
         proxy: bool = False,
         source: SourceBinder | None = None,
     ) -> None:

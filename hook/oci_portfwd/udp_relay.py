@@ -18,7 +18,6 @@ and the restarted core starts new sessions.
 from __future__ import annotations
 
 import errno
-import logging
 import select
 import socket
 import time
@@ -29,6 +28,10 @@ from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
 from .source_address import Address, SourceBinder
 from .stats import TO_CLIENT, TO_CONTAINER, UDP_DATAGRAMS, UDP_SESSIONS, Counters
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .logs import HookLog
 
 MAX_DATAGRAM = 65535
 # Not exported by Python's socket module: <linux/in.h> and <linux/in6.h>.
@@ -49,7 +52,7 @@ class UdpListener:
         targets: Sequence[Target],
         idle_timeout: float,
         counts: Counters,
-        log: logging.Logger,
+        log: HookLog,
         source: SourceBinder | None = None,
     ) -> None:
         self.loop = loop

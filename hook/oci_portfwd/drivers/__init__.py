@@ -9,10 +9,10 @@ from ..values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Callable, Sequence
 
     from ..listeners import Listener
+    from ..logs import HookLog
     from ..plan import Plan
     from ..ports import PortMapping
     from ..seccomp_filter import CoreSandbox
@@ -70,7 +70,7 @@ class Driver:
         plan: Plan,
         listeners: Sequence[Listener],
         status: StatusWriter,
-        log: logging.Logger,
+        log: HookLog,
         sandbox: CoreSandbox | None = None,
     ) -> int:
         """Serve the plan in this (forked) process until signalled; returns an exit code.

@@ -6,10 +6,10 @@ from . import Capabilities, Driver, Warn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Sequence
 
     from ..listeners import Listener
+    from ..logs import HookLog
     from ..plan import Plan
     from ..seccomp_filter import CoreSandbox
     from ..status import StatusWriter
@@ -37,7 +37,7 @@ class BuiltinDriver(Driver):
         plan: Plan,
         listeners: Sequence[Listener],
         status: StatusWriter,
-        log: logging.Logger,
+        log: HookLog,
         sandbox: CoreSandbox | None = None,
     ) -> int:
         from ..core import run_core  # noqa: PLC0415

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import signal
@@ -27,6 +26,10 @@ from ..namespaces import open_namespaces, same_file
 from ..plan import Plan
 from ..ports import PortMapping
 from ..status import StatusWriter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..logs import HookLog
 
 POLL = 0.01
 
@@ -44,7 +47,7 @@ def find_program(name: str, package: str) -> str:
 class ContainerNamespaces:
     """The container's namespace fds, as paths a child program can open."""
 
-    def __init__(self, plan: Plan, status: StatusWriter, log: logging.Logger) -> None:
+    def __init__(self, plan: Plan, status: StatusWriter, log: HookLog) -> None:
         def deferred() -> None:
             log.info("the container has not exec'd yet (rootless crun); the driver starts once it has")
             status.ready()
@@ -74,7 +77,7 @@ class ContainerNamespaces:
         return None if self.user_fd is None else f"/proc/self/fd/{self.user_fd}"
 
 
-def spawn(argv: Sequence[str], pass_fds: Sequence[int], log: logging.Logger) -> subprocess.Popen[bytes]:
+def spawn(argv: Sequence[str], pass_fds: Sequence[int], log: HookLog) -> subprocess.Popen[bytes]:
     """Start the program; it dies with this process (PDEATHSIG), output to our stderr (the log)."""
 
     def die_with_parent() -> None:
@@ -131,7 +134,7 @@ def serve_until_exit(
     plan: Plan,
     listeners: Sequence[Listener],
     status: StatusWriter,
-    log: logging.Logger,
+    log: HookLog,
 ) -> int:
     """Say ready and wait for the program to exit; meanwhile the builtin relay serves the
     listeners the hook bound for this driver (the protocols the program gets wrong)."""

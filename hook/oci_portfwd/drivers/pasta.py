@@ -14,13 +14,13 @@ Options this pasta lacks are detected from --help, not assumed.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import time
 from collections.abc import Sequence
 
 from ..listeners import Listener
+from ..logs import HookLog
 from ..plan import Plan
 from ..ports import PortMapping
 from ..status import StatusWriter
@@ -52,7 +52,7 @@ class PastaDriver(Driver):
         plan: Plan,
         listeners: Sequence[Listener],
         status: StatusWriter,
-        log: logging.Logger,
+        log: HookLog,
         sandbox: object = None,  # not used: this process restarts the program (README "Privileges")
     ) -> int:
         import prctl  # noqa: PLC0415

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from ..errors import StartError
 from ..listeners import Listener
+from ..logs import HookLog
 from ..namespaces import run_inside
 from ..plan import Plan
 from ..polling import wait_readable
@@ -61,7 +61,7 @@ class Slirp4netnsDriver(Driver):
         plan: Plan,
         listeners: Sequence[Listener],
         status: StatusWriter,
-        log: logging.Logger,
+        log: HookLog,
         sandbox: object = None,  # not used: this process restarts the program (README "Privileges")
     ) -> int:
         import prctl  # noqa: PLC0415
