@@ -78,7 +78,12 @@ def run_core(
         log.error("%s", message)
         loop.running = False
 
-    pool = SocketPool(dialer_sock, on_hello, on_error)
+    def on_gone(message: str) -> None:
+        # A delete right after the start: the supervisor tears down; no error to keep the log for.
+        log.info("%s (the container ended while the forwarding started)", message)
+        loop.running = False
+
+    pool = SocketPool(dialer_sock, on_hello, on_error, on_gone)
     pipes = PipePool()
     counts = status.counters if status.counters is not None else new_counters()
 

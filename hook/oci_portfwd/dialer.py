@@ -10,6 +10,8 @@ Protocol (one datagram each):
                                                                        has not exec'd yet
                  b"K" + JSON {"addresses": {"4": [...], "6": [...]}}   joined, ready
                  b"E" + message                                        failed, exiting
+                 b"G" + message                                        the container exited
+                                                                       first: nothing failed
                  b"T" + JSON {"ready": {"4": bool, "6": bool}, "notes": [...]},
                        with a NETLINK_ROUTE socket of the netns as SCM_RIGHTS
                                                                        client-address routing
@@ -39,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .client_routing import MARK, make_transparent
-from .errors import NamespaceError, StartError, loads_strict
+from .errors import ContainerGone, NamespaceError, StartError, loads_strict
 from .forking import fork_child
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
@@ -133,7 +135,7 @@ def _dialer_main(
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}
     except NamespaceError as e:
-        sock.send(b"E" + str(e).encode())
+        sock.send((b"G" if isinstance(e, ContainerGone) else b"E") + str(e).encode())
         return
     except Exception as e:  # noqa: BLE001 - reported to the core, which logs it
         sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
@@ -248,7 +250,7 @@ def await_hello(sock: socket.socket, timeout: float) -> Addresses | None:
         sock.setblocking(False)
     if message == b"W":
         return None
-    if message.startswith(b"E"):
+    if message.startswith((b"E", b"G")):
         raise StartError(message[1:].decode(errors="replace"))
     if message.startswith(b"K"):
         return decode_hello(message)
@@ -277,10 +279,12 @@ class SocketPool:
         sock: socket.socket,
         on_hello: Callable[[Addresses], None],
         on_error: Callable[[str], None],
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self.sock = sock
         self.on_hello = on_hello
         self.on_error = on_error
+        self.on_gone = on_gone or on_error
         self.ready: dict[bytes, deque[socket.socket]] = {k: deque() for k in KINDS}
         self.waiters: dict[bytes, deque[Waiter]] = {k: deque() for k in KINDS}
         self.pending: dict[bytes, int] = {k: 0 for k in KINDS}
@@ -353,6 +357,8 @@ class SocketPool:
             self.on_hello(decode_hello(message))
         elif message.startswith(b"E"):
             self.on_error(message[1:].decode(errors="replace"))
+        elif message.startswith(b"G"):
+            self.on_gone(message[1:].decode(errors="replace"))
 
     def _refill(self, kind: bytes) -> None:
         have = len(self.ready[kind]) + self.pending[kind] - len(self.waiters[kind])

@@ -86,6 +86,11 @@ class NamespaceError(PortfwdError):
     """The container's namespaces could not be joined."""
 
 
+class ContainerGone(NamespaceError):
+    """The container's process exited before its namespaces were joined (a delete right after
+    the start): nothing failed."""
+
+
 class StartError(PortfwdError):
     """The forwarding did not come up."""
 

@@ -10,7 +10,7 @@ import errno
 import os
 import time
 
-from .errors import NamespaceError
+from .errors import ContainerGone, NamespaceError
 from .forking import fork_child
 
 # typing costs ~5 ms to import on the container's start path; annotations need it only
@@ -94,7 +94,7 @@ def open_namespaces(
                 ) from None
             time.sleep(0.01)
         except FileNotFoundError:
-            raise NamespaceError(f"container process {pid} is gone") from None
+            raise ContainerGone(f"container process {pid} is gone") from None
 
 
 def _open_namespaces(pid: int) -> tuple[int | None, int]:
