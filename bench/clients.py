@@ -184,7 +184,7 @@ def _read_response(sock: socket.socket) -> None:
     while b"\r\n\r\n" not in data:
         more = sock.recv(4096)
         if not more:
-            raise ValueError("the connection closed before a response")
+            raise ConnectionError("closed by the forwarder before a response")
         data += more
     head, _, body = data.partition(b"\r\n\r\n")
     m = re.search(rb"(?i)content-length:\s*(\d+)", head)
@@ -194,7 +194,7 @@ def _read_response(sock: socket.socket) -> None:
     while left > 0:
         more = sock.recv(left)
         if not more:
-            raise ValueError("the connection closed within a response")
+            raise ConnectionError("closed by the forwarder within a response")
         left -= len(more)
 
 
@@ -222,13 +222,8 @@ def hold_connections(port: int, count: int, timeout: float = 30) -> tuple[list[s
             s = socket.create_connection((HOST, port), timeout=5)
             socks.append(s)
             s.sendall(REQUEST)
-            got = b""
-            while b"</html>" not in got:
-                data = s.recv(4096)
-                if not data:
-                    raise ConnectionError("closed by the forwarder")
-                got += data
-    except OSError as exc:
+            _read_response(s)
+    except (OSError, ValueError) as exc:
         return socks, f"after {len(socks)} connections: {exc}"
     return socks, None
 
