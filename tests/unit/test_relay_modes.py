@@ -36,6 +36,18 @@ def run_until_closed(loop, closed):
     loop.run()
 
 
+def relay_with_client(loop, closed, client, service, bound=None):
+    """Run the relay's loop until the connection closes (or `bound` seconds pass, recorded in
+    `closed`), with `client` in a thread of its own; then wait for client and service."""
+    reader = threading.Thread(target=client)
+    reader.start()
+    if bound is not None:
+        loop.call_later(bound, lambda: closed.append("timed out"))
+    run_until_closed(loop, closed)
+    reader.join(BOUND)
+    service.join(BOUND)
+
+
 def _log():
     import logging
 
@@ -114,12 +126,7 @@ def test_small_messages_a_full_client_cannot_take_are_held_and_its_eof_still_fol
         result["fin while held"] = fin_while_held.wait(BOUND)
         result["data"] = read_to_eof(client_end)
 
-    reader = threading.Thread(target=client)
-    reader.start()
-    loop.call_later(BOUND, lambda: closed.append("timed out"))
-    run_until_closed(loop, closed)
-    reader.join(BOUND)
-    service.join(BOUND)
+    relay_with_client(loop, closed, client, service, BOUND)
     assert closed == [conn], "the relay never finished the connection"
     assert result["fin while held"], "the service's FIN did not come while bytes were held"
     expected = b"".join(messages)
@@ -163,11 +170,7 @@ def test_bulk_is_spliced_then_small_messages_are_copied_again_in_order(monkeypat
         client_end.shutdown(socket.SHUT_WR)
         result["last"] = read_to_eof(client_end)
 
-    reader = threading.Thread(target=client)
-    reader.start()
-    run_until_closed(loop, closed)
-    reader.join(BOUND)
-    service.join(BOUND)
+    relay_with_client(loop, closed, client, service)
     assert result["bulk"] == bulk
     assert result["answers"] == [b"answer to q%d" % i for i in range(5)]
     assert result["last"] == b"last words"
@@ -213,12 +216,7 @@ def test_a_service_that_speaks_first_is_heard_before_the_client_says_anything(pr
         client_end.shutdown(socket.SHUT_WR)
         result["rest"] = read_to_eof(client_end)
 
-    reader = threading.Thread(target=client)
-    reader.start()
-    loop.call_later(BOUND, lambda: closed.append("timed out"))
-    run_until_closed(loop, closed)
-    reader.join(BOUND)
-    service.join(BOUND)
+    relay_with_client(loop, closed, client, service, BOUND)
     assert closed == [conn]
     assert result == {"banner": b"220 hello\r\n", "rest": b"221 bye\r\n"}
     client_end.close()
