@@ -15,6 +15,7 @@ from oci_portfwd.proxy_header import v2_header
 from oci_portfwd.stats import new_counters
 from oci_portfwd.tcp_relay import PipePool, TcpConnection, TcpListener
 
+from .relaykit import run_until_closed
 from .test_state_config_plan import plan_for
 
 BOUND = 20  # seconds: every blocking call of these tests is bounded
@@ -51,19 +52,6 @@ class Service:
             while data := conn.recv(1 << 16):
                 self.received += data
             conn.sendall(b"bye")
-
-
-def run_until_closed(loop, closed):
-    """Run until the connection's on_close appended to `closed` (checked every 10 ms: the loop
-    only looks at `running` between events)."""
-
-    def check():
-        if closed:
-            loop.running = False
-        loop.call_later(0.01, check)
-
-    check()
-    loop.run()
 
 
 def client_exchange(port, payload, result):

@@ -16,6 +16,8 @@ from oci_portfwd.eventloop import EventLoop
 from oci_portfwd.stats import TO_CLIENT, TO_CONTAINER, new_counters
 from oci_portfwd.tcp_relay import COPY_SIZE, PipePool, TcpConnection
 
+from .relaykit import run_until_closed
+
 BOUND = 20
 
 
@@ -24,16 +26,6 @@ class FreshSockets:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         callback(sock)
-
-
-def run_until_closed(loop, closed):
-    def check():
-        if closed:
-            loop.running = False
-        loop.call_later(0.01, check)
-
-    check()
-    loop.run()
 
 
 def relay_with_client(loop, closed, client, service, bound=None):
