@@ -137,7 +137,8 @@ def format_exception(error: BaseException) -> str:
     """A bug's traceback as the traceback module prints it, less the source lines: without
     that module (with linecache and tokenize it keeps re loaded: memory of every forwarded
     container), and without reading source files, which the core's sandbox cannot open."""
-    parts = []
+    # The traceback module prints the innermost cause first: each cause goes in front.
+    out = ""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -148,21 +149,18 @@ def format_exception(error: BaseException) -> str:
             code = tb.tb_frame.f_code
             lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
             tb = tb.tb_next
-        text = str(current)
-        lines.append(f"{type(current).__qualname__}: {text}\n" if text else f"{type(current).__qualname__}\n")
-        parts.append("".join(lines))
-        cause = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-        if cause is not None:
-            parts.append("\nThe above exception was the direct cause of the following exception:\n\n"
-                         if current.__cause__ is not None else
-                         "\nDuring handling of the above exception, another exception occurred:\n\n")
-        current = cause
-    # The traceback module prints the innermost cause first.
-    blocks = parts[::2][::-1]
-    joins = parts[1::2][::-1]
-    out = blocks[0]
-    for join, block in zip(joins, blocks[1:], strict=False):
-        out += join + block
+        kind, text = type(current), str(current)
+        name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+        lines.append(f"{name}: {text}\n" if text else f"{name}\n")
+        out = "".join(lines) + out
+        if current.__cause__ is not None:
+            out = "\nThe above exception was the direct cause of the following exception:\n\n" + out
+            current = current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            out = "\nDuring handling of the above exception, another exception occurred:\n\n" + out
+            current = current.__context__
+        else:
+            current = None
     return out
 
 

@@ -227,7 +227,12 @@ def test_format_exception_is_traceback_s_without_source_lines():
 
     from oci_portfwd.logs import format_exception
 
-    for raise_it in (_chained, lambda: 1 / 0):
+    def ours_failing():
+        from oci_portfwd.errors import StartError
+
+        raise StartError("the core did not start")
+
+    for raise_it in (_chained, lambda: 1 / 0, ours_failing):
         try:
             raise_it()
         except Exception as e:  # noqa: BLE001
