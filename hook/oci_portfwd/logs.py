@@ -186,6 +186,3 @@ def append_line(path: str, level: str, message: str) -> None:
     finally:
         os.close(fd)
 
-
-def close_log(logger: HookLog) -> None:
-    logger.close()

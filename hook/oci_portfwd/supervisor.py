@@ -16,7 +16,7 @@ import time
 
 from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
-from .logs import HookLog, close_log
+from .logs import HookLog
 from .polling import wait_readable
 from .privileges import check_seccomp_binding, core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
@@ -132,7 +132,7 @@ def _supervisor_main(ctx: Context, report_fd: int) -> int:
     try:
         return supervisor.run()
     finally:
-        close_log(supervisor.log)
+        supervisor.log.close()
 
 
 def _detach_stdio(log_path: str) -> None:
