@@ -331,7 +331,7 @@ static void serve(int sock, int mark)
         }
         if (kind->type == SOCK_STREAM) {
             /* Reset, not FIN, if the core dies holding the connection (see tcp_relay); no
-             * Nagle in a relay (tcp_relay.TcpListener). */
+             * Nagle in a relay (listeners._bind_one). */
             static const int on = 1;
             for (int i = 0; i < count; i++) {
                 if (setsockopt(fds[i], SOL_SOCKET, SO_LINGER, linger_reset, sizeof linger_reset) != 0)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from collections.abc import Callable
 from .client_routing import MARK, make_transparent
 from .errors import ContainerGone, NamespaceError, StartError, loads_strict
 from .forking import fork_child
+from .listeners import LINGER_RESET
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
 from .privileges import drop_dialer, keep_net_admin_across_exec
@@ -59,7 +59,6 @@ KINDS = {
 }
 MAX_BATCH = 32
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
-LINGER_RESET = struct.pack("ii", 1, 0)
 # sys.prefix: the venv's for `make venv`, /usr for the packages.
 NATIVE_DIALER = sys.prefix + "/libexec/oci-portfwd-hook/portfwd-dialer"
 # Test switch (like seccomp_filter.PROBE_ENV): set, the dialer's loop stays in Python.
@@ -195,7 +194,7 @@ def _serve(
             # set here, so that it costs the core nothing per connection.
             for s in made:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-                # No Nagle in the relay (see tcp_relay.TcpListener).
+                # No Nagle in the relay (see listeners._bind_one).
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:

@@ -26,12 +26,12 @@ import fcntl
 import os
 import select
 import socket
-import struct
 from collections.abc import Callable, Sequence
 
 from .addressing import Target
 from .dialer import SocketPool, kind_of
 from .eventloop import EventLoop
+from .listeners import LINGER_RESET
 from .proxy_header import header_for
 from .source_address import Address, SourceBinder
 from .stats import TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CLIENT, TO_CONTAINER, Counters
@@ -67,8 +67,7 @@ _VIEW = memoryview(_BUFFER)
 RESET_ERRNOS = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNREFUSED, errno.EHOSTUNREACH}
 )
-LINGER_RESET = struct.pack("ii", 1, 0)
-LINGER_OFF = struct.pack("ii", 0, 0)
+LINGER_OFF = bytes(len(LINGER_RESET))  # struct linger {0, 0}
 # A refused or unreachable dial of one family falls back to the next target.
 DIAL_FALLBACK_ERRNOS = {
     errno.ECONNREFUSED,
@@ -527,16 +526,9 @@ class TcpListener:
         self.log = log
         self.proxy = proxy  # each connection starts with a PROXY protocol v2 header
         self.source = source
+        # Client sockets come with SO_LINGER {1, 0} and TCP_NODELAY: accepted sockets inherit
+        # them from the listener, which has them from its bind (listeners._bind_one).
         self.connections: set[TcpConnection] = set()
-        # Accepted sockets inherit SO_LINGER from the listener (the kernel clones it): every
-        # client socket resets its peer if this process dies holding it, at no cost per
-        # connection. Set again by each core; a listener's own close is unaffected.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        # And TCP_NODELAY, inherited the same way (the dialer sets it on the container side):
-        # the relay must not hold back what it was given. With Nagle, a message that reaches
-        # us in two parts (a request whose client wrote header and body apart) waits for the
-        # peer's ACK of the first, which a peer waiting for the rest delays: ~40 ms each.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _closed(self, conn: TcpConnection) -> None:
         self.connections.discard(conn)
