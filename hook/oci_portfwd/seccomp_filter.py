@@ -40,6 +40,7 @@ from .privileges import drop_core
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Collection
+    from typing import Any
 
 # <linux/seccomp.h>: _IOWR('!', 0, struct seccomp_notif), a struct of 80 bytes:
 # u64 id; u32 pid; u32 flags; struct seccomp_data { int nr; u32 arch; u64 ip; u64 args[6]; }
@@ -120,11 +121,23 @@ def _library() -> ModuleType:
     return pyseccomp
 
 
-def _allow_list(lib: ModuleType, default: int, names: tuple[str, ...]) -> object:
+def _only(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:
+    """A filter that allows `names` and gives everything else `default`."""
     f = lib.SyscallFilter(default)
     f.set_attr(lib.Attr.ACT_BADARCH, lib.KILL_PROCESS)  # x32 / i386 entry points
     for name in names:
         f.add_rule(lib.ALLOW, name)
+    return f
+
+
+def _allow_inet_sockets(lib: ModuleType, f: Any) -> None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))
+
+
+def _allow_list(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:
+    """_only, plus what a CPython process needs around `names`."""
+    f = _only(lib, default, names)
     # Memory, but never executable memory: no code of its own for an attacker.
     for name in ("mmap", "mprotect"):
         f.add_rule(lib.ALLOW, name, lib.Arg(2, lib.MASKED_EQ, PROT_EXEC, 0))
@@ -168,7 +181,7 @@ class CoreSandbox:
         _no_source_lines()
         f = _allow_list(lib, lib.NOTIFY, CORE_SYSCALLS)
         drop_core(self.identity)
-        f.load()  # type: ignore[attr-defined]
+        f.load()
         listener = _notify_fd(lib, f)
         socket.send_fds(self.theirs, [b"L"], [listener])
         os.close(listener)
@@ -252,9 +265,8 @@ def sandbox_dialer() -> None:
         _install_probes()
     _no_source_lines()
     f = _allow_list(lib, lib.KILL_PROCESS, DIALER_SYSCALLS)
-    for family in (socket.AF_INET, socket.AF_INET6):
-        f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))  # type: ignore[attr-defined]
-    f.load()  # type: ignore[attr-defined]
+    _allow_inet_sockets(lib, f)
+    f.load()
 
 
 def export_native_dialer(fd: int) -> None:
@@ -263,13 +275,9 @@ def export_native_dialer(fd: int) -> None:
     A forbidden call kills it, as the Python dialer's filter does."""
     with open(fd, "wb") as out:
         lib = _library()
-        f = lib.SyscallFilter(lib.KILL_PROCESS)
-        f.set_attr(lib.Attr.ACT_BADARCH, lib.KILL_PROCESS)
-        for name in NATIVE_DIALER_SYSCALLS:
-            f.add_rule(lib.ALLOW, name)
+        f = _only(lib, lib.KILL_PROCESS, NATIVE_DIALER_SYSCALLS)
         f.add_rule(lib.ALLOW, "write", lib.Arg(0, lib.EQ, 2))
-        for family in (socket.AF_INET, socket.AF_INET6):
-            f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))
+        _allow_inet_sockets(lib, f)
         f.export_bpf(out)
 
 
