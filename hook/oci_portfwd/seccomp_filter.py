@@ -102,7 +102,6 @@ def _library() -> ModuleType:
     # `ldconfig -p` twice (~15 ms, two fork+execs). Their sonames are fixed on Linux: it gets
     # a ctypes.util that knows just those, for the time of its import.
     import ctypes  # noqa: PLC0415
-    import sys  # noqa: PLC0415
 
     stub = ModuleType("ctypes.util")
     stub.find_library = SONAMES.get  # type: ignore[attr-defined]
