@@ -249,7 +249,9 @@ def await_hello(sock: socket.socket, timeout: float) -> Addresses | None:
         sock.setblocking(False)
     if message == b"W":
         return None
-    if message.startswith((b"E", b"G")):
+    if message.startswith(b"G"):
+        raise ContainerGone(message[1:].decode(errors="replace"))
+    if message.startswith(b"E"):
         raise StartError(message[1:].decode(errors="replace"))
     if message.startswith(b"K"):
         return decode_hello(message)

@@ -14,7 +14,7 @@ import _signal as signal  # signal's enums (~2 ms with enum) are off the hook's 
 import os
 import time
 
-from .errors import NamespaceError, StartError, StateDirError
+from .errors import ContainerGone, NamespaceError, StartError, StateDirError
 from .forking import fork_child
 from .logs import HookLog
 from .polling import wait_readable
@@ -369,11 +369,12 @@ class Supervisor:
             status = StatusWriter(status_w, counts)
             try:
                 return self.ctx.driver.run(self.plan, self.ctx.listeners, status, log, sandbox=sandbox)
-            except StartError as e:
-                if _exited(self.plan.container_pid):
+            except (StartError, ContainerGone) as e:
+                if isinstance(e, ContainerGone) or _exited(self.plan.container_pid):
                     # The container ended while this core started (a delete right after the
                     # start, which the hook no longer waits out): nothing failed, and the
-                    # supervisor tears down; no error to keep the log for.
+                    # supervisor tears down; no error to keep the log for. The dialer's word
+                    # comes first: a process loses its namespaces before its pidfd is readable.
                     log.info("%s (the container ended while the forwarding started)", e)
                     return 1
                 log.error("%s", e)
