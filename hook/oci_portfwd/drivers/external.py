@@ -99,12 +99,13 @@ def spawn(argv: Sequence[str], pass_fds: Sequence[int], log: HookLog) -> subproc
 def wait_until_bound(
     proc: subprocess.Popen[bytes], mappings: Sequence[PortMapping], deadline: float, name: str
 ) -> None:
-    """Until the program holds every host port: we can no longer bind them ourselves."""
+    """Until the program serves every host port: we can no longer bind them ourselves, and a
+    TCP port also listens (a program binds before it listens: a client in between is refused)."""
     pending = list(mappings)
     while pending:
         if proc.poll() is not None:
             raise StartError(f"{name} exited ({_exit_text(proc)}) before it served {pending[0]}; see the log")
-        pending = [m for m in pending if _can_bind(m)]
+        pending = [m for m in pending if _can_bind(m) or (m.proto == "tcp" and not _listens(m))]
         if not pending:
             return
         if time.monotonic() > deadline:
@@ -126,6 +127,27 @@ def _can_bind(m: PortMapping) -> bool:
                 return False
             raise
     return True
+
+
+# /proc/net/tcp{,6}: "sl local_address rem_address st ...", the port in hex after the colon;
+# st 0A is TCP_LISTEN.
+TCP_LISTEN = "0A"
+
+
+def _listens(m: PortMapping) -> bool:
+    """Whether a TCP socket of this netns listens on the mapping's host port (its family)."""
+    assert m.host_ip is not None
+    table = "/proc/net/tcp6" if ":" in m.host_ip else "/proc/net/tcp"
+    try:
+        with open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == m.host_port:
+                    return True
+    except OSError:
+        return True  # cannot tell: the bind check alone decides, as before
+    return False
 
 
 def serve_until_exit(
