@@ -14,6 +14,10 @@ PYTEST_ARGS ?=
 # sys.prefix/libexec/oci-portfwd-hook/, so the venv gets it where the packages put it in /usr).
 NATIVE_DIALER_SRC := hook/native/portfwd-dialer.c
 NATIVE_DIALER := $(VENV)/libexec/oci-portfwd-hook/portfwd-dialer
+# The supervisor's quiet life in C (hook/native/portfwd-keeper.c; supervisor.py execs it from
+# the same directory once its core serves).
+KEEPER_SRC := hook/native/portfwd-keeper.c
+KEEPER := $(VENV)/libexec/oci-portfwd-hook/portfwd-keeper
 NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror
 
 # Runtimes, network tools and clients the e2e tests and the demo drive, plus what
@@ -86,9 +90,13 @@ deps pkg-deps bench-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing </dev/null; \
 	fi
 
-venv: $(VENV_STAMP) $(NATIVE_DIALER)
+venv: $(VENV_STAMP) $(NATIVE_DIALER) $(KEEPER)
 
-native-dialer: $(NATIVE_DIALER)
+native-dialer: $(NATIVE_DIALER) $(KEEPER)
+
+$(KEEPER): $(KEEPER_SRC) | $(VENV_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(NATIVE_CFLAGS) -o $@ $<
 
 # Execute-only (0111), as the packages install it: exec'd from a file it cannot read, the
 # dialer stays out of reach of the container's user namespace (see the program's header).

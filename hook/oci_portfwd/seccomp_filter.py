@@ -166,6 +166,19 @@ class CoreSandbox:
         self.listener = -1
         self.violation: str | None = None
 
+    @classmethod
+    def for_core(cls, identity: tuple[int, int] | None, theirs: int) -> CoreSandbox:
+        """The core's side in the core's own interpreter (core_process.py): the socket it
+        inherited across the exec."""
+        sandbox = cls.__new__(cls)
+        sandbox.identity = identity
+        sandbox.ours = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sandbox.ours.close()  # the supervisor's end: not in this process
+        sandbox.theirs = socket.socket(fileno=theirs)
+        sandbox.listener = -1
+        sandbox.violation = None
+        return sandbox
+
     # the core's side
     def in_child(self) -> None:
         self.ours.close()

@@ -14,6 +14,7 @@ import stat
 from .errors import StateDirError, loads_strict
 from .procfs import process_start_time
 from .regularfile import read_regular
+from .stats import as_dict, read_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -206,6 +207,11 @@ def record_path(state_dir: str, container_id: str) -> str:
     return os.path.join(state_dir, f"{container_id}.json")
 
 
+def counters_path(state_dir: str, container_id: str) -> str:
+    """The forwarding's traffic page (stats.counters_file), beside its state file."""
+    return os.path.join(state_dir, f"{container_id}.counters")
+
+
 def log_path(state_dir: str, container_id: str) -> str:
     return os.path.join(state_dir, f"{container_id}.log")
 
@@ -286,6 +292,7 @@ def remove_record(state_dir: str, container_id: str, *, owner_pid: int | None = 
             return
         if record is None or record.supervisor_pid != owner_pid:
             return
+    _unlink(counters_path(state_dir, container_id))
     _unlink(record_path(state_dir, container_id))
 
 
@@ -330,6 +337,9 @@ def list_records(state_dir: str) -> list[Record | Damaged]:
                 records.append(Damaged(name[: -len(".json")], str(e)))
                 continue
             if record is not None:
+                figures = read_file(counters_path(state_dir, record.container_id))
+                if figures is not None:
+                    record.stats = as_dict(figures)
                 records.append(record)
     return records
 

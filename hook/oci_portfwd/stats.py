@@ -1,13 +1,18 @@
 """Traffic figures of one core, for `oci-portfwd-hook ps`.
 
-The core counts into a page of shared memory that the supervisor mapped before forking it
-(MAP_SHARED | MAP_ANONYMOUS): one addition per splice or datagram, no system call and no
-message per event. The supervisor reads the page when it wakes (at least once a second) to
-update the state file, and once more after the core died: a killed core's figures are kept
-to its last splice, and a restarted core counts from zero in a fresh page.
+The core counts into a page of shared memory that the supervisor mapped before forking it:
+one addition per splice or datagram, no system call and no message per event. The page is a
+file beside the state file (statefile.counters_path), mapped MAP_SHARED: `ps` reads it
+there, so nobody wakes to publish figures, and it outlives every core (a killed core's
+figures are kept to its last splice; a restarted core counts on in the same page, once the
+supervisor has zeroed `tcp_open`: the dead core's connections are gone). The supervisor
+(portfwd-keeper) holds no mapping between restarts: the file is the page.
 """
 
 from __future__ import annotations
+
+import os
+import stat
 
 FIELDS = (
     "tcp_open",
@@ -28,6 +33,36 @@ def new_counters() -> Counters:
     import mmap  # noqa: PLC0415 - only the supervisor and the core need it
 
     return memoryview(mmap.mmap(-1, mmap.PAGESIZE)).cast("q")
+
+
+def counters_file(path: str, *, fresh: bool) -> Counters:
+    """The forwarding's page, in the file at `path` (0600; zeroed when `fresh`)."""
+    import mmap  # noqa: PLC0415
+
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if fresh else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+        return memoryview(mmap.mmap(fd, mmap.PAGESIZE)).cast("q")
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str) -> list[int] | None:
+    """The figures in a forwarding's page (for `ps`), or None without one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, 8 * len(FIELDS))
+    finally:
+        os.close(fd)
+    if len(data) != 8 * len(FIELDS):
+        return None
+    return memoryview(data).cast("q").tolist()
 
 
 def read(counts: Counters) -> list[int]:

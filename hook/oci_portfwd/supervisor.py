@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import _signal as signal  # signal's enums (~2 ms with enum) are off the hook's path
 import os
+import sys
 import time
 
-from .errors import ContainerGone, NamespaceError, StartError, StateDirError
+from .errors import NamespaceError, StartError, StateDirError
 from .forking import fork_child
 from .logs import HookLog
 from .polling import wait_readable
 from .privileges import check_seccomp_binding, core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
-from .statefile import Record, remove_record, write_record
-from .stats import FIELDS, TCP_OPEN, as_dict, new_counters, read
+from .statefile import Record, counters_path, record_path, remove_record, write_record
+from .stats import TCP_OPEN, counters_file
 from .status import StatusReader, StatusWriter
 
 # The hook imports this module and the supervisor runs in the hook's image until it says
-# ready: what the core needs is imported after that (_preload_core), and no dataclasses or
-# logging at all (issue 12).
+# ready: what it needs besides is imported after that, and no dataclasses or logging at all;
+# the core runs in an interpreter of its own (core_process.py), and once it serves this
+# process execs portfwd-keeper (issue 12).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from typing import Any
 
     from .drivers import Driver
     from .listeners import Listener
@@ -41,6 +44,8 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 30.0  # a core that lived this long restarts without backoff
 STOP_GRACE = 1.0
+PYTHON_SUPERVISOR_ENV = "OCI_PORTFWD_PYTHON_SUPERVISOR"
+HANDOVER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
 class Started:
@@ -146,20 +151,6 @@ def _detach_stdio(log_path: str) -> None:
     os.close(out)
 
 
-def _preload_core() -> None:
-    """Import what the core and its dialer run, then freeze the collector, before the first
-    fork: their pages stay shared with this process (copy-on-write) instead of each child
-    importing its own copy; frozen objects are never written by a collection."""
-    import gc  # noqa: PLC0415
-
-    from . import core  # noqa: F401, PLC0415
-    from .seccomp_filter import _library  # noqa: PLC0415
-
-    _library()
-    gc.collect()
-    gc.freeze()
-
-
 class Core:
     __slots__ = ("pid", "pidfd", "status", "started_at", "counts", "ready", "sandbox")
 
@@ -192,9 +183,9 @@ class Supervisor:
         self.stop_reason: str | None = None
         # Between "ready" and the core's fork (builtin): a stop ends this process at once.
         self.quick_stop = False
-        # Traffic of the cores that died: a restarted core counts from zero again.
-        self.earlier = [0] * len(FIELDS)
-        self.published: list[int] = []
+        # The forwarding's traffic page (stats.py): every core counts into it.
+        self.counts: Counters | None = None
+        self.keeper = native_keeper()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.core_identity: tuple[int, int] | None = None
 
@@ -228,7 +219,7 @@ class Supervisor:
         core = self._spawn_core()
         try:
             self._await_first_ready(core)
-            self._write_first_record(me, start_time, read(core.counts))
+            self._write_first_record(me, start_time)
             # Lines that came with "ready" in the same read wait in the buffer.
             for line in core.status.lines():
                 self._on_core_line(core, line)
@@ -269,7 +260,7 @@ class Supervisor:
                 if fd is not None:
                     os.close(fd)
         try:
-            self._write_first_record(me, start_time, [0] * len(FIELDS))
+            self._write_first_record(me, start_time)
         except (StateDirError, OSError) as e:
             return self._fail(str(e))
         self.log.info(
@@ -287,7 +278,6 @@ class Supervisor:
         if self.stop_reason is not None:
             self._stop_before_core()
         self._settle()
-        _preload_core()
         self.quick_stop = False
         core = self._spawn_core()
         reason = self._watch(container, core)
@@ -305,7 +295,7 @@ class Supervisor:
         prctl.set_dumpable(False)
         limit_supervisor(self.plan.driver)
 
-    def _write_first_record(self, me: int, start_time: int, stats: list[int]) -> None:
+    def _write_first_record(self, me: int, start_time: int) -> None:
         from .names import container_name  # noqa: PLC0415 - only the supervisor needs it
 
         cid = self.plan.container_id
@@ -319,10 +309,8 @@ class Supervisor:
             ports=tuple(str(m) for m in self.plan.mappings),
             log=str(self.ctx.log_path),
             created=time.time(),
-            stats=as_dict(stats),
         )
         write_record(self.ctx.state_dir, self.record)
-        self.published = stats
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_reason = f"{_signal_name(signum)} received (poststop)"
@@ -348,38 +336,43 @@ class Supervisor:
 
     # the core
     def _spawn_core(self) -> Core:
-        from .listeners import as_socket_objects  # noqa: PLC0415
+        from . import handover  # noqa: PLC0415
         from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
 
-        log = self.log
-        as_socket_objects(self.ctx.listeners)  # the hook bound them with _socket
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        counts = new_counters()
+        if self.counts is None:
+            self.counts = counters_file(counters_path(self.ctx.state_dir, self.plan.container_id), fresh=True)
+        counts = self.counts
         # The builtin core sandboxes itself once it serves; the external drivers' process
         # restarts its program and stays as privileged as the supervisor.
         sandbox = CoreSandbox(self.core_identity) if self.plan.driver == "builtin" else None
 
+        prefix, path = sys.prefix, sys.path
+        counters = counters_path(self.ctx.state_dir, self.plan.container_id)
+
         def core() -> int:
+            # A fresh interpreter for the core (core_process.py): the fork keeps none of
+            # this process's imports alive in the container's cost.
             os.close(status_r)
+            given: dict[str, object] = {
+                "supervisor": os.getppid(), "prefix": prefix, "plan": self.plan,
+                "listeners": [(listener.target, listener.sock.fileno()) for listener in self.ctx.listeners],
+                "log_path": self.ctx.log_path, "log_level": self.ctx.log_level,
+                "status_fd": status_w, "counters": counters, "sandbox": None,
+            }
+            inherited = [status_w] + [listener.sock.fileno() for listener in self.ctx.listeners]
             if sandbox is not None:
                 sandbox.in_child()
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            status = StatusWriter(status_w, counts)
-            try:
-                return self.ctx.driver.run(self.plan, self.ctx.listeners, status, log, sandbox=sandbox)
-            except (StartError, ContainerGone) as e:
-                if isinstance(e, ContainerGone) or _exited(self.plan.container_pid):
-                    # The container ended while this core started (a delete right after the
-                    # start, which the hook no longer waits out): nothing failed, and the
-                    # supervisor tears down; no error to keep the log for. The dialer's word
-                    # comes first: a process loses its namespaces before its pidfd is readable.
-                    log.info("%s (the container ended while the forwarding started)", e)
-                    return 1
-                log.error("%s", e)
-                status.error(str(e))
-                return 1
+                given["sandbox"] = (sandbox.identity, sandbox.theirs.fileno())
+                inherited.append(sandbox.theirs.fileno())
+            for fd in inherited:
+                os.set_inheritable(fd, True)
+            fd = handover.write(given)
+            os.execv(sys.executable, [
+                sys.executable, "-IS", "-c",
+                f"import sys; sys.path[:0] = {path!r}; from oci_portfwd.core_process import main; main({fd})",
+            ])
+            return 1
 
         pid = fork_child(core)
         os.close(status_w)
@@ -417,9 +410,8 @@ class Supervisor:
         self.log.debug("core pid %d stopped (%s)", core.pid, self._reap_core(core))
 
     # the watch
-    def _watch(self, container: int, core: Core) -> str:
+    def _watch(self, container: int, core: Core, backoff: float = BACKOFF_FIRST) -> str:
         current: Core | None = core
-        backoff = BACKOFF_FIRST
         restart_at = 0.0
         reason: str | None = None
         while reason is None:
@@ -463,20 +455,120 @@ class Supervisor:
                         backoff = BACKOFF_FIRST
                     delay, backoff = backoff, min(backoff * 2, BACKOFF_MAX)
                     # Its page holds its figures up to its last splice; its connections are gone.
-                    final = read(current.counts)
-                    final[TCP_OPEN] = 0
-                    self.earlier = [a + b for a, b in zip(self.earlier, final, strict=True)]
+                    current.counts[TCP_OPEN] = 0
                     restart_at = time.monotonic() + delay
                     current = None
                 else:
                     self._check_ready_in_time(current)
-                self._publish_stats(current)
+                    if reason is None and self._may_hand_over(current):
+                        self._hand_over(container, current, backoff)
             elif time.monotonic() >= restart_at:
                 current = self._spawn_core()
                 self.log.info("forwarding core restarted, pid %d", current.pid)
         if current is not None:
             self._stop_core(current)
         return reason
+
+    # the handover (hook/native/portfwd-keeper.c)
+    def _may_hand_over(self, core: Core) -> bool:
+        """A core that serves (and, builtin, sandboxed itself and handed up its listener)
+        leaves this process nothing to decide until something ends: the keeper waits."""
+        return (
+            self.keeper is not None
+            and self.stop_reason is None
+            and core.ready
+            and not core.status.buffered
+            and (core.sandbox is None or (core.sandbox.listener >= 0 and core.sandbox.violation is None))
+        )
+
+    def _hand_over(self, container: int, core: Core, backoff: float) -> None:
+        """Exec portfwd-keeper: the rest of this process's life without an interpreter (a
+        second CPython per container was ~5 MB of its cost, issue 12). It tears down by
+        itself; for anything to decide (the core died or broke its sandbox) it execs this
+        interpreter again on resume(), which reads back what is written here. Returns only
+        if the exec did not happen (a stop came first, or the exec failed)."""
+        import pickle  # noqa: PLC0415 - once per core, not on the start path
+
+        assert self.keeper is not None and self.counts is not None
+        plan = self.plan
+        notify = -1
+        if core.sandbox is not None:
+            core.sandbox.ours.close()  # the core sent its listener: nothing else comes there
+            notify = core.sandbox.listener
+        listeners = [(listener.target, listener.sock.fileno()) for listener in self.ctx.listeners]
+        blob = pickle.dumps({
+            "plan": plan, "listeners": listeners, "state_dir": self.ctx.state_dir,
+            "log_path": self.ctx.log_path, "log_level": self.ctx.log_level,
+            "annotations": dict(self.ctx.annotations), "bundle": self.ctx.bundle,
+            "core_identity": self.core_identity, "record": self.record, "backoff": backoff,
+            "container": container, "core": (core.pid, core.pidfd, core.status.fd, core.started_at),
+            "notify": notify,
+        })
+        state = os.memfd_create("portfwd-resume", 0)  # inherited by the keeper, and back
+        os.write(state, blob)
+        os.lseek(state, 0, os.SEEK_SET)
+        inherited = [fd for _, fd in listeners] + [container, core.pidfd, core.status.fd, self.log.fd]
+        for fd in inherited + ([notify] if notify >= 0 else []):
+            os.set_inheritable(fd, True)
+        resume_argv = [
+            sys.executable, "-I", "-c",
+            f"import sys; sys.path[:0] = {sys.path!r}; "
+            f"from oci_portfwd.supervisor import resume; sys.exit(resume({state}))",
+        ]
+        argv = [
+            self.keeper, f"portfwd:{plan.container_id[:7]}", str(self.log.fd), str(self.log.level),
+            str(plan.container_pid), str(container), str(core.pid), str(core.pidfd), str(notify),
+            record_path(self.ctx.state_dir, plan.container_id),
+            counters_path(self.ctx.state_dir, plan.container_id),
+            ",".join(str(fd) for _, fd in listeners), "--", *resume_argv,
+        ]
+        # Blocked across the exec (the keeper unblocks them once its handlers are in): a
+        # stop must wait for it, not end it with the default action half-way.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+        self._drain_wakeup()
+        if self.stop_reason is None:
+            self.log.debug("core pid %d serves; the supervisor continues in %s", core.pid, self.keeper)
+            try:
+                os.execv(self.keeper, argv)
+            except OSError as e:
+                self.log.warning("cannot exec %s (%s): the supervisor stays in Python", self.keeper, e.strerror)
+                self.keeper = None
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
+        os.close(state)
+        for fd in inherited + ([notify] if notify >= 0 else []):
+            os.set_inheritable(fd, False)  # the next core's exec must not get them
+
+    def resume(self, state: dict[str, Any]) -> int:
+        """Back from the keeper (see _hand_over): the watch goes on where it handed over."""
+        from .seccomp_filter import CoreSandbox  # noqa: PLC0415
+
+        plan = self.plan
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(f"portfwd:{plan.container_id[:7]}")
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)  # a stop meanwhile: now
+        self._settle()  # exec made it dumpable again; the rest is as it was
+        self.core_identity = state["core_identity"]
+        self.record = state["record"]
+        self.counts = counters_file(counters_path(self.ctx.state_dir, plan.container_id), fresh=False)
+        pid, pidfd, status_fd, started_at = state["core"]
+        sandbox = None
+        if plan.driver == "builtin":
+            sandbox = CoreSandbox(self.core_identity)
+            sandbox.ours.close()
+            sandbox.theirs.close()
+            sandbox.listener = state["notify"]
+        core = Core(pid, pidfd, StatusReader(status_fd), started_at, self.counts, sandbox=sandbox)
+        core.ready = True
+        for fd in [state["container"], pidfd, status_fd] + [fd for _, fd in state["listeners"]]:
+            os.set_inheritable(fd, False)
+        self.log.debug("the supervisor is back in Python (core pid %d)", pid)
+        reason = self._watch(state["container"], core, state["backoff"])
+        self.log.info("tearing down: %s", reason)
+        self._teardown()
+        return 0
 
     def _on_core_line(self, core: Core, line: str) -> None:
         if line == "ready":
@@ -496,19 +588,6 @@ class Supervisor:
             signal.pidfd_send_signal(core.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-    def _publish_stats(self, core: Core | None) -> None:
-        """The state file's traffic figures (for `ps`): the dead cores' plus the running
-        one's, rewritten when they changed; called at least once a second by the watch."""
-        values = self.earlier if core is None else [a + b for a, b in zip(self.earlier, read(core.counts), strict=True)]
-        if values == self.published:
-            return
-        self.published = values
-        self.record = self.record.with_stats(as_dict(values))
-        try:
-            write_record(self.ctx.state_dir, self.record)
-        except OSError as e:
-            self.log.warning("cannot update the state file: %s", e)
 
     def _reap_core(self, core: Core) -> str:
         try:
@@ -592,6 +671,40 @@ class Supervisor:
                 os.close(fd)
 
 
+def native_keeper() -> str | None:
+    """portfwd-keeper where the packages (and `make venv`) put it, or None: the supervisor
+    then stays in Python for its whole life (as it does with OCI_PORTFWD_PYTHON_SUPERVISOR set)."""
+    if os.environ.get(PYTHON_SUPERVISOR_ENV):
+        return None
+    path = sys.prefix + "/libexec/oci-portfwd-hook/portfwd-keeper"
+    return path if os.access(path, os.X_OK) else None
+
+
+def resume(state_fd: int) -> int:
+    """The entry of the supervisor exec'd again by portfwd-keeper (Supervisor._hand_over)."""
+    import _socket  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    from .drivers import get_driver  # noqa: PLC0415
+    from .listeners import Listener  # noqa: PLC0415
+
+    with open(state_fd, "rb") as f:
+        state = pickle.load(f)  # noqa: S301 - our own memfd, inherited by exec only
+    plan = state["plan"]
+    listeners = [Listener(target, _socket.socket(fileno=fd)) for target, fd in state["listeners"]]
+    ctx = Context(plan, listeners, get_driver(plan.driver), state["state_dir"], state["log_path"],
+                  state["log_level"], state["annotations"], state["bundle"])
+    supervisor = Supervisor(ctx, StatusWriter(-1), HookLog(ctx.log_path, ctx.log_level, stderr=False))
+    try:
+        return supervisor.resume(state)
+    except Exception:
+        supervisor.log.exception("the supervisor failed after a core's end; tearing down")
+        supervisor._teardown()
+        return 1
+    finally:
+        supervisor.log.close()
+
+
 def _signal_name(signum: int) -> str:
     # The handled ones without signal.Signals: no import in a signal handler before the core's
     # modules are loaded (_stop_before_core).
@@ -604,16 +717,3 @@ def _signal_name(signum: int) -> str:
         return signal_module.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def _exited(pid: int) -> bool:
-    """Whether the process has exited, a zombie included (its /proc entry, start time and
-    all, stays until the runtime reaps it): a pidfd is readable from the exit on."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(wait_readable([fd], 0))
-    finally:
-        os.close(fd)

@@ -176,7 +176,7 @@ def test_orderly_end_is_fin_after_every_byte_even_for_a_lagging_reader(container
         sock.shutdown(socket.SHUT_WR)
 
         def closed_by_the_relay() -> bool:
-            stats = hook_env.read_state(c.id)["stats"]
+            stats = hook_env.read_stats(c.id)
             return stats["tcp_total"] == 1 and stats["tcp_open"] == 0
 
         wait_until(closed_by_the_relay, TIMEOUT, "the relay to close the connection")
@@ -296,10 +296,10 @@ def test_counters_survive_core_restarts(containers, hook_env, port_alloc):
             old = core.pid
             core = wait_until(lambda old=old: child_by_comm(fw.supervisor.pid, CORE, (old,)), TIMEOUT,
                               "a restarted core")
-            # The supervisor updates the state file when it sees the death, before the restart.
+            # The supervisor zeroes tcp_open in the page when it sees the death, before the restart.
             # A core counts after each splice returns: killed between a splice and its count,
             # it loses that splice (at most a pipe's worth) per direction, never more.
-            stats = hook_env.read_state(c.id)["stats"]
+            stats = hook_env.read_stats(c.id)
             lost = (round_ + 1) * SPLICE_MAX
             for key in ("bytes_to_container", "bytes_to_client"):
                 assert exchanged - lost <= stats[key] <= exchanged, (key, stats, exchanged)

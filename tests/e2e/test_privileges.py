@@ -187,15 +187,17 @@ def test_the_dialer_runs_the_native_program_unless_told_not_to(setup):
 
 
 @pytest.mark.parametrize("setup", SETUPS, indirect=True)
-def test_core_holds_no_file_but_its_log(setup):
+def test_core_holds_no_file_but_its_log_and_counters(setup):
     core = setup.forwarding().core
     log = setup.hook.log_file(setup.container.id).resolve()
+    # Its traffic page (stats.counters_file): mapped, and held by that mapping (mmap's dup).
+    counters = setup.hook.state_dir.resolve() / f"{setup.container.id}.counters"
     files = set()
     for fd in Path(f"/proc/{core.pid}/fd").iterdir():
         target = os.readlink(fd)
         if target.startswith("/"):
             files.add(target)
-    assert files <= {str(log), "/dev/null"}, files
+    assert files <= {str(log), str(counters), "/dev/null"}, files
 
 
 @pytest.mark.parametrize("probe", list(PROBES))

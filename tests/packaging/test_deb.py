@@ -15,6 +15,7 @@ def expected_files(tree) -> set[str]:
         "usr/bin/oci-portfwd-runtime",
         "usr/libexec/oci/hooks.d/oci-portfwd-hook",
         "usr/libexec/oci-portfwd-hook/portfwd-dialer",
+        "usr/libexec/oci-portfwd-hook/portfwd-keeper",
         "usr/share/lintian/overrides/oci-portfwd-hook",  # the dialer is execute-only
         "usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
         "usr/share/man/man1/oci-portfwd-hook.1.gz",
@@ -56,6 +57,7 @@ def test_deb_ships_every_file(built_deb):
                                f"unexpected: {sorted(files - expected)}")
     assert members["usr/libexec/oci/hooks.d/oci-portfwd-hook"][0] == "-rwxr-xr-x"
     assert members["usr/libexec/oci-portfwd-hook/portfwd-dialer"][0] == "---x--x--x"  # execute-only
+    assert members["usr/libexec/oci-portfwd-hook/portfwd-keeper"][0] == "-rwxr-xr-x"
     assert members["usr/bin/oci-portfwd-hook"][0] == "-rwxr-xr-x"
     assert members["usr/bin/oci-portfwd-runtime"][0] == "-rwxr-xr-x"
 

@@ -32,6 +32,7 @@ CLI = Path("/usr/bin/oci-portfwd-hook")
 WRAPPER = Path("/usr/bin/oci-portfwd-runtime")
 PY_PACKAGE = Path("/usr/lib/python3/dist-packages/oci_portfwd")
 NATIVE_DIALER = Path("/usr/libexec/oci-portfwd-hook/portfwd-dialer")
+KEEPER = Path("/usr/libexec/oci-portfwd-hook/portfwd-keeper")
 STATE_DIR = Path("/run/oci-portfwd")
 # Whatever dpkg may leave next to a conffile.
 CONFFILE_LEFTOVERS = [Path(f"{CONFIG}{suffix}") for suffix in
@@ -258,6 +259,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def supervisor_exe(container_id: str) -> str | None:
+    """What the container's supervisor runs once its core serves."""
+    try:
+        supervisor = json.loads((STATE_DIR / f"{container_id}.json").read_text())["supervisor_pid"]
+        exe = os.readlink(f"/proc/{supervisor}/exe")
+    except (OSError, ValueError, KeyError):
+        return None
+    return exe if exe == str(KEEPER) else None
+
+
 def dialer_exe(container_id: str) -> str | None:
     """What the container's dialer runs (supervisor → core → dialer)."""
     try:
@@ -289,6 +300,8 @@ def check_forwarding(podman: list[str], name: str, container_id: str, port: int)
     # The packaged native dialer serves (dialer.py execs it from /usr/libexec), on Debian's
     # python3-seccomp, which exported its filter.
     assert wait_for(lambda: dialer_exe(container_id), 10, "the dialer") == str(NATIVE_DIALER)
+    # And the supervisor waits in the packaged keeper (supervisor.py execs it from there).
+    assert wait_for(lambda: supervisor_exe(container_id), 10, "the keeper") == str(KEEPER)
 
     run([*podman, "rm", "-f", "-t", "0", name], timeout=60)
     wait_for(lambda: port_is_free(port), 10, f"port {port} to be freed after podman rm")

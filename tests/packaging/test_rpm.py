@@ -30,6 +30,7 @@ def expected_paths(tree) -> set[str]:
         "/usr/libexec/oci/hooks.d/oci-portfwd-hook",
         "/usr/libexec/oci-portfwd-hook",
         "/usr/libexec/oci-portfwd-hook/portfwd-dialer",
+        "/usr/libexec/oci-portfwd-hook/portfwd-keeper",
         "/usr/share/containers/oci",
         "/usr/share/containers/oci/hooks.d",
         "/usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
@@ -77,6 +78,7 @@ def test_rpm_config_is_noreplace_and_arch_the_machines(built_rpm):
     modes = dict(line.split(" ", 1)[::-1] for line in
                  rpm_query(built_rpm.path, "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]"))
     assert modes["/usr/libexec/oci-portfwd-hook/portfwd-dialer"] == "---x--x--x"  # execute-only
+    assert modes["/usr/libexec/oci-portfwd-hook/portfwd-keeper"] == "-rwxr-xr-x"
 
 
 def test_rpm_dependencies(built_rpm):
@@ -113,9 +115,10 @@ def test_rpmlint_reports_no_errors(built_rpm):
     assert not [line for line in lines if ": E: " in line], "\n".join(lines)
     # Known and accepted (see the report in packaging/rpm/rpmlint.toml's header): no URL (there
     # is no upstream home page yet) and rpmlint 2.4's no-manual-page-for-binary false positive.
-    # And the native dialer unstripped: Debian's rpmbuild runs only brp-strip (strip -g, the
+    # And the native programs unstripped: Debian's rpmbuild runs only brp-strip (strip -g, the
     # symbol table stays); Fedora's find-debuginfo strips it and makes the -debuginfo package.
     accepted = ("no-url-tag", "invalid-url Source0", "no-manual-page-for-binary oci-portfwd-hook",
                 "no-manual-page-for-binary oci-portfwd-runtime",
-                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-dialer")
+                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-dialer",
+                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-keeper")
     assert not [line for line in lines if not any(a in line for a in accepted)], "\n".join(lines)

@@ -55,6 +55,14 @@ class HookEnv:
     def read_state(self, container_id: str) -> dict:
         return json.loads(self.state_file(container_id).read_text())
 
+    def read_stats(self, container_id: str) -> dict:
+        """The forwarding's traffic figures, as `ps` reads them: its page beside the state
+        file (seven signed 64-bit integers, oci_portfwd.stats.FIELDS)."""
+        from oci_portfwd.stats import FIELDS  # noqa: PLC0415
+
+        data = (self.state_dir / f"{container_id}.counters").read_bytes()[: 8 * len(FIELDS)]
+        return dict(zip(FIELDS, memoryview(data).cast("q").tolist(), strict=True))
+
     def log_text(self, container_id: str) -> str:
         try:
             return self.log_file(container_id).read_text(errors="replace")
