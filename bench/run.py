@@ -185,7 +185,14 @@ def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootle
         env.tun_node = private_tun_node(work)
     if rootless_crun:
         assert env.bench_user is not None
-        env.rootless = prepare_rootless(work, env.bench_user)
+        env.rootless = r = prepare_rootless(work, env.bench_user)
+        what = (f"WORK/crun-rootless-wrapper = {ROOTLESS_CRUN_WRAPPER.split(chr(10), 1)[1]}"
+                .replace("\\\n", "").replace("{controllers}", str(HYBRID_CONTROLLERS))
+                .replace("{as_user}", shlex.join(r.crun[:-1])) if hybrid_cgroups()
+                else shlex.join(r.crun_run) + " (as WORK/crun-rootless-wrapper below)")
+        cmdlog.note("ours-rootless", " ".join(what.replace(str(work), "WORK").split()))
+        cmdlog.note("ours-rootless", "crun kill / delete: " + shlex.join(r.crun).replace(str(work), "WORK")
+                    + " --root WORK/rootless/crun-root …")
     return env
 
 
