@@ -96,6 +96,7 @@ class RootlessCrun:
     crun_root: Path
     hook_config: Path
     hook_state: Path
+    problem: str | None = None   # why the row cannot run here (e.g. the user cannot run the hook)
 
 
 @dataclass
@@ -394,6 +395,8 @@ class CrunContainer:
         self.rootless = env.rootless if rootless else None
         if rootless and self.rootless is None:
             raise RuntimeError("rootless crun was not prepared (bench/run.py's prepare)")
+        if self.rootless and self.rootless.problem:
+            raise RuntimeError(self.rootless.problem)
         self.id = f"pfb{uuid.uuid4().hex[:10]}"
         self.bundle = (self.rootless.area if self.rootless else env.work) / "bundles" / self.id
         self.bundle.mkdir(parents=True)

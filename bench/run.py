@@ -114,7 +114,7 @@ exec unshare -m --propagation slave sh -c \\
 """
 
 
-def prepare_rootless(work: Path, user: BenchUser) -> RootlessCrun:
+def prepare_rootless(work: Path, user: BenchUser, hook: Path) -> RootlessCrun:
     """ours-rootless: a 0700 directory of the user's (removed with the work dir) for crun's state,
     the bundles, XDG_RUNTIME_DIR and the hook's config and state dir; the hook's config is the
     rootful builtin row's (source_address: its default, client)."""
@@ -135,8 +135,13 @@ def prepare_rootless(work: Path, user: BenchUser) -> RootlessCrun:
                                                         as_user=shlex.join(as_user)))
         wrapper.chmod(0o755)
         crun_run = [str(wrapper)]
-    return RootlessCrun(user=user, area=area, crun_run=crun_run, crun=[*as_user, crun],
-                        crun_root=area / "crun-root", hook_config=hook_config, hook_state=hook_state)
+    rc = RootlessCrun(user=user, area=area, crun_run=crun_run, crun=[*as_user, crun],
+                      crun_root=area / "crun-root", hook_config=hook_config, hook_state=hook_state)
+    res = run([*as_user, str(hook), "--version"], check=False, cwd="/")
+    if res.returncode != 0:
+        rc.problem = (f"the user {user.name} cannot run {hook} (is every parent directory "
+                      f"traversable by others?): {(res.stderr or res.stdout).strip()[-300:]}")
+    return rc
 
 
 def private_tun_node(work: Path) -> Path:
@@ -185,7 +190,7 @@ def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootle
         env.tun_node = private_tun_node(work)
     if rootless_crun:
         assert env.bench_user is not None
-        env.rootless = r = prepare_rootless(work, env.bench_user)
+        env.rootless = r = prepare_rootless(work, env.bench_user, hook)
         what = (f"WORK/crun-rootless-wrapper = {ROOTLESS_CRUN_WRAPPER.split(chr(10), 1)[1]}"
                 .replace("\\\n", "").replace("{controllers}", str(HYBRID_CONTROLLERS))
                 .replace("{as_user}", shlex.join(r.crun[:-1])) if hybrid_cgroups()
