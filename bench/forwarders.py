@@ -67,6 +67,7 @@ class Env:
     hook_state: Path
     bench_user: "BenchUser | None" = None
     tun_node: Path | None = None
+    rootless: "RootlessCrun | None" = None
 
 
 @dataclass
@@ -75,6 +76,27 @@ class BenchUser:
     uid: int
     gid: int
     home: Path
+
+    def prefix(self, *env: str) -> list[str]:
+        """argv prefix that runs a command as the user, with a clean environment."""
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+                "env", "-i", f"PATH={SYS_PATH}", f"HOME={self.home}", f"USER={self.name}", *env]
+
+
+@dataclass
+class RootlessCrun:
+    """ours-rootless: crun run by the bench user (a user namespace mapping root in the container
+    to it), as tests/e2e run rootless crun. Everything it writes is in `area`, a 0700 directory
+    of the user's: crun's --root, the bundles, the hook's config and state dir (the hook, its
+    supervisor and relay run as the user)."""
+    user: BenchUser
+    area: Path
+    crun_run: list[str]    # argv of `crun` for `run` (as the user; the cgroup wrapper if needed)
+    crun: list[str]        # argv of `crun` for kill / delete, as the user
+    crun_root: Path
+    hook_config: Path
+    hook_state: Path
+    problem: str | None = None   # why the row cannot run here (e.g. the user cannot run the hook)
 
 
 @dataclass
@@ -89,6 +111,8 @@ class Instance:
     procs_fn: object = None
     core_fn: object = None
     notes: list[str] = field(default_factory=list)
+    # Figures known from the setup itself (e.g. whether the service sees the client's address).
+    facts: dict = field(default_factory=dict)
 
     def procs(self) -> list[Proc]:
         return self.procs_fn() if self.procs_fn else []
@@ -321,10 +345,11 @@ def setup_rootlesskit(env: Env, port_driver: str) -> Instance:
 
 
 def crun_config(env: Env, args: list[str], annotations: dict[str, str], hooks: bool,
-                hook_path: str | None = None) -> dict:
+                hook_path: str | None = None, rootless: RootlessCrun | None = None) -> dict:
+    hook_config = rootless.hook_config if rootless else env.hook_config
     hook_entry = lambda stage: {  # noqa: E731
         "path": hook_path or str(env.hook), "args": ["oci-portfwd-hook", stage],
-        "env": [f"PATH={SYS_PATH}", f"OCI_PORTFWD_CONFIG={env.hook_config}"], "timeout": 30}
+        "env": [f"PATH={SYS_PATH}", f"OCI_PORTFWD_CONFIG={hook_config}"], "timeout": 30}
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     config = {
         "ociVersion": "1.0.2-dev",
@@ -351,24 +376,47 @@ def crun_config(env: Env, args: list[str], annotations: dict[str, str], hooks: b
     }
     if hooks:
         config["hooks"] = {"prestart": [hook_entry("prestart")], "poststop": [hook_entry("poststop")]}
+    if rootless:
+        # What tests/e2e/e2ekit/bundle.py's make_rootless changes: a user namespace with the
+        # user as the container's root, and the host's /sys bound (a user may not mount sysfs).
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": rootless.user.uid, "size": 1}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": rootless.user.gid, "size": 1}]
+        for mount in config["mounts"]:
+            if mount["destination"] == "/sys":
+                mount.update(type="none", source="/sys", options=["rbind", "nosuid", "noexec", "nodev", "ro"])
     return config
 
 
 class CrunContainer:
     def __init__(self, env: Env, cleanup: Cleanup, args: list[str], annotations: dict[str, str],
-                 hooks: bool, hook_path: str | None = None) -> None:
+                 hooks: bool, hook_path: str | None = None, rootless: bool = False) -> None:
         self.env = env
+        self.rootless = env.rootless if rootless else None
+        if rootless and self.rootless is None:
+            raise RuntimeError("rootless crun was not prepared (bench/run.py's prepare)")
+        if self.rootless and self.rootless.problem:
+            raise RuntimeError(self.rootless.problem)
         self.id = f"pfb{uuid.uuid4().hex[:10]}"
-        self.bundle = env.work / "bundles" / self.id
+        self.bundle = (self.rootless.area if self.rootless else env.work) / "bundles" / self.id
         self.bundle.mkdir(parents=True)
         (self.bundle / "config.json").write_text(
-            json.dumps(crun_config(env, args, annotations, hooks, hook_path), indent=1))
+            json.dumps(crun_config(env, args, annotations, hooks, hook_path, self.rootless), indent=1))
+        if self.rootless:
+            # crun, as the user, reads the bundle and writes the pid file there
+            for path in (self.bundle.parent, self.bundle, self.bundle / "config.json"):
+                os.chown(path, self.rootless.user.uid, self.rootless.user.gid)
+        self.hook_state = self.rootless.hook_state if self.rootless else env.hook_state
         self.pid: int | None = None
         self._created = False
         cleanup.push(f"container {self.id}", self.stop)
 
     def run_argv(self) -> list[str]:
-        return [self.env.crun_run, "--root", str(self.env.crun_root), "run", "-d",
+        if self.rootless:
+            crun, root = self.rootless.crun_run, self.rootless.crun_root
+        else:
+            crun, root = [self.env.crun_run], self.env.crun_root
+        return [*crun, "--root", str(root), "run", "-d",
                 "--bundle", str(self.bundle), "--pid-file", str(self.bundle / "pid"), self.id]
 
     def run(self) -> float:
@@ -380,7 +428,7 @@ class CrunContainer:
         with open(out, "wb") as f:
             rc, elapsed = run_timed(self.run_argv(), f)
         if rc != 0:
-            log = self.env.hook_state / f"{self.id}.log"
+            log = self.hook_state / f"{self.id}.log"
             raise RuntimeError(f"crun run {self.id} failed: {out.read_text().strip()}\n"
                                f"hook log: {log.read_text() if log.exists() else '(none)'}")
         self.pid = int((self.bundle / "pid").read_text())
@@ -388,7 +436,7 @@ class CrunContainer:
 
     def supervisor(self) -> Proc | None:
         try:
-            pid = int(json.loads((self.env.hook_state / f"{self.id}.json").read_text())["supervisor_pid"])
+            pid = int(json.loads((self.hook_state / f"{self.id}.json").read_text())["supervisor_pid"])
         except (OSError, ValueError, KeyError):
             return None
         p = Proc.of(pid)
@@ -400,7 +448,10 @@ class CrunContainer:
         if not self._created:
             return 0.0
         sup = self.supervisor()
-        crun = ["crun", "--root", str(self.env.crun_root)]
+        if self.rootless:  # as the user: poststop runs in delete, as the user's hook
+            crun = [*self.rootless.crun, "--root", str(self.rootless.crun_root)]
+        else:
+            crun = ["crun", "--root", str(self.env.crun_root)]
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
                  "stderr": subprocess.DEVNULL, "check": False}
         subprocess.run(crun + ["kill", self.id, "KILL"], timeout=30, **quiet)
@@ -411,10 +462,12 @@ class CrunContainer:
         return elapsed
 
 
-def setup_ours(env: Env, driver: str, source_address: str = "client") -> Instance:
+def setup_ours(env: Env, driver: str, source_address: str = "client", rootless: bool = False) -> Instance:
     """source_address: what the service sees (the default, `client`, binds each container-side
-    socket to the client's address; `loopback` does not)."""
-    name = f"ours-{driver}" + ("-loopback" if source_address == "loopback" else "")
+    socket to the client's address; `loopback` does not). rootless: crun run by the bench user
+    (env.rootless), the hook too."""
+    name = "ours-rootless" if rootless else (
+        f"ours-{driver}" + ("-loopback" if source_address == "loopback" else ""))
     inst = _new_instance(env, name)
     ports = (f"127.0.0.1:{inst.iperf_port}:{IPERF_INNER}/tcp,"
              f"127.0.0.1:{inst.iperf_port}:{IPERF_INNER}/udp,"
@@ -422,13 +475,16 @@ def setup_ours(env: Env, driver: str, source_address: str = "client") -> Instanc
     annotations = {"io.oci-portfwd.ports": ports, "io.oci-portfwd.driver": driver,
                    "io.oci-portfwd.source-address": source_address}
     args = ["/bin/sh", "-c", servers_script("/srv/bench-httpd")]
-    c = CrunContainer(env, inst.cleanup, args, annotations, hooks=True)
+    c = CrunContainer(env, inst.cleanup, args, annotations, hooks=True, rootless=rootless)
     env.cmdlog.note(name, "config.json: annotations " + json.dumps(annotations)
                     .replace(str(inst.iperf_port), "IPERF_PORT").replace(str(inst.http_port), "HTTP_PORT")
                     + "; process.args " + json.dumps(args)
-                    + f"; hooks prestart+poststop = {env.hook} (env OCI_PORTFWD_CONFIG)")
+                    + f"; hooks prestart+poststop = {env.hook} (env OCI_PORTFWD_CONFIG)"
+                    + ("; linux.namespaces + user, uidMappings/gidMappings [0 → the user's uid/gid, "
+                       "size 1], /sys bound from the host" if rootless else ""))
     env.cmdlog.note(name, [a.replace(c.id, "ID").replace(str(env.work), "WORK") for a in c.run_argv()])
     c.run()
+    assert c.pid is not None
     _wait_servers(c.pid)
 
     def procs() -> list[Proc]:
@@ -441,7 +497,52 @@ def setup_ours(env: Env, driver: str, source_address: str = "client") -> Instanc
         return [q for r in relays for q in tree(r.pid) if q.comm() != "portfwd-dialer"]
     inst.procs_fn, inst.core_fn = procs, core
     _wait_published(inst)
+    inst.facts["source_address"] = source_address
+    inst.facts["service_sees_client"] = service_sees_client(inst.http_port, c.pid)
     return inst
+
+
+def service_sees_client(http_port: int, pid_in_netns: int, timeout: float = 3.0) -> bool | None:
+    """Does the HTTP server in the container see this client's own address and port (what
+    source_address client promises)? A connection with half a request (the server waits for
+    the rest) and the server's side of it in the container's /proc/PID/net/tcp. None: no
+    connection seen there at all."""
+    try:
+        with socket.create_connection(("127.0.0.1", http_port), timeout=timeout) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            host, port = s.getsockname()[:2]
+            want = (socket.inet_aton(host)[::-1].hex().upper(), port)
+            deadline = time.monotonic() + timeout
+            seen = None
+            while time.monotonic() < deadline:
+                peers = _established_peers(pid_in_netns, HTTP_INNER)
+                if want in peers:
+                    return True
+                seen = False if peers else seen
+                time.sleep(0.05)
+            return seen
+    except OSError:
+        return None
+
+
+V4_MAPPED_HEX = "0000000000000000FFFF0000"  # ::ffff:a.b.c.d in /proc/net/tcp6
+
+
+def _established_peers(pid: int, local_port: int) -> set[tuple[str, int]]:
+    """(remote address as /proc hex, remote port) of connections established to local_port;
+    an IPv4 client of a dual-stack server (bench-httpd listens on [::]) as its IPv4 hex."""
+    out = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 3 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == local_port:
+                addr, port = f[2].rsplit(":", 1)
+                out.add((addr.removeprefix(V4_MAPPED_HEX), int(port, 16)))
+    return out
 
 
 FORWARDERS = {
@@ -455,11 +556,13 @@ FORWARDERS = {
     "ours-slirp4netns": lambda env: setup_ours(env, "slirp4netns"),
     "ours-pasta": lambda env: setup_ours(env, "pasta"),
     "ours-builtin-loopback": lambda env: setup_ours(env, "builtin", "loopback"),
+    "ours-rootless": lambda env: setup_ours(env, "builtin", rootless=True),
 }
 
 LABELS = {
     "ours-builtin": "ours, builtin (hook + crun)",
     "ours-builtin-loopback": "ours, builtin, source_address loopback",
+    "ours-rootless": "ours, builtin, rootless (hook + crun as an unprivileged user)",
     "ours-slirp4netns": "ours, slirp4netns driver",
     "ours-pasta": "ours, pasta driver",
     "rootlesskit-builtin": "rootlesskit --port-driver=builtin",

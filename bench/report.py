@@ -18,6 +18,7 @@ from forwarders import FORWARDERS, LABELS
 REF, BASE = "rootlesskit-builtin", "loopback"
 OURS = "ours-builtin"
 OURS_LOOPBACK = "ours-builtin-loopback"  # the same with source_address loopback
+OURS_ROOTLESS = "ours-rootless"  # ours-builtin with crun (and so the hook) run by an unprivileged user
 
 # key, column title, format, higher is better
 FIGURES = {
@@ -194,6 +195,48 @@ def summary(res: dict) -> str:
     # (README's prose quotes them), not this run's quick check.
     if notes:
         out += ["", _wrap(" ".join(notes))]
+    if rounds.get(OURS_ROOTLESS):
+        out += ["", rootless_summary(res)]
+    return "\n".join(out)
+
+
+def rootless_summary(res: dict) -> str:
+    """Ours rootless against the best peer and against rootlesskit builtin (the rootless peer
+    that does the same job), next to ours rootful."""
+    rounds: dict[str, list[dict]] = res["rounds"]
+    mine, rootful, rk = rounds[OURS_ROOTLESS], rounds.get(OURS), rounds.get(REF)
+    out = [_wrap("Ours rootless: the same hook, config (source_address client, the default) and "
+                 "servers, with crun, and so the hook, its supervisor and relay, run by an "
+                 "unprivileged user in a user namespace (\"ours\" above is rootful: crun and the "
+                 "hook run as root). Against the best peer and against rootlesskit builtin, the "
+                 "rootless peer that does the same job:"), "",
+           "| | ours rootless | ours rootful | best peer | rootless ÷ best peer | rootlesskit builtin "
+           "| rootless ÷ rootlesskit |",
+           "|---|---|---|---|---|---|---|"]
+
+    def fmt_(key: str, v: float | None) -> str:
+        return FIGURES[key][1].format(v) if v is not None else "—"
+
+    for key, title in SUMMARY_ROWS:
+        higher = FIGURES[key][2]
+        a = med(mine, key)
+        b = med(rootful, key) if rootful else None
+        best = best_peer(rounds, key)
+        r = med(rk, key) if rk else None
+        peer_cell = f"{fmt_(key, best[1])} ({PEERS[best[0]]})" if best else "—"
+        vs_best = verdict(a, best[1], higher) if best and a is not None else "—"
+        vs_rk = verdict(a, r, higher) if a is not None and r is not None else "—"
+        out.append(f"| {title} | {fmt_(key, a)} | {fmt_(key, b)} | {peer_cell} | {vs_best} | "
+                   f"{fmt_(key, r)} | {vs_rk} |")
+    notes = []
+    for name, what in ((OURS, "rootful"), (OURS_ROOTLESS, "rootless")):
+        seen = [r.get("service_sees_client") for r in rounds.get(name, [])]
+        if seen and not all(seen):
+            notes.append(f"Ours {what}: the service did not see the client's own address and port "
+                         f"in {sum(1 for x in seen if not x)} of {len(seen)} rounds (source_address "
+                         "client fell back to loopback, see the hook's log).")
+    if notes:
+        out += ["", _wrap(" ".join(notes))]
     return "\n".join(out)
 
 
@@ -227,7 +270,8 @@ def render(res: dict) -> str:
       f"machine: treat differences under ~15% as noise).\n")
     w("Setup, identical for every forwarder: `iperf3 -s -p 5201` and `bench-httpd 8000` "
       "(bench/httpd.c, one-thread epoll server, 79-byte body) in a network namespace of their "
-      "own (a crun container from the busybox-style rootfs for ours; rootlesskit's child; an "
+      "own (a crun container from the busybox-style rootfs for ours, run by root, or for ours "
+      "rootless by an unprivileged user in a user namespace; rootlesskit's child; an "
       "`ip netns` for pasta, slirp4netns and socat), published on 127.0.0.1:IPERF_PORT "
       "(TCP+UDP) and 127.0.0.1:HTTP_PORT; every client runs in the host netns against "
       "127.0.0.1. Direct loopback = the same servers in the host netns, no forwarder. "
@@ -327,7 +371,7 @@ def render(res: dict) -> str:
         for c in cmds:
             w(f"  {c}")
         w("  ```")
-    w("\nRSS counts: ours = supervisor + core + dialer (and the slirp4netns / pasta child with "
+    w("\nRSS counts: ours (rootful and rootless) = supervisor + core + dialer (and the slirp4netns / pasta child with "
       "those drivers), \"core\" = the relay process alone (`portfwd-core`; `portfwd-slirp` / "
       "`portfwd-pasta` + their program for the other drivers); rootlesskit = parent + child + its "
       "slirp4netns (not the servers); socat = the three listening socats and their forked "
@@ -359,8 +403,9 @@ def _targets(rounds: dict, hs: dict | None) -> str:
     if ours is None:
         return "ours-builtin was not measured in this run."
 
-    def cmp(label: str, key: str, other: str | None, factor: float, higher: bool) -> None:
-        a = med(ours, key)
+    def cmp(label: str, key: str, other: str | None, factor: float, higher: bool,
+            mine: list[dict] = ours) -> None:
+        a = med(mine, key)
         b = med(rounds[other], key) if other and other in rounds else None
         if a is None or b is None:
             lines.append(f"- {label}: n/a (no figure)")
@@ -383,6 +428,15 @@ def _targets(rounds: dict, hs: dict | None) -> str:
         cmp(f"{what}, source_address client ≥ 0.95 × loopback", key, OURS_LOOPBACK, 0.95, True)
     cmp("p99 latency (ab) ≤ rootlesskit's", "newconn_p99_ms", REF, 1.0, False)
     cmp("p99 latency (wrk, new connections) ≤ rootlesskit's", "newconn_wrk_p99_ms", REF, 1.0, False)
+    rootless = rounds.get(OURS_ROOTLESS)
+    if rootless:
+        for key, what, higher in (("tcp_up_gbps", "TCP host→ctr", True), ("tcp_down_gbps", "TCP ctr→host", True),
+                                  ("newconn_rps", "new-connection rate (ab)", True),
+                                  ("newconn_wrk_rps", "new-connection rate (wrk)", True),
+                                  ("keepalive_rps", "keep-alive rate", True),
+                                  ("newconn_p99_ms", "p99 latency (ab)", False)):
+            cmp(f"rootless: {what} {'≥' if higher else '≤'} rootlesskit builtin's", key, REF, 1.0, higher,
+                mine=rootless)
     for key, limit, label in (("core_rss_idle_mb", 20, "core RSS idle ≤ 20 MB"),
                               ("core_rss_1k_mb", 40, "core RSS with 1,000 connections ≤ 40 MB")):
         a = med(ours, key)
@@ -436,6 +490,15 @@ def _notes(rounds: dict, res: dict) -> str:
             lines.append(f"- {LABELS.get(n, n)}: TCP host→ctr after 1,000 connections were held and "
                          f"closed is {after / fresh:.2f}× that of a fresh instance ({_num(after)} vs "
                          f"{_num(fresh)} Gbit/s).")
+    for n, rs in rounds.items():
+        seen = [r.get("service_sees_client") for r in rs if "service_sees_client" in r]
+        if seen:
+            setting = rs[0].get("source_address", "?")
+            lines.append(f"- {LABELS.get(n, n)}: source_address {setting}; the HTTP server saw the "
+                         f"client's own address and port in {sum(1 for x in seen if x)} of {len(seen)} "
+                         "rounds (a connection's peer in the container's /proc/PID/net/tcp*)"
+                         + (", as it should" if all(seen) == (setting == "client") else ": **not as set**")
+                         + ".")
     for n, rs in rounds.items():
         z = [r.get("zombies") or 0 for r in rs]
         if any(z):

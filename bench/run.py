@@ -7,7 +7,8 @@ Rounds are interleaved (A B C … A B C …): each forwarder gets a fresh instan
 only one forwarder exists at a time. Writes bench/RESULTS.md (and bench/results.json, the raw
 figures of every round) and, after a run of every forwarder, README.md's performance table.
 Everything made is undone on exit, failures and signals included.
-Needs root (crun, netns, veth, mknod). See bench/README.md for the method.
+Needs root (crun, netns, veth, mknod, useradd: rootlesskit and ours-rootless run as an
+unprivileged user). See bench/README.md for the method.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import pwd
+import shlex
 import shutil
 import sys
 import tempfile
@@ -28,7 +30,15 @@ sys.path.insert(0, str(HERE))
 
 import clients  # noqa: E402
 import report  # noqa: E402
-from forwarders import CRUN_WRAPPER, FORWARDERS, HYBRID_CONTROLLERS, BenchUser, CrunContainer, Env  # noqa: E402
+from forwarders import (  # noqa: E402
+    CRUN_WRAPPER,
+    FORWARDERS,
+    HYBRID_CONTROLLERS,
+    BenchUser,
+    CrunContainer,
+    Env,
+    RootlessCrun,
+)
 from infra import Cleanup, CommandLog, free_port, pss_kib, raise_nofile, run, signals_to_exceptions  # noqa: E402
 
 BENCH_USER = "portfwd-bench"
@@ -68,12 +78,15 @@ def build_rootfs(work: Path, httpd: Path) -> Path:
     return rootfs
 
 
-def crun_for_run(work: Path) -> str:
+def hybrid_cgroups() -> bool:
     try:
-        hybrid = HYBRID_CONTROLLERS.read_text().strip() != ""
+        return HYBRID_CONTROLLERS.read_text().strip() != ""
     except OSError:
-        hybrid = False
-    if not hybrid:
+        return False
+
+
+def crun_for_run(work: Path) -> str:
+    if not hybrid_cgroups():
         return shutil.which("crun") or "crun"
     wrapper = work / "crun-wrapper"
     wrapper.write_text(CRUN_WRAPPER.format(controllers=HYBRID_CONTROLLERS))
@@ -82,7 +95,8 @@ def crun_for_run(work: Path) -> str:
 
 
 def ensure_bench_user(cleanup: Cleanup) -> BenchUser:
-    """rootlesskit refuses root; it runs as this user (made, and removed at the end, when absent)."""
+    """rootlesskit refuses root; it runs as this user (made, and removed at the end, when absent).
+    ours-rootless runs crun as this user too."""
     try:
         pw = pwd.getpwnam(BENCH_USER)
     except KeyError:
@@ -90,6 +104,44 @@ def ensure_bench_user(cleanup: Cleanup) -> BenchUser:
         cleanup.push(f"user {BENCH_USER}", lambda: run(["userdel", "-r", BENCH_USER], check=False))
         pw = pwd.getpwnam(BENCH_USER)
     return BenchUser(BENCH_USER, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+
+
+# Rootless crun on a hybrid cgroup host: the controllers file is masked in a mount namespace
+# made as root, and the user is dropped to inside it, right before crun (tests/e2e/e2ekit/runtimes.py).
+ROOTLESS_CRUN_WRAPPER = """#!/bin/sh
+exec unshare -m --propagation slave sh -c \\
+  'mount --bind /dev/null {controllers} && exec "$@"' crun {as_user} crun "$@"
+"""
+
+
+def prepare_rootless(work: Path, user: BenchUser, hook: Path) -> RootlessCrun:
+    """ours-rootless: a 0700 directory of the user's (removed with the work dir) for crun's state,
+    the bundles, XDG_RUNTIME_DIR and the hook's config and state dir; the hook's config is the
+    rootful builtin row's (source_address: its default, client)."""
+    area = work / "rootless"
+    for d in (area, area / "xdg", area / "crun-root", area / "hook"):
+        d.mkdir(mode=0o700)
+        os.chown(d, user.uid, user.gid)
+    hook_state = area / "hook" / "state"
+    hook_config = area / "hook" / "oci-portfwd.json"
+    hook_config.write_text(json.dumps({"state_dir": str(hook_state), "log_level": "info"}))
+    os.chown(hook_config, user.uid, user.gid)
+    as_user = user.prefix(f"XDG_RUNTIME_DIR={area / 'xdg'}")
+    crun = shutil.which("crun") or "crun"
+    crun_run = [*as_user, crun]
+    if hybrid_cgroups():
+        wrapper = work / "crun-rootless-wrapper"   # root's: the user cannot replace it
+        wrapper.write_text(ROOTLESS_CRUN_WRAPPER.format(controllers=HYBRID_CONTROLLERS,
+                                                        as_user=shlex.join(as_user)))
+        wrapper.chmod(0o755)
+        crun_run = [str(wrapper)]
+    rc = RootlessCrun(user=user, area=area, crun_run=crun_run, crun=[*as_user, crun],
+                      crun_root=area / "crun-root", hook_config=hook_config, hook_state=hook_state)
+    res = run([*as_user, str(hook), "--version"], check=False, cwd="/")
+    if res.returncode != 0:
+        rc.problem = (f"the user {user.name} cannot run {hook} (is every parent directory "
+                      f"traversable by others?): {(res.stderr or res.stdout).strip()[-300:]}")
+    return rc
 
 
 def private_tun_node(work: Path) -> Path:
@@ -118,8 +170,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootlesskit: bool) -> Env:
-    """Server binary, image, crun wrapper, the hook's config; the bench user for rootlesskit."""
+def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootlesskit: bool,
+            rootless_crun: bool = False) -> Env:
+    """Server binary, image, crun wrapper, the hook's config; the bench user for rootlesskit
+    and for rootless crun."""
     httpd = build_httpd(work)
     rootfs = build_rootfs(work, httpd)
     crun_root = work / "crun-root"
@@ -130,9 +184,20 @@ def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootle
     env = Env(work=work, cleanup=cleanup, cmdlog=cmdlog, ports=set(), httpd=httpd,
               rootfs=rootfs, crun_run=crun_for_run(work), crun_root=crun_root, hook=hook,
               hook_config=hook_config, hook_state=hook_state)
-    if rootlesskit:
+    if rootlesskit or rootless_crun:
         env.bench_user = ensure_bench_user(cleanup)
+    if rootlesskit:
         env.tun_node = private_tun_node(work)
+    if rootless_crun:
+        assert env.bench_user is not None
+        env.rootless = r = prepare_rootless(work, env.bench_user, hook)
+        what = (f"WORK/crun-rootless-wrapper = {ROOTLESS_CRUN_WRAPPER.split(chr(10), 1)[1]}"
+                .replace("\\\n", "").replace("{controllers}", str(HYBRID_CONTROLLERS))
+                .replace("{as_user}", shlex.join(r.crun[:-1])) if hybrid_cgroups()
+                else shlex.join(r.crun_run) + " (as WORK/crun-rootless-wrapper below)")
+        cmdlog.note("ours-rootless", " ".join(what.replace(str(work), "WORK").split()))
+        cmdlog.note("ours-rootless", "crun kill / delete: " + shlex.join(r.crun).replace(str(work), "WORK")
+                    + " --root WORK/rootless/crun-root …")
     return env
 
 
@@ -152,6 +217,7 @@ def measure(inst, seconds: int, requests: int, work: Path, do_udp: bool) -> dict
         if res.get("error"):
             fig["errors"][key] = res["error"]
 
+    fig.update(inst.facts)
     time.sleep(0.5)
     fig["rss_idle_mb"] = _mb(inst.procs())
     fig["core_rss_idle_mb"] = _mb(inst.core_procs())
@@ -337,7 +403,8 @@ def main() -> int:
     results: dict = {"rounds": {n: [] for n in names}}
     try:
         log(f"bench: work dir {work}")
-        env = prepare(work, cleanup, cmdlog, hook, rootlesskit=any(n.startswith("rootlesskit") for n in names))
+        env = prepare(work, cleanup, cmdlog, hook, rootlesskit=any(n.startswith("rootlesskit") for n in names),
+                      rootless_crun="ours-rootless" in names)
         results["versions"] = versions()
         results["params"] = {"rounds": args.rounds, "seconds": args.seconds,
                              "requests": args.requests, "concurrency": CONCURRENCY,

@@ -87,3 +87,23 @@ def test_a_full_run_rewrites_only_the_summary(tmp_path):
     assert text.startswith(f"before\n{report.SUMMARY_BEGIN}\n") and text.endswith(f"{report.SUMMARY_END}\nafter\n")
     assert "OLD TABLE" not in text
     assert "| TCP host→container, Gbit/s | 10.00 | 15.00 (socat) | 0.67× behind | 16.00 |" in text
+
+
+def test_the_rootless_row_is_summed_up_against_the_best_peer_and_rootlesskit():
+    rounds = {"ours-builtin": [{"tcp_up_gbps": 10.0, "service_sees_client": True}],
+              "ours-rootless": [{"tcp_up_gbps": 9.0, "service_sees_client": True}],
+              "rootlesskit-builtin": [{"tcp_up_gbps": 6.0}], "pasta": [{"tcp_up_gbps": 12.0}]}
+    text = report.summary({"rounds": rounds})
+    assert "| ours (builtin) |" in text and "rootful" in text
+    assert "| TCP host→container, Gbit/s | 9.00 | 10.00 | 12.00 (pasta) | 0.75× behind | 6.00 | 1.50× ahead |" in text
+    assert "did not see" not in text
+    del rounds["ours-rootless"]
+    assert "ours rootless" not in report.summary({"rounds": rounds}).lower()
+
+
+def test_the_summary_says_when_the_service_did_not_see_the_client():
+    rounds = {"ours-builtin": [{"tcp_up_gbps": 10.0, "service_sees_client": True}],
+              "ours-rootless": [{"tcp_up_gbps": 9.0, "service_sees_client": False},
+                                {"tcp_up_gbps": 9.0, "service_sees_client": True}]}
+    text = " ".join(report.summary({"rounds": rounds}).split())
+    assert "Ours rootless: the service did not see the client's own address and port in 1 of 2 rounds" in text
