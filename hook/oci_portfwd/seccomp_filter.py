@@ -25,16 +25,17 @@ filter is loaded: an import opens files, and openat is not on the list.
 
 from __future__ import annotations
 
+import _signal  # not signal, socket: their enums are memory of every container (issue 12)
+import _socket
 import errno
 import fcntl
 import os
 import select
-import signal
-import socket
 import struct
 import sys
 from types import ModuleType
 
+from .fdpass import recv_fds, send_fds
 from .privileges import drop_core
 
 TYPE_CHECKING = False
@@ -130,7 +131,7 @@ def _only(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:
 
 
 def _allow_inet_sockets(lib: ModuleType, f: Any) -> None:
-    for family in (socket.AF_INET, socket.AF_INET6):
+    for family in (_socket.AF_INET, _socket.AF_INET6):
         f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))
 
 
@@ -162,7 +163,7 @@ class CoreSandbox:
 
     def __init__(self, identity: tuple[int, int] | None) -> None:
         self.identity = identity
-        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours, self.theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.listener = -1
         self.violation: str | None = None
 
@@ -182,7 +183,7 @@ class CoreSandbox:
         drop_core(self.identity)
         f.load()
         listener = _notify_fd(lib, f)
-        socket.send_fds(self.theirs, [b"L"], [listener])
+        send_fds(self.theirs, [b"L"], [listener])
         os.close(listener)
         self.theirs.close()
 
@@ -198,7 +199,7 @@ class CoreSandbox:
         syscall's name (also kept in `violation`)."""
         if self.ours.fileno() in readable:
             try:
-                _, fds, _, _ = socket.recv_fds(self.ours, 16, 1, socket.MSG_DONTWAIT)
+                _, fds, _, _ = recv_fds(self.ours, 16, 1, _socket.MSG_DONTWAIT)
             except BlockingIOError:
                 fds = []
             except OSError:
@@ -212,7 +213,7 @@ class CoreSandbox:
             if name is not None:
                 self.violation = name
                 try:
-                    signal.pidfd_send_signal(core_pidfd, signal.SIGKILL)
+                    _signal.pidfd_send_signal(core_pidfd, _signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 return name
@@ -328,7 +329,7 @@ def _install_probes() -> None:
     supervisor = os.getppid()
 
     def attempt(signum: int, _frame: object) -> None:
-        probe = PROBES[signum - signal.SIGRTMIN]
+        probe = PROBES[signum - _signal.SIGRTMIN]
         if probe == "open":
             with open("/etc/hostname", "rb") as f:
                 f.read()
@@ -337,10 +338,10 @@ def _install_probes() -> None:
         elif probe == "ptrace":
             ptrace(16, supervisor, None, None)  # PTRACE_ATTACH
         elif probe == "socket":
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+            _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).close()
         elif probe == "raise":
             raise RuntimeError("sandbox probe: a bug")
         print(f"sandbox probe {probe}: the call was allowed", flush=True)
 
     for n in range(len(PROBES)):
-        signal.signal(signal.SIGRTMIN + n, attempt)
+        _signal.signal(_signal.SIGRTMIN + n, attempt)

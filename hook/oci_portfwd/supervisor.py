@@ -348,11 +348,9 @@ class Supervisor:
 
     # the core
     def _spawn_core(self) -> Core:
-        from .listeners import as_socket_objects  # noqa: PLC0415
         from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
 
         log = self.log
-        as_socket_objects(self.ctx.listeners)  # the hook bound them with _socket
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         counts = new_counters()
         # The builtin core sandboxes itself once it serves; the external drivers' process
@@ -593,17 +591,13 @@ class Supervisor:
 
 
 def _signal_name(signum: int) -> str:
-    # The handled ones without signal.Signals: no import in a signal handler before the core's
-    # modules are loaded (_stop_before_core).
-    handled = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
-    if signum in handled:
-        return handled[signum]
-    import signal as signal_module  # noqa: PLC0415 - a core's death: loaded by then
-
-    try:
-        return signal_module.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+    """signal.Signals(signum).name, without the signal module and its enums (issue 12): of the
+    names a number has (SIGABRT and SIGIOT), the first in alphabetical order, as Signals does."""
+    names = sorted(name for name in dir(signal) if name.startswith("SIG") and not name.startswith("SIG_"))
+    for name in names:
+        if getattr(signal, name) == signum:
+            return name
+    return f"signal {signum}"
 
 
 def _exited(pid: int) -> bool:
