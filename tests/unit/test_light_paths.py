@@ -1,6 +1,7 @@
 """The hook's start and stop paths do without json, dataclasses, logging and pathlib (issue 12):
 what replaces them behaves as they did, and they stay off those paths."""
 
+import ast
 import ipaddress
 import json
 import logging
@@ -242,3 +243,97 @@ def test_format_exception_is_traceback_s_without_source_lines():
             expected = "".join(line + "\n" for line in theirs.splitlines()
                                if not line.startswith("    "))
             assert ours == expected
+
+
+# What the long-lived Python processes of a forwarded container (the supervisor, the core
+# forked from it, the Python dialer forked from the core) must never hold: each is ~0.2-0.5 MiB
+# of every container's memory (issue 12). The C modules under them (_socket, _signal,
+# _collections) are what the core uses instead.
+CORE_FORBIDDEN = ("socket", "selectors", "enum", "signal", "ipaddress", "collections", "collections.abc",
+                  "functools", "re", "typing", "dataclasses", "logging")
+# Imports inside functions of those processes' modules that run elsewhere or on no serving path.
+NOT_IN_THE_CORE = {
+    "pyroute2", "pyroute2.netlink.exceptions",  # forked children that exit (netns_setup, client_routing)
+    "json",  # loads_strict's fallback: json's message for malformed input
+    "importlib.machinery",  # check_seccomp_binding: when the import system's PathFinder is not found
+    "ctypes",  # setns on Python < 3.12, the dialer right before its exec, the tests' sandbox probes
+    "seccomp", "pyseccomp",  # the libseccomp binding: checked on its own below
+}
+# Modules the core imports whose functions run in the hook (the start path's tests above).
+HOOK_SIDE = {"oci_portfwd.drivers", "oci_portfwd.ports", "oci_portfwd.config", "oci_portfwd.state", "oci_portfwd.plan"}
+CORE_IMAGE = """
+import sys
+sys.path[:0] = {paths!r}
+from oci_portfwd import supervisor, core  # what the supervisor has when it forks a core
+from oci_portfwd.drivers import builtin
+for name, targets in {imports!r}.items():  # what their functions import on the way
+    if name in sys.modules:
+        for target in targets:
+            __import__(target)
+print("OURS", " ".join(m for m in {forbidden!r} if m in sys.modules))
+supervisor._preload_core()  # the core's modules, and the libseccomp binding
+print("BINDING", " ".join(m for m in {forbidden!r} if m in sys.modules))
+"""
+
+
+def _imports(statements, package):
+    """Every import statement, those in functions too, except under `if TYPE_CHECKING:`."""
+    for node in statements:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            yield from _imports(node.orelse, package)
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            yield (base + "." + node.module if node.module else base) if node.level else node.module
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            yield from _imports(getattr(node, field, ()), package)
+
+
+def _core_image(python, paths):
+    imports = {}
+    for path in sorted((HOOK / "oci_portfwd").rglob("*.py")):
+        parts = path.relative_to(HOOK).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = ".".join(parts[:-1])
+        if name not in HOOK_SIDE:
+            imports[name] = sorted(set(_imports(ast.parse(path.read_text()).body, package)) - NOT_IN_THE_CORE)
+    code = CORE_IMAGE.format(paths=[str(HOOK), *paths], imports=imports, forbidden=CORE_FORBIDDEN)
+    run = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ours, binding = (line.split()[1:] for line in run.stdout.splitlines())
+    return ours, binding
+
+
+def test_the_core_s_image_has_no_socket_signal_enum_ipaddress_or_collections():
+    """After `import oci_portfwd.supervisor, core`, and every import their functions make on the
+    core's and the dialer's way (CoreSandbox.enter, start_dialer, run_core, ...): none of them."""
+    import prctl
+
+    ours, _binding = _core_image(sys.executable, [os.path.dirname(prctl.__file__)])
+    # pyseccomp (PyPI, the venv's binding) brings typing, re, enum and collections (~2.4 MB):
+    # Debian's python3-seccomp (C) does not, see below.
+    assert not ours, f"the core's modules import {ours}"
+
+
+def test_the_core_s_image_with_debian_s_libseccomp_binding():
+    dist = "/usr/lib/python3/dist-packages"
+    if not any(name.startswith("seccomp.") for name in os.listdir(dist)) or not os.path.exists(f"{dist}/prctl.py"):
+        pytest.skip("Debian's python3-seccomp or python3-prctl is not installed")
+    _ours, binding = _core_image("/usr/bin/python3", [dist])
+    assert not binding, f"the core's image holds {binding}"
+
+
+def test_podman_names_come_from_containers_json(tmp_path):
+    from oci_portfwd.names import container_name
+
+    userdata = tmp_path / "overlay-containers" / "abc" / "userdata"
+    userdata.mkdir(parents=True)
+    (tmp_path / "overlay-containers" / "containers.json").write_text(
+        json.dumps([{"id": "other", "names": ["x"]}, {"id": "abc", "names": ["web\x1b", "alias"]}]))
+    assert container_name("abc", {"io.container.manager": "libpod"}, str(userdata)) == "web?"
+    (tmp_path / "overlay-containers" / "containers.json").write_text("[{")
+    assert container_name("abc", {"io.container.manager": "libpod"}, str(userdata)) is None
