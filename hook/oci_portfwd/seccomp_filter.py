@@ -98,27 +98,64 @@ def _library() -> ModuleType:
         pass
     else:
         return seccomp
+    loaded = sys.modules.get("pyseccomp")
+    if loaded is not None:
+        return loaded
     # pyseccomp (PyPI, the same API through ctypes) looks its libraries up with
     # ctypes.util.find_library, which imports subprocess & co. (1.6 MB per process) and runs
     # `ldconfig -p` twice (~15 ms, two fork+execs). Their sonames are fixed on Linux: it gets
     # a ctypes.util that knows just those, for the time of its import.
+    util = ModuleType("ctypes.util")
+    util.find_library = SONAMES.get  # type: ignore[attr-defined]
+    if "typing" not in sys.modules:
+        # typing, with re, enum, collections and functools, is ~2 MB of every forwarded
+        # container (issue 12), for annotations that pyseccomp 0.1.2 only has Python evaluate.
+        try:
+            return _import_pyseccomp({"ctypes.util": util, "typing": _typing_stand_in()})
+        except Exception:  # noqa: BLE001 - a pyseccomp that asks typing for more: the real one
+            pass
+    return _import_pyseccomp({"ctypes.util": util})
+
+
+def _import_pyseccomp(stand_ins: dict[str, ModuleType]) -> ModuleType:
+    """import pyseccomp with `stand_ins` in sys.modules for the time of its import."""
     import ctypes  # noqa: PLC0415
 
-    stub = ModuleType("ctypes.util")
-    stub.find_library = SONAMES.get  # type: ignore[attr-defined]
-    real = sys.modules.get("ctypes.util")
-    sys.modules["ctypes.util"] = stub
-    ctypes.util = stub  # type: ignore[attr-defined]
+    real = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    ctypes.util = stand_ins["ctypes.util"]  # type: ignore[attr-defined]
     try:
         import pyseccomp  # noqa: PLC0415
     finally:
-        if real is None:
-            del sys.modules["ctypes.util"]
+        for name, module in real.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+        if real["ctypes.util"] is None:
             del ctypes.util  # type: ignore[attr-defined]
         else:
-            sys.modules["ctypes.util"] = real
-            ctypes.util = real  # type: ignore[attr-defined]
+            ctypes.util = real["ctypes.util"]  # type: ignore[attr-defined]
     return pyseccomp
+
+
+class _Annotation:
+    """typing's generics as pyseccomp's annotations use them (Union[int, str], Iterable[int]):
+    evaluated when its functions are defined, never read."""
+
+    def __getitem__(self, _args: object) -> _Annotation:
+        return self
+
+
+def _typing_stand_in() -> ModuleType:
+    """What pyseccomp 0.1.2 imports from typing: Any, Collection, Iterable, Union (annotations),
+    cast (returns its value, as typing's does) and overload (the definition that follows wins)."""
+    stand_in = ModuleType("typing")
+    for name in ("Any", "Collection", "Iterable", "Union"):
+        setattr(stand_in, name, _Annotation())
+    stand_in.cast = lambda _type, value: value  # type: ignore[attr-defined]
+    stand_in.overload = lambda function: function  # type: ignore[attr-defined]
+    return stand_in
 
 
 def _only(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:

@@ -313,10 +313,10 @@ def test_the_core_s_image_has_no_socket_signal_enum_ipaddress_or_collections():
     core's and the dialer's way (CoreSandbox.enter, start_dialer, run_core, ...): none of them."""
     import prctl
 
-    ours, _binding = _core_image(sys.executable, [os.path.dirname(prctl.__file__)])
-    # pyseccomp (PyPI, the venv's binding) brings typing, re, enum and collections (~2.4 MB):
-    # Debian's python3-seccomp (C) does not, see below.
+    ours, binding = _core_image(sys.executable, [os.path.dirname(prctl.__file__)])
     assert not ours, f"the core's modules import {ours}"
+    # The venv's binding is pyseccomp (PyPI), imported with a stand-in for typing (seccomp_filter).
+    assert not binding, f"the libseccomp binding brings {binding}"
 
 
 def test_the_core_s_image_with_debian_s_libseccomp_binding():
@@ -337,3 +337,24 @@ def test_podman_names_come_from_containers_json(tmp_path):
     assert container_name("abc", {"io.container.manager": "libpod"}, str(userdata)) == "web?"
     (tmp_path / "overlay-containers" / "containers.json").write_text("[{")
     assert container_name("abc", {"io.container.manager": "libpod"}, str(userdata)) is None
+
+
+@pytest.mark.parametrize("stand_in, typing_loaded", [("", False), ("_typing_stand_in = lambda: ModuleType('typing')", True)])
+def test_pyseccomp_is_imported_without_typing_or_with_it_when_it_asks_for_more(stand_in, typing_loaded):
+    import prctl
+
+    code = f"""
+import sys
+sys.path[:0] = {[str(HOOK), os.path.dirname(prctl.__file__)]!r}
+from types import ModuleType
+from oci_portfwd import seccomp_filter
+{stand_in.replace("_typing_stand_in", "seccomp_filter._typing_stand_in")}
+lib = seccomp_filter._library()
+assert lib.__name__ == "pyseccomp" and ("typing" in sys.modules) is {typing_loaded}, sorted(sys.modules)
+assert seccomp_filter.syscall_name(0xC000003E, 257) == "openat"  # x86_64: resolve_syscall, cast
+seccomp_filter._allow_list(lib, lib.NOTIFY, seccomp_filter.CORE_SYSCALLS)
+"""
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    if "No module named 'pyseccomp'" in run.stderr:
+        pytest.skip("pyseccomp is not installed")
+    assert run.returncode == 0, run.stderr
