@@ -1,12 +1,13 @@
-"""IP addresses as the core needs them: text ↔ packed bytes with the C library's inet_pton and
-inet_ntop (`_socket`'s), where ipaddress's classes were used. ipaddress brings re, enum and
-functools with it, ~1 MB of the memory of every forwarded container (issue 12); what the core
-asks of an address (loopback? its bytes? mapped into IPv6?) is a few bytes' comparison.
+"""IP addresses as text and as packed bytes, with the C library's inet_pton and inet_ntop
+(`_socket`'s), where ipaddress's classes were used. ipaddress brings re, enum and functools
+with it: ~1 MB of the memory of every forwarded container (the hook's modules stay in its
+supervisor and core, issue 12); what is asked of an address (loopback? its bytes? mapped
+into IPv6? its usual spelling?) is a few bytes' comparison.
 """
 
 from __future__ import annotations
 
-from _socket import AF_INET, AF_INET6, inet_pton
+from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 IPV6_LOOPBACK = bytes(15) + b"\x01"
 IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d (RFC 4291 2.5.5.2)
@@ -37,3 +38,13 @@ def ipv6_mapped(address: bytes) -> bytes:
     """IPv4 bytes as the IPv4-mapped IPv6 address; IPv6 bytes unchanged."""
     return IPV4_MAPPED_PREFIX + address if len(address) == 4 else address
 
+
+
+def ipv6_text(address: bytes) -> str:
+    """str(ipaddress.IPv6Address(address)) (Python 3.11's): RFC 5952's compressed form, in
+    hextets throughout, also where the C library writes ::a.b.c.d or ::ffff:a.b.c.d."""
+    text = inet_ntop(AF_INET6, address)
+    if "." in text:
+        high, low = int.from_bytes(address[12:14], "big"), int.from_bytes(address[14:], "big")
+        text = f"{text.rpartition(':')[0]}:{high:x}:{low:x}"
+    return text

@@ -17,11 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from oci_portfwd import patterns, validators
-from oci_portfwd.errors import StartError, loads_strict
+from oci_portfwd.errors import PortSpecError, StartError, loads_strict
+from oci_portfwd.inet import ipv6_text
 from oci_portfwd.logs import FORMAT, HookLog, format_line
 from oci_portfwd.patterns import KNOWN
 from oci_portfwd.plan import Plan
-from oci_portfwd.ports import PortMapping, _is_plain_ipv4
+from oci_portfwd.ports import PortMapping, _is_plain_ipv4, _parse_address, is_interface_name
 from oci_portfwd.privileges import check_seccomp_binding
 from oci_portfwd.statefile import Record, parent_and_name, read_record, write_record
 
@@ -184,6 +185,51 @@ def test_every_schema_pattern_is_written_out():
 def test_plain_ipv4_fast_path_is_what_ipaddress_returns(text):
     if _is_plain_ipv4(text):
         assert str(ipaddress.ip_address(text)) == text
+
+
+def _as_ipaddress_reads(text):
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return "is not an IP address"
+    scope = getattr(address, "scope_id", None)
+    if address.version == 6 and address.is_link_local and not scope:
+        return "is a link-local address"
+    if scope is not None and not is_interface_name(scope):
+        return "is not an interface name"
+    return str(address)
+
+
+def _as_we_read(text):
+    try:
+        return _parse_address("spec", text)
+    except PortSpecError as e:
+        return next(words for words in ("is not an IP address", "is a link-local address",
+                                        "is not an interface name") if words in str(e))
+
+
+@given(st.ip_addresses(v=6).map(str) | st.ip_addresses(v=6).map(lambda a: a.exploded.upper())
+       | st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}") | st.ip_addresses(v=4).map(lambda a: f"::{a}")
+       | st.text(alphabet="0123456789abcdefABCDEF:.%", max_size=45),
+       st.sampled_from(["", "%eth0", "%7", "%", "%a%b", "%a$b", "%" + "x" * 16]))
+def test_port_spec_addresses_read_as_ipaddress_reads_them(text, scope):
+    assert _as_we_read(text + scope) == _as_ipaddress_reads(text + scope)
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_ipv6_text_is_ipaddress_s(packed):
+    assert ipv6_text(packed) == str(ipaddress.IPv6Address(packed))
+    mapped = bytes(10) + b"\xff\xff" + packed[:4]
+    assert ipv6_text(mapped) == str(ipaddress.IPv6Address(mapped))
+
+
+def test_ipv6_port_specs_import_none_of_the_heavy_modules():
+    code = (f"import sys; sys.path.insert(0, {str(HOOK)!r}); from oci_portfwd.ports import parse_port_specs; "
+            "parse_port_specs('[::1]:1:2,[fe80::1%lo]:3:4/udp,[::ffff:1.2.3.4]:5:6,[2001:DB8::0:1]:7:8'); "
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60).stdout.split()
+    assert not loaded, f"parsing IPv6 port specs imports {loaded}"
 
 
 @pytest.mark.parametrize("path", ["/run/oci-portfwd", "/run/oci-portfwd/", "//run/x", "///run/x", "/", "//", "a",
