@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from oci_portfwd import patterns, validators
 from oci_portfwd.errors import PortSpecError, StartError, loads_strict
-from oci_portfwd.inet import ipv6_text
+from oci_portfwd.fdpass import recv_fds, send_fds
+from oci_portfwd.inet import ipv4_unmapped, ipv6_text, is_loopback, packed
 from oci_portfwd.logs import FORMAT, HookLog, format_line
 from oci_portfwd.patterns import KNOWN
 from oci_portfwd.plan import Plan
@@ -221,6 +222,31 @@ def test_ipv6_text_is_ipaddress_s(packed):
     assert ipv6_text(packed) == str(ipaddress.IPv6Address(packed))
     mapped = bytes(10) + b"\xff\xff" + packed[:4]
     assert ipv6_text(mapped) == str(ipaddress.IPv6Address(mapped))
+
+
+@given(st.ip_addresses(), st.sampled_from(["", "%lo", "%2"]))
+def test_inet_reads_addresses_as_ipaddress_does(address, scope):
+    text = str(address) + (scope if address.version == 6 else "")
+    assert packed(text) == address.packed
+    assert is_loopback(text) == address.is_loopback
+    mapped = getattr(address, "ipv4_mapped", None)
+    assert ipv4_unmapped(address.packed) == (mapped or address).packed
+
+
+def test_fdpass_is_socket_s_send_fds_and_recv_fds():
+    with open(os.devnull) as a, open(__file__) as b:
+        for sender, receiver in ((send_fds, socket.recv_fds), (socket.send_fds, recv_fds), (send_fds, recv_fds)):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with ours, theirs:
+                assert sender(ours, [b"S", b"t4"], [a.fileno(), b.fileno()]) == 3
+                data, fds, flags, _ = receiver(theirs, 64, 4)
+                assert data == b"St4" and len(fds) == 2 and flags == 0
+                assert all(os.path.samestat(os.fstat(fd), os.fstat(f.fileno())) for fd, f in zip(fds, (a, b), strict=True))
+                for fd in fds:
+                    os.close(fd)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs, pytest.raises(BlockingIOError):
+            recv_fds(theirs, 64, 1, socket.MSG_DONTWAIT)  # the flags reach recvmsg
 
 
 def test_ipv6_port_specs_import_none_of_the_heavy_modules():
