@@ -7,13 +7,16 @@ service that listens only on IPv4 still answers a client on ::1 or `localhost`).
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-from collections.abc import Mapping, Sequence
+from _socket import AF_INET, AF_INET6  # not socket, ipaddress: memory of every container (issue 12)
 
+from .inet import is_loopback
 from .values import Value
 
-LOOPBACK: dict[int, str] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+LOOPBACK: dict[int, str] = {AF_INET: "127.0.0.1", AF_INET6: "::1"}
 
 
 class Target(Value):
@@ -27,12 +30,12 @@ class Target(Value):
         self.port = port
 
     def __str__(self) -> str:
-        host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
+        host = f"[{self.address}]" if self.family == AF_INET6 else self.address
         return f"{host}:{self.port}"
 
 
 def other_family(family: int) -> int:
-    return socket.AF_INET6 if family == socket.AF_INET else socket.AF_INET
+    return AF_INET6 if family == AF_INET else AF_INET
 
 
 def container_address(
@@ -40,7 +43,7 @@ def container_address(
 ) -> str:
     """The container-side address for a host binding, by policy (schema: config `loopback`)."""
     if policy == "preserve":
-        if ipaddress.ip_address(host_address).is_loopback:
+        if is_loopback(host_address):
             return host_address
         return LOOPBACK[host_family]
     if policy == "container-address":

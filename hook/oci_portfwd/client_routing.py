@@ -26,9 +26,9 @@ and the forwarded UDP ports, and the netns dies with its last holder.
 
 from __future__ import annotations
 
+import _socket  # not socket, signal: their enums are memory of every container (issue 12)
 import os
-import signal
-import socket
+from _signal import SIGKILL
 
 from .errors import loads_strict
 from .forking import fork_child
@@ -43,11 +43,11 @@ UDP_RULE_PRIORITY = 32800  # after main and default: only where the container ha
 IP_TRANSPARENT = 19  # <linux/in.h>; not exported by Python's socket module
 IPV6_TRANSPARENT = 75  # <linux/in6.h>
 SYSCTLS: dict[int, tuple[str, str]] = {
-    socket.AF_INET: ("net/ipv4/tcp_fwmark_accept", "net/ipv4/fwmark_reflect"),
-    socket.AF_INET6: ("net/ipv4/tcp_fwmark_accept", "net/ipv6/fwmark_reflect"),
+    _socket.AF_INET: ("net/ipv4/tcp_fwmark_accept", "net/ipv4/fwmark_reflect"),
+    _socket.AF_INET6: ("net/ipv4/tcp_fwmark_accept", "net/ipv6/fwmark_reflect"),
 }
-LOCAL_SOURCE: dict[int, str] = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
-FAMILY_KEY: dict[int, str] = {socket.AF_INET: "4", socket.AF_INET6: "6"}
+LOCAL_SOURCE: dict[int, str] = {_socket.AF_INET: "127.0.0.1", _socket.AF_INET6: "::1"}
+FAMILY_KEY: dict[int, str] = {_socket.AF_INET: "4", _socket.AF_INET6: "6"}
 SETUP_TIMEOUT = 10.0
 
 PortRange = tuple[int, int]
@@ -56,13 +56,13 @@ PortRange = tuple[int, int]
 ROUTING_COMM = "portfwd-routing"
 
 
-def make_transparent(sock: socket.socket) -> None:
+def make_transparent(sock: _socket.socket) -> None:
     """Let an unprivileged holder bind `sock` to any address; mark what it sends."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    if sock.family == _socket.AF_INET6:
+        sock.setsockopt(_socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+        sock.setsockopt(_socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, MARK)
 
 
 def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
@@ -89,13 +89,13 @@ def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
             raw = f.read()
     else:
         os.close(read_fd)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, SIGKILL)
         raw = b""
     os.waitpid(pid, 0)
     try:
         report = loads_strict(raw)
     except ValueError:
-        return {socket.AF_INET: False, socket.AF_INET6: False}, ["the routing setup failed (see the log)"]
+        return {_socket.AF_INET: False, _socket.AF_INET6: False}, ["the routing setup failed (see the log)"]
     ready = {f: bool(report["ready"].get(k)) for f, k in FAMILY_KEY.items()}
     return ready, list(report["notes"])
 
@@ -108,7 +108,7 @@ def _set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
     notes: list[str] = []
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        for family in (socket.AF_INET, socket.AF_INET6):
+        for family in (_socket.AF_INET, _socket.AF_INET6):
             name = "IPv" + FAMILY_KEY[family]
             if not reachable(family, LOCAL_SOURCE[family]):
                 ready[family] = False
@@ -121,7 +121,7 @@ def _set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
                      fwmark=MARK, table=TABLE)
                 for first, last in udp_ports:
                     _add(ipr, NetlinkError, "rule", "add", family=family, priority=UDP_RULE_PRIORITY,
-                         ip_proto=socket.IPPROTO_UDP, sport_range=f"{first}:{last}", table=TABLE)
+                         ip_proto=_socket.IPPROTO_UDP, sport_range=f"{first}:{last}", table=TABLE)
                 for key in SYSCTLS[family]:
                     _sysctl_on(key)
             except NetlinkError as e:
@@ -137,7 +137,7 @@ def _set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
 
 
 def _any(family: int) -> str:
-    return "0.0.0.0" if family == socket.AF_INET else "::"
+    return "0.0.0.0" if family == _socket.AF_INET else "::"
 
 
 def _add(ipr: object, error: type[Exception], what: str, *args: object, **kwargs: object) -> None:

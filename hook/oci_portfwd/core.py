@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import resource
 import select
-import socket
 import time
-from collections.abc import Sequence
+from _socket import AF_INET  # not socket: its enums are memory of every container (issue 12)
 
 from .addressing import Target, dial_targets
 from .dialer import Addresses, SocketPool, await_hello, kind_of, native_dialer, start_dialer
@@ -27,6 +26,8 @@ from .udp_relay import UdpListener
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .logs import HookLog
 
 
@@ -88,7 +89,7 @@ def run_core(
     counts = status.counters if status.counters is not None else new_counters()
 
     def on_routing(notes: list[str], took_ms: int) -> None:
-        ready = [f"IPv{4 if f == socket.AF_INET else 6}" for f, ok in pool.routing.ready.items() if ok]
+        ready = [f"IPv{4 if f == AF_INET else 6}" for f, ok in pool.routing.ready.items() if ok]
         for note in notes:
             log.info("client addresses: %s", note)
         if ready:

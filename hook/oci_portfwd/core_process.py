@@ -35,7 +35,7 @@ def _run(handover_fd: int) -> int:
     import _socket  # noqa: PLC0415
 
     from . import handover  # noqa: PLC0415
-    from .listeners import BindTarget, Listener, as_socket_objects  # noqa: PLC0415
+    from .listeners import BindTarget, Listener  # noqa: PLC0415
     from .plan import Plan  # noqa: PLC0415
     from .ports import PortMapping  # noqa: PLC0415
 
@@ -58,8 +58,11 @@ def _run(handover_fd: int) -> int:
     from .status import StatusWriter  # noqa: PLC0415
 
     plan = given["plan"]
-    listeners = [Listener(target, _socket.socket(fileno=fd)) for target, fd in given["listeners"]]
-    as_socket_objects(listeners)
+    listeners = []
+    for target, fd in given["listeners"]:
+        sock = _socket.socket(fileno=fd)
+        sock.setblocking(False)  # as the hook bound it (SOCK_NONBLOCK: timeout 0), which an exec forgets
+        listeners.append(Listener(target, sock))
     log = HookLog(given["log_path"], given["log_level"], stderr=False)
     sandbox = None
     if given["sandbox"] is not None:

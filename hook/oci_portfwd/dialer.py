@@ -31,16 +31,15 @@ Without it (a pip install), the same loop runs in Python; the core logs that onc
 
 from __future__ import annotations
 
+import _socket
 import os
-import signal
-import socket
 import sys
 import time
-from collections import deque
-from collections.abc import Callable
+from _signal import SIGKILL
 
 from .client_routing import MARK, make_transparent
 from .errors import ContainerGone, NamespaceError, StartError, loads_strict
+from .fdpass import recv_fds, send_fds
 from .forking import fork_child
 from .listeners import LINGER_RESET
 from .namespaces import join_container, same_file
@@ -51,14 +50,23 @@ from .seccomp_filter import export_native_dialer, sandbox_dialer
 from .source_address import ReplyRoutes, Routing
 from .statefile import to_json  # json's, without the json package and its re (issue 12)
 
+# _socket, _signal and _collections, not socket, signal and collections: their enums,
+# selectors and namedtuples would be memory of every forwarded container (issue 12).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections import deque
+    from collections.abc import Callable
+else:
+    from _collections import deque
+
 KINDS = {
-    b"t4": (socket.AF_INET, socket.SOCK_STREAM),
-    b"t6": (socket.AF_INET6, socket.SOCK_STREAM),
-    b"u4": (socket.AF_INET, socket.SOCK_DGRAM),
-    b"u6": (socket.AF_INET6, socket.SOCK_DGRAM),
+    b"t4": (_socket.AF_INET, _socket.SOCK_STREAM),
+    b"t6": (_socket.AF_INET6, _socket.SOCK_STREAM),
+    b"u4": (_socket.AF_INET, _socket.SOCK_DGRAM),
+    b"u6": (_socket.AF_INET6, _socket.SOCK_DGRAM),
 }
 MAX_BATCH = 32
-FAMILIES = (socket.AF_INET, socket.AF_INET6)
+FAMILIES = (_socket.AF_INET, _socket.AF_INET6)
 # sys.prefix: the venv's for `make venv`, /usr for the packages.
 NATIVE_DIALER = sys.prefix + "/libexec/oci-portfwd-hook/portfwd-dialer"
 # Test switch (like seccomp_filter.PROBE_ENV): set, the dialer's loop stays in Python.
@@ -75,7 +83,7 @@ def native_dialer() -> tuple[str | None, str]:
 
 
 def kind_of(family: int, proto: str) -> bytes:
-    return (b"t" if proto == "tcp" else b"u") + (b"4" if family == socket.AF_INET else b"6")
+    return (b"t" if proto == "tcp" else b"u") + (b"4" if family == _socket.AF_INET else b"6")
 
 
 def start_dialer(
@@ -84,12 +92,12 @@ def start_dialer(
     deadline: float,
     client_udp_ports: list[tuple[int, int]] | None = None,
     native: str | None = None,
-) -> tuple[int, socket.socket]:
+) -> tuple[int, _socket.socket]:
     """Fork the dialer; returns its pid and the core's end of the socketpair.
     client_udp_ports: set up client-address routing (source_address client) for these
     container UDP ports; None: no client addresses (source_address loopback).
     native: the program to exec for the loop (native_dialer()); None: the loop in Python."""
-    core_end, dialer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    core_end, dialer_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
 
     def child() -> int:
         # Keep nothing of the core's: above all not the host listeners, which must never
@@ -104,7 +112,7 @@ def start_dialer(
 
 
 def _dialer_main(
-    sock: socket.socket,
+    sock: _socket.socket,
     container_pid: int,
     want_addresses: bool,
     deadline: float,
@@ -139,7 +147,7 @@ def _dialer_main(
     except Exception as e:  # noqa: BLE001 - reported to the core, which logs it
         sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
         return
-    hello = {"addresses": {str(4 if f == socket.AF_INET else 6): a for f, a in addresses.items()}}
+    hello = {"addresses": {str(4 if f == _socket.AF_INET else 6): a for f, a in addresses.items()}}
     try:
         _serve(sock, hello, client_udp_ports, native)
     except (BrokenPipeError, ConnectionResetError):
@@ -148,7 +156,7 @@ def _dialer_main(
 
 
 def _serve(
-    sock: socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None, native: str | None
+    sock: _socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None, native: str | None
 ) -> None:
     sock.send(b"K" + to_json(hello).encode())
     # After the hello: the container's start does not wait for this (~130 ms, mostly the
@@ -180,7 +188,7 @@ def _serve(
         kind, _, count_text = request.partition(b" ")
         family, kind_type = KINDS[kind]
         count = max(1, min(MAX_BATCH, int(count_text or b"1")))
-        made = [socket.socket(family, kind_type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) for _ in range(count)]
+        made = [_socket.socket(family, kind_type | _socket.SOCK_NONBLOCK | _socket.SOCK_CLOEXEC) for _ in range(count)]
         if transparent.get(family):
             try:
                 for s in made:
@@ -189,19 +197,19 @@ def _serve(
                 # Not expected once the routing is set up; the core's bind of such a socket
                 # then fails and it dials from loopback.
                 transparent[family] = False
-        if kind_type == socket.SOCK_STREAM:
+        if kind_type == _socket.SOCK_STREAM:
             # Reset, not FIN, if the core dies holding the connection (see tcp_relay):
             # set here, so that it costs the core nothing per connection.
             for s in made:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
                 # No Nagle in the relay (see listeners._bind_one).
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        socket.send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
+                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:
             s.close()
 
 
-def _exec_native(path: str, sock: socket.socket, transparent: dict[int, bool]) -> None:
+def _exec_native(path: str, sock: _socket.socket, transparent: dict[int, bool]) -> None:
     """Replace this process with the native loop (hook/native/portfwd-dialer.c): same
     protocol, same allow-list's purpose (built here, loaded there), same capabilities."""
     filter_r, filter_w = os.pipe()
@@ -211,7 +219,7 @@ def _exec_native(path: str, sock: socket.socket, transparent: dict[int, bool]) -
         os.set_inheritable(filter_r, True)
         os.set_inheritable(sock.fileno(), True)
         keep_net_admin_across_exec()
-        families = [str(4 if f == socket.AF_INET else 6) for f in FAMILIES if transparent.get(f)]
+        families = [str(4 if f == _socket.AF_INET else 6) for f in FAMILIES if transparent.get(f)]
         # Descriptors: 0-2 (/dev/null, the log), the socketpair and the filter; everything
         # else the dialer holds is close-on-exec.
         os.execv(path, ["portfwd-dialer", str(sock.fileno()), str(filter_r), str(MARK), *families])
@@ -219,25 +227,28 @@ def _exec_native(path: str, sock: socket.socket, transparent: dict[int, bool]) -
         os.close(filter_r)
 
 
-def _set_up_client_routing(sock: socket.socket, udp_ports: list[tuple[int, int]]) -> dict[int, bool]:
+def _set_up_client_routing(sock: _socket.socket, udp_ports: list[tuple[int, int]]) -> dict[int, bool]:
     from .client_routing import set_up  # noqa: PLC0415 - source_address client only
 
     started = time.monotonic()
     ready, notes = set_up(udp_ports)
     report = {
-        "ready": {"4" if f == socket.AF_INET else "6": ok for f, ok in ready.items()},
+        "ready": {"4" if f == _socket.AF_INET else "6": ok for f, ok in ready.items()},
         "notes": notes,
         "ms": round((time.monotonic() - started) * 1000),
     }
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as routes:
-        socket.send_fds(sock, [b"T" + to_json(report).encode()], [routes.fileno()])
+    routes = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _socket.NETLINK_ROUTE)
+    try:
+        send_fds(sock, [b"T" + to_json(report).encode()], [routes.fileno()])
+    finally:
+        routes.close()
     return ready
 
 
 Addresses = dict[int, list[str]]
 
 
-def await_hello(sock: socket.socket, timeout: float) -> Addresses | None:
+def await_hello(sock: _socket.socket, timeout: float) -> Addresses | None:
     """Wait for the dialer to join the container's namespaces. None: it is waiting for
     the container to exec (rootless crun), and its hello will come through the pool."""
     sock.settimeout(timeout)
@@ -261,12 +272,13 @@ def await_hello(sock: socket.socket, timeout: float) -> Addresses | None:
 def decode_hello(message: bytes) -> Addresses:
     hello = loads_strict(message[1:])
     return {
-        socket.AF_INET if key == "4" else socket.AF_INET6: list(addrs)
+        _socket.AF_INET if key == "4" else _socket.AF_INET6: list(addrs)
         for key, addrs in hello.get("addresses", {}).items()
     }
 
 
-Waiter = Callable[[socket.socket | None], None]
+if TYPE_CHECKING:
+    Waiter = Callable[[_socket.socket | None], None]
 
 
 class SocketPool:
@@ -277,7 +289,7 @@ class SocketPool:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: _socket.socket,
         on_hello: Callable[[Addresses], None],
         on_error: Callable[[str], None],
         on_gone: Callable[[str], None] | None = None,
@@ -286,7 +298,7 @@ class SocketPool:
         self.on_hello = on_hello
         self.on_error = on_error
         self.on_gone = on_gone or on_error
-        self.ready: dict[bytes, deque[socket.socket]] = {k: deque() for k in KINDS}
+        self.ready: dict[bytes, deque[_socket.socket]] = {k: deque() for k in KINDS}
         self.waiters: dict[bytes, deque[Waiter]] = {k: deque() for k in KINDS}
         self.pending: dict[bytes, int] = {k: 0 for k in KINDS}
         self.broken = False
@@ -314,7 +326,7 @@ class SocketPool:
         """Take every reply; False once the dialer is gone."""
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_BATCH)
+                data, fds, _flags, _addr = recv_fds(self.sock, 65536, MAX_BATCH)
             except BlockingIOError:
                 return True
             except OSError:
@@ -333,7 +345,7 @@ class SocketPool:
                 # Family and type given, SOCK_NONBLOCK among them: Python then sets its own
                 # timeout to 0 and asks the kernel nothing but getsockname (no SO_TYPE,
                 # SO_PROTOCOL, FIONBIO: three system calls per connection fewer).
-                sock = socket.socket(family, kind_type | socket.SOCK_NONBLOCK, 0, fileno=fd)
+                sock = _socket.socket(family, kind_type | _socket.SOCK_NONBLOCK, 0, fd)
                 waiters = self.waiters[kind]
                 if waiters:
                     waiters.popleft()(sock)
@@ -346,9 +358,9 @@ class SocketPool:
         if message.startswith(b"T"):
             report = loads_strict(message[1:])
             ready = report.get("ready", {})
-            self.routing.ready = {f: bool(ready.get("4" if f == socket.AF_INET else "6")) for f in FAMILIES}
+            self.routing.ready = {f: bool(ready.get("4" if f == _socket.AF_INET else "6")) for f in FAMILIES}
             if fds:
-                self.routing.replies = ReplyRoutes(socket.socket(fileno=fds[0]))
+                self.routing.replies = ReplyRoutes(_socket.socket(fileno=fds[0]))
             if self.on_routing is not None:
                 self.on_routing(list(report.get("notes", [])), int(report.get("ms", 0)))
             return
@@ -396,5 +408,5 @@ def wait_gone(pid: int, timeout: float) -> None:
         if done:
             return
         time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, SIGKILL)
     os.waitpid(pid, 0)

@@ -6,9 +6,12 @@ import heapq
 import itertools
 import select
 import time
-from collections.abc import Callable
 
-Handler = Callable[[int], None]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # collections is memory of every container (issue 12)
+    from collections.abc import Callable
+
+    Handler = Callable[[int], None]
 
 
 class EventLoop:

@@ -4,9 +4,9 @@ Everything is bound before anything starts, and on the first failure every socke
 so far is closed: a failed hook leaves no port behind.
 
 The hook binds with `_socket`, the C module under `socket`: `import socket` brings enum and
-selectors (~4 ms of every container start, issue 12). The supervisor turns them into
-`socket.socket`s (same descriptors) with `as_socket_objects` once the hook has returned,
-before anything serves them.
+selectors (~4 ms of every container start, issue 12). The core serves the same `_socket.socket`
+objects: socket.socket adds nothing it uses (its methods are `_socket`'s), and the module would
+be memory of every forwarded container.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ LINGER_RESET = (1).to_bytes(4, sys.byteorder) + bytes(4)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable
 
     from .ports import PortMapping
 
@@ -50,29 +49,12 @@ class BindTarget(Value):
 class Listener:
     __slots__ = ("target", "sock")
 
-    # A socket.socket once as_socket_objects() ran; until then its base, a _socket.socket,
-    # of which the hook and the supervisor before "ready" use fileno() and close() only.
-    sock: socket.socket
-
     def __init__(self, target: BindTarget, sock: _socket.socket) -> None:
         self.target = target
-        self.sock = sock  # type: ignore[assignment]  # a _socket.socket until as_socket_objects
+        self.sock = sock  # non-blocking (SOCK_NONBLOCK): its timeout is 0, as the core wants it
 
     def close(self) -> None:
         self.sock.close()
-
-
-def as_socket_objects(listeners: Sequence[Listener]) -> None:
-    """What the hook bound as `_socket.socket`s become `socket.socket`s on the same
-    descriptors, non-blocking as they were bound (accept() then returns socket objects).
-    In the supervisor after "ready": the import of socket is off the container's start."""
-    import socket  # noqa: PLC0415
-
-    for listener in listeners:
-        if not isinstance(listener.sock, socket.socket):
-            sock = socket.socket(fileno=listener.sock.detach())
-            sock.setblocking(False)
-            listener.sock = sock
 
 
 def ipv6_available() -> bool:

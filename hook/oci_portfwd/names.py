@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from .errors import loads_strict
 from .regularfile import read_regular
 
 TYPE_CHECKING = False
@@ -47,10 +48,10 @@ def podman_name(container_id: str, bundle: str) -> str | None:
     if os.path.basename(userdata) != "userdata" or os.path.basename(container_dir) != container_id:
         return None
     path = os.path.join(os.path.dirname(container_dir), "containers.json")
-    import json  # noqa: PLC0415 - podman only: the supervisor says ready before this
-
+    # loads_strict, json's C scanner: the json package brings re, enum and collections into
+    # the supervisor, whose modules every core is forked with (issue 12).
     try:
-        entries = json.loads(read_regular(path, MAX_CONTAINERS_JSON))
+        entries = loads_strict(read_regular(path, MAX_CONTAINERS_JSON))
     except (OSError, ValueError, RecursionError):
         return None
     for entry in entries if isinstance(entries, list) else ():

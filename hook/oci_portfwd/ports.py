@@ -14,7 +14,10 @@ out with it: a bare `/+proxy` is refused rather than guessed, and so is `udp+pro
 
 from __future__ import annotations
 
+from _socket import AF_INET6, inet_pton
+
 from .errors import PortSpecError, quoted
+from .inet import ipv6_text
 from .values import Value
 
 PROTOCOLS = ("tcp", "udp")
@@ -149,23 +152,27 @@ def _split_fields(spec: str, body: str) -> tuple[str | None, str, str]:
 def _parse_address(spec: str, text: str) -> str:
     if _is_plain_ipv4(text):
         return text  # what ipaddress would return: the same text
-    import ipaddress  # noqa: PLC0415 - IPv6 and odd forms only (with re and enum: ~3 ms)
-
+    # ipaddress takes IPv4 only as plain dotted quads: anything else is IPv6 or no address.
+    # Read as ipaddress.ip_address reads it, with inet_pton: ipaddress brings re, enum and
+    # functools into the hook and, with it, into each forwarded container's supervisor and
+    # core (issue 12).
+    host, percent, scope = text.partition("%")
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
+        if percent and (not scope or "%" in scope):
+            raise ValueError(scope)
+        address = inet_pton(AF_INET6, host)
+    except (OSError, ValueError):
         raise PortSpecError(f"port spec {quoted(spec)}: {quoted(text)} is not an IP address") from None
-    if address.is_link_local and isinstance(address, ipaddress.IPv6Address) and not address.scope_id:
-        # Every interface has fe80::/64: the kernel cannot tell which one is meant.
+    if not percent and address[0] == 0xFE and address[1] & 0xC0 == 0x80:
+        # fe80::/10. Every interface has fe80::/64: the kernel cannot tell which one is meant.
         raise PortSpecError(
             f"port spec {quoted(spec)}: {text} is a link-local address; name its interface: "
             f"[{text}%IFACE]"
         )
-    scope = getattr(address, "scope_id", None)
-    if scope is not None and not is_interface_name(scope):
+    if percent and not is_interface_name(scope):
         raise PortSpecError(f"port spec {quoted(spec)}: {quoted(scope)} is not an interface name")
-    # str() keeps the scope (fe80::1%eth0): logs, `ps` and the bind need it.
-    return str(address)
+    # The scope is kept (fe80::1%eth0): logs, `ps` and the bind need it.
+    return ipv6_text(address) + percent + scope
 
 
 def _is_plain_ipv4(text: str) -> bool:

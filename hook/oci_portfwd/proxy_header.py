@@ -22,9 +22,13 @@ that still mixes families (only if a caller passes one) is sent as IPv6, the IPv
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import struct
+
+from .inet import ipv4_unmapped, ipv6_mapped, packed
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 VERSION_2_PROXY = 0x21
@@ -34,7 +38,7 @@ TCP_OVER_IPV6 = 0x21
 Address = tuple[str, int] | tuple[str, int, int, int]
 
 
-def header_for(client: socket.socket, peer: Address) -> bytes:
+def header_for(client: _socket.socket, peer: Address) -> bytes:
     """The header for an accepted client socket and the peer address accept() returned."""
     return v2_header(peer, client.getsockname()[:2])
 
@@ -42,32 +46,20 @@ def header_for(client: socket.socket, peer: Address) -> bytes:
 def v2_header(source: Address, destination: Address) -> bytes:
     """The header for a TCP connection from `source` to `destination` (socket addresses:
     (host, port), or IPv6's (host, port, flowinfo, scope_id))."""
-    src = _address(source[0])
-    dst = _address(destination[0])
-    if src.version != dst.version:
-        src, dst = _as_ipv6(src), _as_ipv6(dst)
-    if src.version == 4:
+    # A link-local peer comes as fe80::1%eth0: the header has no room for the scope (packed
+    # drops it).
+    src = ipv4_unmapped(packed(source[0]))
+    dst = ipv4_unmapped(packed(destination[0]))
+    if len(src) != len(dst):
+        src, dst = ipv6_mapped(src), ipv6_mapped(dst)
+    if len(src) == 4:
         family, size = TCP_OVER_IPV4, 12
     else:
         family, size = TCP_OVER_IPV6, 36
     return (
         SIGNATURE
         + struct.pack("!BBH", VERSION_2_PROXY, family, size)
-        + src.packed
-        + dst.packed
+        + src
+        + dst
         + struct.pack("!HH", source[1], destination[1])
     )
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    # A link-local peer comes as fe80::1%eth0: the header has no room for the scope.
-    address = ipaddress.ip_address(text.partition("%")[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _as_ipv6(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
-    if isinstance(address, ipaddress.IPv6Address):
-        return address
-    return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)

@@ -25,16 +25,17 @@ filter is loaded: an import opens files, and openat is not on the list.
 
 from __future__ import annotations
 
+import _signal  # not signal, socket: their enums are memory of every container (issue 12)
+import _socket
 import errno
 import fcntl
 import os
 import select
-import signal
-import socket
 import struct
 import sys
 from types import ModuleType
 
+from .fdpass import recv_fds, send_fds
 from .privileges import drop_core
 
 TYPE_CHECKING = False
@@ -97,27 +98,64 @@ def _library() -> ModuleType:
         pass
     else:
         return seccomp
+    loaded = sys.modules.get("pyseccomp")
+    if loaded is not None:
+        return loaded
     # pyseccomp (PyPI, the same API through ctypes) looks its libraries up with
     # ctypes.util.find_library, which imports subprocess & co. (1.6 MB per process) and runs
     # `ldconfig -p` twice (~15 ms, two fork+execs). Their sonames are fixed on Linux: it gets
     # a ctypes.util that knows just those, for the time of its import.
+    util = ModuleType("ctypes.util")
+    util.find_library = SONAMES.get  # type: ignore[attr-defined]
+    if "typing" not in sys.modules:
+        # typing, with re, enum, collections and functools, is ~2 MB of every forwarded
+        # container (issue 12), for annotations that pyseccomp 0.1.2 only has Python evaluate.
+        try:
+            return _import_pyseccomp({"ctypes.util": util, "typing": _typing_stand_in()})
+        except Exception:  # noqa: BLE001 - a pyseccomp that asks typing for more: the real one
+            pass
+    return _import_pyseccomp({"ctypes.util": util})
+
+
+def _import_pyseccomp(stand_ins: dict[str, ModuleType]) -> ModuleType:
+    """import pyseccomp with `stand_ins` in sys.modules for the time of its import."""
     import ctypes  # noqa: PLC0415
 
-    stub = ModuleType("ctypes.util")
-    stub.find_library = SONAMES.get  # type: ignore[attr-defined]
-    real = sys.modules.get("ctypes.util")
-    sys.modules["ctypes.util"] = stub
-    ctypes.util = stub  # type: ignore[attr-defined]
+    real = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    ctypes.util = stand_ins["ctypes.util"]  # type: ignore[attr-defined]
     try:
         import pyseccomp  # noqa: PLC0415
     finally:
-        if real is None:
-            del sys.modules["ctypes.util"]
+        for name, module in real.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+        if real["ctypes.util"] is None:
             del ctypes.util  # type: ignore[attr-defined]
         else:
-            sys.modules["ctypes.util"] = real
-            ctypes.util = real  # type: ignore[attr-defined]
+            ctypes.util = real["ctypes.util"]  # type: ignore[attr-defined]
     return pyseccomp
+
+
+class _Annotation:
+    """typing's generics as pyseccomp's annotations use them (Union[int, str], Iterable[int]):
+    evaluated when its functions are defined, never read."""
+
+    def __getitem__(self, _args: object) -> _Annotation:
+        return self
+
+
+def _typing_stand_in() -> ModuleType:
+    """What pyseccomp 0.1.2 imports from typing: Any, Collection, Iterable, Union (annotations),
+    cast (returns its value, as typing's does) and overload (the definition that follows wins)."""
+    stand_in = ModuleType("typing")
+    for name in ("Any", "Collection", "Iterable", "Union"):
+        setattr(stand_in, name, _Annotation())
+    stand_in.cast = lambda _type, value: value  # type: ignore[attr-defined]
+    stand_in.overload = lambda function: function  # type: ignore[attr-defined]
+    return stand_in
 
 
 def _only(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:
@@ -130,7 +168,7 @@ def _only(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:
 
 
 def _allow_inet_sockets(lib: ModuleType, f: Any) -> None:
-    for family in (socket.AF_INET, socket.AF_INET6):
+    for family in (_socket.AF_INET, _socket.AF_INET6):
         f.add_rule(lib.ALLOW, "socket", lib.Arg(0, lib.EQ, family))
 
 
@@ -162,7 +200,7 @@ class CoreSandbox:
 
     def __init__(self, identity: tuple[int, int] | None) -> None:
         self.identity = identity
-        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours, self.theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.listener = -1
         self.violation: str | None = None
 
@@ -172,9 +210,9 @@ class CoreSandbox:
         inherited across the exec."""
         sandbox = cls.__new__(cls)
         sandbox.identity = identity
-        sandbox.ours = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sandbox.ours = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         sandbox.ours.close()  # the supervisor's end: not in this process
-        sandbox.theirs = socket.socket(fileno=theirs)
+        sandbox.theirs = _socket.socket(fileno=theirs)
         sandbox.listener = -1
         sandbox.violation = None
         return sandbox
@@ -195,7 +233,7 @@ class CoreSandbox:
         drop_core(self.identity)
         f.load()
         listener = _notify_fd(lib, f)
-        socket.send_fds(self.theirs, [b"L"], [listener])
+        send_fds(self.theirs, [b"L"], [listener])
         os.close(listener)
         self.theirs.close()
 
@@ -211,7 +249,7 @@ class CoreSandbox:
         syscall's name (also kept in `violation`)."""
         if self.ours.fileno() in readable:
             try:
-                _, fds, _, _ = socket.recv_fds(self.ours, 16, 1, socket.MSG_DONTWAIT)
+                _, fds, _, _ = recv_fds(self.ours, 16, 1, _socket.MSG_DONTWAIT)
             except BlockingIOError:
                 fds = []
             except OSError:
@@ -225,7 +263,7 @@ class CoreSandbox:
             if name is not None:
                 self.violation = name
                 try:
-                    signal.pidfd_send_signal(core_pidfd, signal.SIGKILL)
+                    _signal.pidfd_send_signal(core_pidfd, _signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 return name
@@ -341,7 +379,7 @@ def _install_probes() -> None:
     supervisor = os.getppid()
 
     def attempt(signum: int, _frame: object) -> None:
-        probe = PROBES[signum - signal.SIGRTMIN]
+        probe = PROBES[signum - _signal.SIGRTMIN]
         if probe == "open":
             with open("/etc/hostname", "rb") as f:
                 f.read()
@@ -350,10 +388,10 @@ def _install_probes() -> None:
         elif probe == "ptrace":
             ptrace(16, supervisor, None, None)  # PTRACE_ATTACH
         elif probe == "socket":
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+            _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).close()
         elif probe == "raise":
             raise RuntimeError("sandbox probe: a bug")
         print(f"sandbox probe {probe}: the call was allowed", flush=True)
 
     for n in range(len(PROBES)):
-        signal.signal(signal.SIGRTMIN + n, attempt)
+        _signal.signal(_signal.SIGRTMIN + n, attempt)

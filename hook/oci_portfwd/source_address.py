@@ -19,17 +19,18 @@ lost for it.
 
 from __future__ import annotations
 
+import _socket  # not socket, ipaddress: their enums are memory of every container (issue 12)
 import errno
-import ipaddress
-import socket
 import struct
+
+from .inet import is_loopback, packed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .logs import HookLog
 
 Address = tuple[object, ...]  # (host, port) or (host, port, flow, scope), as accept() gives
-NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::"))
+NAT64_PREFIX = bytes.fromhex("0064ff9b") + bytes(8)  # 64:ff9b::/96
 # Binding errors that only mean "not for this connection".
 BIND_FALLBACK_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM, errno.EINVAL}
 
@@ -40,14 +41,13 @@ def source_for(client: Address, target_family: int) -> tuple[str, int] | None:
     if len(client) > 3 and client[3]:
         return None  # a link-local client's scope names a host interface
     client_v6 = ":" in host
-    if client_v6 == (target_family == socket.AF_INET6):
+    if client_v6 == (target_family == _socket.AF_INET6):
         return host, port
     if client_v6:
         return None
-    v4 = ipaddress.IPv4Address(host)
-    if v4.is_loopback:
+    if is_loopback(host):
         return "::1", port
-    return str(ipaddress.IPv6Address(NAT64_PREFIX | int(v4))), port
+    return _socket.inet_ntop(_socket.AF_INET6, NAT64_PREFIX + packed(host)), port
 
 
 class ReplyRoutes:
@@ -58,7 +58,7 @@ class ReplyRoutes:
     RTA_DST, RTA_IP_PROTO, RTA_SPORT = 1, 27, 28
     RTN_LOCAL = 2
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.sock.settimeout(1.0)
         self.seq = 0
@@ -66,11 +66,11 @@ class ReplyRoutes:
     def local(self, family: int, client: str, service_port: int) -> bool:
         """Whether a UDP reply from `service_port` to `client` is delivered locally (to us)."""
         self.seq += 1
-        packed = socket.inet_pton(family, client)
-        rtmsg = struct.pack("BBBBBBBBI", family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0)
+        dst = _socket.inet_pton(family, client)
+        rtmsg = struct.pack("BBBBBBBBI", family, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0)
         attrs = (
-            _rta(self.RTA_DST, packed)
-            + _rta(self.RTA_IP_PROTO, bytes([socket.IPPROTO_UDP]))
+            _rta(self.RTA_DST, dst)
+            + _rta(self.RTA_IP_PROTO, bytes([_socket.IPPROTO_UDP]))
             + _rta(self.RTA_SPORT, struct.pack("!H", service_port))
         )
         body = rtmsg + attrs
@@ -118,27 +118,27 @@ class SourceBinder:
         self.log = log
         self.said: set[str] = set()
 
-    def bind(self, sock: socket.socket, client: Address, target_family: int, service_port: int) -> bool:
+    def bind(self, sock: _socket.socket, client: Address, target_family: int, service_port: int) -> bool:
         """Bind `sock` (not yet bound) so that the service sees `client`; False: it was left
         alone and the service will see loopback."""
         if not self.routing.ready.get(target_family):
             return False
         source = source_for(client, target_family)
         if source is None:
-            if target_family == socket.AF_INET and ":" in str(client[0]):
+            if target_family == _socket.AF_INET and ":" in str(client[0]):
                 self._once(
                     "v6-to-v4",
                     "IPv6 clients of %s reach an IPv4-only service: it sees them as 127.0.0.1 "
                     "(an IPv6 address cannot be carried over IPv4)",
                 )
             return False
-        if sock.type == socket.SOCK_DGRAM and not self._udp_reply_is_local(target_family, source[0], service_port):
+        if sock.type == _socket.SOCK_DGRAM and not self._udp_reply_is_local(target_family, source[0], service_port):
             return False
         try:
-            if sock.type == socket.SOCK_STREAM:
+            if sock.type == _socket.SOCK_STREAM:
                 # The client may reuse its port while our last connection from it is in
                 # TIME_WAIT here; connect() then tells whether the 4-tuple is free.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
             sock.bind(source)
         except OSError as e:
             if e.errno not in BIND_FALLBACK_ERRNOS:

@@ -706,14 +706,10 @@ def resume(state_fd: int) -> int:
 
 
 def _signal_name(signum: int) -> str:
-    # The handled ones without signal.Signals: no import in a signal handler before the core's
-    # modules are loaded (_stop_before_core).
-    handled = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
-    if signum in handled:
-        return handled[signum]
-    import signal as signal_module  # noqa: PLC0415 - a core's death: loaded by then
-
-    try:
-        return signal_module.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+    """signal.Signals(signum).name, without the signal module and its enums (issue 12): of the
+    names a number has (SIGABRT and SIGIOT), the first in alphabetical order, as Signals does."""
+    names = sorted(name for name in dir(signal) if name.startswith("SIG") and not name.startswith("SIG_"))
+    for name in names:
+        if getattr(signal, name) == signum:
+            return name
+    return f"signal {signum}"

@@ -21,12 +21,11 @@ way is complete (shutdown_write), so that FIN follows the last byte whatever hap
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums and selectors are memory of every container (issue 12)
 import errno
 import fcntl
 import os
 import select
-import socket
-from collections.abc import Callable, Sequence
 
 from .addressing import Target
 from .dialer import SocketPool, kind_of
@@ -38,6 +37,8 @@ from .stats import TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CLIENT, TO_CONTAINER,
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from .logs import HookLog
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -85,10 +86,10 @@ class ConnectionReset(Exception):
     """One side was reset; the other must be reset too."""
 
 
-def reset(sock: socket.socket) -> None:
+def reset(sock: _socket.socket) -> None:
     """Close so that the peer gets an RST, as a closed port or a crashed peer would give."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass
     sock.close()
@@ -133,8 +134,8 @@ class Direction:
 
     def __init__(
         self,
-        src: socket.socket,
-        dst: socket.socket,
+        src: _socket.socket,
+        dst: _socket.socket,
         pipes: PipePool,
         counts: Counters,
         slot: int,
@@ -268,14 +269,14 @@ class Direction:
         self.pipe = None
 
 
-def shutdown_write(sock: socket.socket) -> None:
+def shutdown_write(sock: _socket.socket) -> None:
     """Every byte of this way is queued: FIN after it. From here this socket's close must
     deliver, not reset, what is still in its send buffer (even if this process dies): the
     way towards its peer is complete. Its incoming way is still guarded: unread bytes at
     close, or any the peer sends after it, get a reset from the kernel."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
-        sock.shutdown(socket.SHUT_WR)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_OFF)
+        sock.shutdown(_socket.SHUT_WR)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
@@ -294,7 +295,7 @@ class TcpConnection:
         loop: EventLoop,
         pool: SocketPool,
         pipes: PipePool,
-        client: socket.socket,
+        client: _socket.socket,
         targets: Sequence[Target],
         counts: Counters,
         log: HookLog,
@@ -312,7 +313,7 @@ class TcpConnection:
         self.log = log
         self.on_close = on_close
         self.preamble = preamble  # what the service gets before the client's bytes
-        self.upstream: socket.socket | None = None
+        self.upstream: _socket.socket | None = None
         self.ways: tuple[Direction, Direction] | None = None
         self.closed = False
         self.answered = False
@@ -335,7 +336,7 @@ class TcpConnection:
         self.pool.get(kind_of(target.family, "tcp"), self._on_socket)
 
     # 2. connect, with family fallback
-    def _on_socket(self, sock: socket.socket | None) -> None:
+    def _on_socket(self, sock: _socket.socket | None) -> None:
         if self.closed:
             if sock is not None:
                 sock.close()
@@ -369,7 +370,7 @@ class TcpConnection:
     def _on_connected(self, events: int) -> None:
         assert self.upstream is not None
         if events & CONNECT_FAILED or not events & select.EPOLLOUT:
-            self._connected(self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), events)
+            self._connected(self.upstream.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR), events)
         else:
             self._connected(0, events)  # writable, no error: connected (no SO_ERROR to ask)
 
@@ -514,7 +515,7 @@ class TcpListener:
         loop: EventLoop,
         pool: SocketPool,
         pipes: PipePool,
-        sock: socket.socket,
+        sock: _socket.socket,
         targets: Sequence[Target],
         counts: Counters,
         log: HookLog,
@@ -546,7 +547,7 @@ class TcpListener:
     def _on_readable(self, _events: int) -> None:
         for _ in range(self.ACCEPT_BATCH):
             try:
-                client, peer = self.sock.accept()
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]  # socket.accept's C half
             except BlockingIOError:
                 return
             except OSError as e:
@@ -560,6 +561,9 @@ class TcpListener:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            # The rest of socket.accept (family and type given: the constructor asks the kernel
+            # for nothing but getsockname), then non-blocking (FIONBIO) as before.
+            client = _socket.socket(self.sock.family, _socket.SOCK_STREAM, self.sock.proto, fd)
             client.setblocking(False)
             try:
                 preamble = header_for(client, peer) if self.proxy else b""

@@ -17,11 +17,10 @@ and the restarted core starts new sessions.
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums and selectors are memory of every container (issue 12)
 import errno
 import select
-import socket
 import time
-from collections.abc import Sequence
 
 from .addressing import Target
 from .dialer import SocketPool, kind_of
@@ -31,6 +30,8 @@ from .stats import TO_CLIENT, TO_CONTAINER, UDP_DATAGRAMS, UDP_SESSIONS, Counter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .logs import HookLog
 
 MAX_DATAGRAM = 65535
@@ -48,7 +49,7 @@ class UdpListener:
         self,
         loop: EventLoop,
         pool: SocketPool,
-        sock: socket.socket,
+        sock: _socket.socket,
         targets: Sequence[Target],
         idle_timeout: float,
         counts: Counters,
@@ -117,7 +118,7 @@ class UdpSession:
         self.listener = listener
         self.client = client
         self.targets = list(listener.targets)
-        self.upstream: socket.socket | None = None
+        self.upstream: _socket.socket | None = None
         self.target: tuple[str, int] = ("", 0)
         self.queue: list[bytes] = []
         self.last_datagram: bytes | None = None
@@ -133,7 +134,7 @@ class UdpSession:
             return
         self.listener.pool.get(kind_of(self.targets[0].family, "udp"), self._on_socket)
 
-    def _on_socket(self, sock: socket.socket | None) -> None:
+    def _on_socket(self, sock: _socket.socket | None) -> None:
         if sock is None or self.closed:
             if sock is not None:
                 sock.close()
@@ -141,10 +142,10 @@ class UdpSession:
         target = self.targets.pop(0)
         if self.listener.source is not None:
             self.listener.source.bind(sock, self.client, target.family, target.port)
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        if sock.family == _socket.AF_INET6:
+            sock.setsockopt(_socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock.setsockopt(_socket.IPPROTO_IP, IP_RECVERR, 1)
         self.target = (target.address, target.port)
         self.upstream = sock
         self.listener.loop.register(sock.fileno(), select.EPOLLIN, self._on_upstream)
@@ -204,7 +205,7 @@ class UdpSession:
         assert self.upstream is not None
         while True:
             try:
-                self.upstream.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+                self.upstream.recvmsg(1, 512, _socket.MSG_ERRQUEUE)
             except OSError:
                 return
 

@@ -1,6 +1,7 @@
 """The hook's start and stop paths do without json, dataclasses, logging and pathlib (issue 12):
 what replaces them behaves as they did, and they stay off those paths."""
 
+import ast
 import ipaddress
 import json
 import logging
@@ -16,11 +17,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from oci_portfwd import patterns, validators
-from oci_portfwd.errors import StartError, loads_strict
+from oci_portfwd.errors import PortSpecError, StartError, loads_strict
+from oci_portfwd.fdpass import recv_fds, send_fds
+from oci_portfwd.inet import ipv4_unmapped, ipv6_text, is_loopback, packed
 from oci_portfwd.logs import FORMAT, HookLog, format_line
 from oci_portfwd.patterns import KNOWN
 from oci_portfwd.plan import Plan
-from oci_portfwd.ports import PortMapping, _is_plain_ipv4
+from oci_portfwd.ports import PortMapping, _is_plain_ipv4, _parse_address, is_interface_name
 from oci_portfwd.privileges import check_seccomp_binding
 from oci_portfwd.statefile import Record, parent_and_name, read_record, write_record
 
@@ -185,6 +188,76 @@ def test_plain_ipv4_fast_path_is_what_ipaddress_returns(text):
         assert str(ipaddress.ip_address(text)) == text
 
 
+def _as_ipaddress_reads(text):
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return "is not an IP address"
+    scope = getattr(address, "scope_id", None)
+    if address.version == 6 and address.is_link_local and not scope:
+        return "is a link-local address"
+    if scope is not None and not is_interface_name(scope):
+        return "is not an interface name"
+    return str(address)
+
+
+def _as_we_read(text):
+    try:
+        return _parse_address("spec", text)
+    except PortSpecError as e:
+        return next(words for words in ("is not an IP address", "is a link-local address",
+                                        "is not an interface name") if words in str(e))
+
+
+@given(st.ip_addresses(v=6).map(str) | st.ip_addresses(v=6).map(lambda a: a.exploded.upper())
+       | st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}") | st.ip_addresses(v=4).map(lambda a: f"::{a}")
+       | st.text(alphabet="0123456789abcdefABCDEF:.%", max_size=45),
+       st.sampled_from(["", "%eth0", "%7", "%", "%a%b", "%a$b", "%" + "x" * 16]))
+def test_port_spec_addresses_read_as_ipaddress_reads_them(text, scope):
+    assert _as_we_read(text + scope) == _as_ipaddress_reads(text + scope)
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_ipv6_text_is_ipaddress_s(packed):
+    assert ipv6_text(packed) == str(ipaddress.IPv6Address(packed))
+    mapped = bytes(10) + b"\xff\xff" + packed[:4]
+    assert ipv6_text(mapped) == str(ipaddress.IPv6Address(mapped))
+
+
+@given(st.ip_addresses(), st.sampled_from(["", "%lo", "%2"]))
+def test_inet_reads_addresses_as_ipaddress_does(address, scope):
+    text = str(address) + (scope if address.version == 6 else "")
+    assert packed(text) == address.packed
+    assert is_loopback(text) == address.is_loopback
+    mapped = getattr(address, "ipv4_mapped", None)
+    assert ipv4_unmapped(address.packed) == (mapped or address).packed
+
+
+def test_fdpass_is_socket_s_send_fds_and_recv_fds():
+    with open(os.devnull) as a, open(__file__) as b:
+        for sender, receiver in ((send_fds, socket.recv_fds), (socket.send_fds, recv_fds), (send_fds, recv_fds)):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with ours, theirs:
+                assert sender(ours, [b"S", b"t4"], [a.fileno(), b.fileno()]) == 3
+                data, fds, flags, _ = receiver(theirs, 64, 4)
+                assert data == b"St4" and len(fds) == 2 and flags == 0
+                assert all(os.path.samestat(os.fstat(fd), os.fstat(f.fileno())) for fd, f in zip(fds, (a, b), strict=True))
+                for fd in fds:
+                    os.close(fd)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs, pytest.raises(BlockingIOError):
+            recv_fds(theirs, 64, 1, socket.MSG_DONTWAIT)  # the flags reach recvmsg
+
+
+def test_ipv6_port_specs_import_none_of_the_heavy_modules():
+    code = (f"import sys; sys.path.insert(0, {str(HOOK)!r}); from oci_portfwd.ports import parse_port_specs; "
+            "parse_port_specs('[::1]:1:2,[fe80::1%lo]:3:4/udp,[::ffff:1.2.3.4]:5:6,[2001:DB8::0:1]:7:8'); "
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60).stdout.split()
+    assert not loaded, f"parsing IPv6 port specs imports {loaded}"
+
+
 @pytest.mark.parametrize("path", ["/run/oci-portfwd", "/run/oci-portfwd/", "//run/x", "///run/x", "/", "//", "a",
                                   "a/b", "./a", "a/./b/", "/a/../b", "", ".", "/a//b", "x/.."])
 def test_parent_and_name_are_pathlibs(path):
@@ -242,3 +315,120 @@ def test_format_exception_is_traceback_s_without_source_lines():
             expected = "".join(line + "\n" for line in theirs.splitlines()
                                if not line.startswith("    "))
             assert ours == expected
+
+
+# What the long-lived Python processes of a forwarded container (the core, an interpreter of
+# its own since core_process.py, and the Python dialer forked from it; the supervisor waits in
+# portfwd-keeper, C, while the core serves) must never hold: each is ~0.2-0.5 MiB
+# of every container's memory (issue 12). The C modules under them (_socket, _signal,
+# _collections) are what the core uses instead.
+CORE_FORBIDDEN = ("socket", "selectors", "enum", "signal", "ipaddress", "collections", "collections.abc",
+                  "functools", "re", "typing", "dataclasses", "logging")
+# Imports inside functions of those processes' modules that run elsewhere or on no serving path.
+NOT_IN_THE_CORE = {
+    "pyroute2", "pyroute2.netlink.exceptions",  # forked children that exit (netns_setup, client_routing)
+    "json",  # loads_strict's fallback: json's message for malformed input
+    "importlib.machinery",  # check_seccomp_binding: when the import system's PathFinder is not found
+    "ctypes",  # setns on Python < 3.12, the dialer right before its exec, the tests' sandbox probes
+    "seccomp", "pyseccomp",  # the libseccomp binding: checked on its own below
+}
+# Modules the core imports whose functions run in the hook (the start path's tests above).
+HOOK_SIDE = {"oci_portfwd.drivers", "oci_portfwd.ports", "oci_portfwd.config", "oci_portfwd.state", "oci_portfwd.plan"}
+CORE_IMAGE = """
+import sys
+sys.path[:0] = {paths!r}
+from oci_portfwd import core_process, handover, core  # what the core's interpreter runs
+from oci_portfwd.drivers import builtin
+for name, targets in {imports!r}.items():  # what their functions import on the way
+    if name in sys.modules:
+        for target in targets:
+            __import__(target)
+print("OURS", " ".join(m for m in {forbidden!r} if m in sys.modules))
+from oci_portfwd.seccomp_filter import _library
+_library()  # the libseccomp binding, which CoreSandbox.enter loads
+print("BINDING", " ".join(m for m in {forbidden!r} if m in sys.modules))
+"""
+
+
+def _imports(statements, package):
+    """Every import statement, those in functions too, except under `if TYPE_CHECKING:`."""
+    for node in statements:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            yield from _imports(node.orelse, package)
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            yield (base + "." + node.module if node.module else base) if node.level else node.module
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            yield from _imports(getattr(node, field, ()), package)
+
+
+def _core_image(python, paths):
+    imports = {}
+    for path in sorted((HOOK / "oci_portfwd").rglob("*.py")):
+        parts = path.relative_to(HOOK).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = ".".join(parts[:-1])
+        if name not in HOOK_SIDE:
+            imports[name] = sorted(set(_imports(ast.parse(path.read_text()).body, package)) - NOT_IN_THE_CORE)
+    code = CORE_IMAGE.format(paths=[str(HOOK), *paths], imports=imports, forbidden=CORE_FORBIDDEN)
+    run = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ours, binding = (line.split()[1:] for line in run.stdout.splitlines())
+    return ours, binding
+
+
+def test_the_core_s_image_has_no_socket_signal_enum_ipaddress_or_collections():
+    """After `import oci_portfwd.core_process, core`, and every import their functions make on the
+    core's and the dialer's way (CoreSandbox.enter, start_dialer, run_core, ...): none of them."""
+    import prctl
+
+    ours, binding = _core_image(sys.executable, [os.path.dirname(prctl.__file__)])
+    assert not ours, f"the core's modules import {ours}"
+    # The venv's binding is pyseccomp (PyPI), imported with a stand-in for typing (seccomp_filter).
+    assert not binding, f"the libseccomp binding brings {binding}"
+
+
+def test_the_core_s_image_with_debian_s_libseccomp_binding():
+    dist = "/usr/lib/python3/dist-packages"
+    if not any(name.startswith("seccomp.") for name in os.listdir(dist)) or not os.path.exists(f"{dist}/prctl.py"):
+        pytest.skip("Debian's python3-seccomp or python3-prctl is not installed")
+    _ours, binding = _core_image("/usr/bin/python3", [dist])
+    assert not binding, f"the core's image holds {binding}"
+
+
+def test_podman_names_come_from_containers_json(tmp_path):
+    from oci_portfwd.names import container_name
+
+    userdata = tmp_path / "overlay-containers" / "abc" / "userdata"
+    userdata.mkdir(parents=True)
+    (tmp_path / "overlay-containers" / "containers.json").write_text(
+        json.dumps([{"id": "other", "names": ["x"]}, {"id": "abc", "names": ["web\x1b", "alias"]}]))
+    assert container_name("abc", {"io.container.manager": "libpod"}, str(userdata)) == "web?"
+    (tmp_path / "overlay-containers" / "containers.json").write_text("[{")
+    assert container_name("abc", {"io.container.manager": "libpod"}, str(userdata)) is None
+
+
+@pytest.mark.parametrize("stand_in, typing_loaded", [("", False), ("_typing_stand_in = lambda: ModuleType('typing')", True)])
+def test_pyseccomp_is_imported_without_typing_or_with_it_when_it_asks_for_more(stand_in, typing_loaded):
+    import prctl
+
+    code = f"""
+import sys
+sys.path[:0] = {[str(HOOK), os.path.dirname(prctl.__file__)]!r}
+from types import ModuleType
+from oci_portfwd import seccomp_filter
+{stand_in.replace("_typing_stand_in", "seccomp_filter._typing_stand_in")}
+lib = seccomp_filter._library()
+assert lib.__name__ == "pyseccomp" and ("typing" in sys.modules) is {typing_loaded}, sorted(sys.modules)
+assert seccomp_filter.syscall_name(0xC000003E, 257) == "openat"  # x86_64: resolve_syscall, cast
+seccomp_filter._allow_list(lib, lib.NOTIFY, seccomp_filter.CORE_SYSCALLS)
+"""
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    if "No module named 'pyseccomp'" in run.stderr:
+        pytest.skip("pyseccomp is not installed")
+    assert run.returncode == 0, run.stderr
