@@ -27,6 +27,7 @@ from infra import (
     run,
     run_timed,
     start,
+    tcp_sockets,
     tree,
     wait_for,
 )
@@ -532,16 +533,10 @@ def _established_peers(pid: int, local_port: int) -> set[tuple[str, int]]:
     """(remote address as /proc hex, remote port) of connections established to local_port;
     an IPv4 client of a dual-stack server (bench-httpd listens on [::]) as its IPv4 hex."""
     out = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) > 3 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == local_port:
-                addr, port = f[2].rsplit(":", 1)
-                out.add((addr.removeprefix(V4_MAPPED_HEX), int(port, 16)))
+    for f in tcp_sockets(pid):
+        if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == local_port:
+            addr, port = f[2].rsplit(":", 1)
+            out.add((addr.removeprefix(V4_MAPPED_HEX), int(port, 16)))
     return out
 
 

@@ -280,9 +280,9 @@ class Netns:
         return ["nsenter", f"--net={self.path}"]
 
 
-def listening(pid: int, port: int) -> bool:
-    """Does something listen on TCP `port` in the network namespace of process `pid`?"""
-    want = f":{port:04X} "
+def tcp_sockets(pid: int):
+    """The rows of /proc/PID/net/tcp and tcp6 (the network namespace of process `pid`), split
+    into fields: [sl, local, remote, state, ...], addresses as hex ADDR:PORT."""
     for name in ("tcp", "tcp6"):
         try:
             lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
@@ -290,9 +290,14 @@ def listening(pid: int, port: int) -> bool:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 3 and (fields[1][-5:] + " ") == want and fields[3] == "0A":
-                return True
-    return False
+            if len(fields) > 3:
+                yield fields
+
+
+def listening(pid: int, port: int) -> bool:
+    """Does something listen on TCP `port` in the network namespace of process `pid`?"""
+    want = f":{port:04X} "
+    return any((f[1][-5:] + " ") == want and f[3] == "0A" for f in tcp_sockets(pid))
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -15,20 +15,11 @@ import os
 import sys
 from _signal import SIGKILL
 
+from .forking import exit_with
 
-def main(handover_fd: int) -> int:
-    code = 1
-    try:
-        code = _run(handover_fd)
-    except BaseException as e:  # noqa: BLE001 - a bug: its traceback goes to the log (stderr)
-        from .logs import format_exception  # noqa: PLC0415 - only for bugs
 
-        try:
-            os.write(2, format_exception(e).encode(errors="replace"))
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
+def main(handover_fd: int) -> None:
+    exit_with(lambda: _run(handover_fd))
 
 
 def _run(handover_fd: int) -> int:

@@ -8,6 +8,7 @@ from _signal import SIGKILL  # not signal: its enums are off the hook's path (is
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import NoReturn
 
 
 def fork_child(body: Callable[[], int], *, die_with_parent: bool = True) -> int:
@@ -22,14 +23,24 @@ def fork_child(body: Callable[[], int], *, die_with_parent: bool = True) -> int:
     pid = os.fork()
     if pid:
         return pid
-    code = 1
-    try:
+
+    def child() -> int:
         if die_with_parent:
             import prctl  # noqa: PLC0415
 
             prctl.set_pdeathsig(SIGKILL)
             if os.getppid() != parent:
-                os._exit(1)
+                return 1
+        return body()
+
+    exit_with(child)
+
+
+def exit_with(body: Callable[[], int]) -> NoReturn:
+    """Run `body` and end the process with its code (os._exit: nothing of the parent's is
+    flushed or torn down twice), or with 1 and the traceback on stderr (the log) if it raised."""
+    code = 1
+    try:
         code = body()
     except BaseException as e:  # noqa: BLE001 - a bug: its traceback goes to the log
         from .logs import format_exception  # noqa: PLC0415 - only for bugs

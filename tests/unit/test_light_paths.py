@@ -249,12 +249,17 @@ def test_fdpass_is_socket_s_send_fds_and_recv_fds():
             recv_fds(theirs, 64, 1, socket.MSG_DONTWAIT)  # the flags reach recvmsg
 
 
+def _loaded_after(statements: str, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` a fresh `python -I -S` holds after running `statements`."""
+    code = (f"import sys; sys.path.insert(0, {str(HOOK)!r}); {statements}; "
+            f"print(' '.join(m for m in {names!r} if m in sys.modules))")
+    return subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.split()
+
+
 def test_ipv6_port_specs_import_none_of_the_heavy_modules():
-    code = (f"import sys; sys.path.insert(0, {str(HOOK)!r}); from oci_portfwd.ports import parse_port_specs; "
-            "parse_port_specs('[::1]:1:2,[fe80::1%lo]:3:4/udp,[::ffff:1.2.3.4]:5:6,[2001:DB8::0:1]:7:8'); "
-            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
-                            check=True, timeout=60).stdout.split()
+    loaded = _loaded_after("from oci_portfwd.ports import parse_port_specs; parse_port_specs("
+                           "'[::1]:1:2,[fe80::1%lo]:3:4/udp,[::ffff:1.2.3.4]:5:6,[2001:DB8::0:1]:7:8')", HEAVY)
     assert not loaded, f"parsing IPv6 port specs imports {loaded}"
 
 
@@ -280,11 +285,7 @@ LONG_LIVED_HEAVY = ("dataclasses", "inspect", "ast", "dis", "pathlib", "decimal"
 
 
 def test_the_core_s_modules_import_none_of_the_long_lived_heavy_ones():
-    code = (f"import sys; sys.path.insert(0, {str(HOOK)!r}); "
-            "import oci_portfwd.supervisor, oci_portfwd.core; "
-            f"print(' '.join(m for m in {LONG_LIVED_HEAVY!r} if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
-                            check=True, timeout=60).stdout.split()
+    loaded = _loaded_after("import oci_portfwd.supervisor, oci_portfwd.core, oci_portfwd.core_process", LONG_LIVED_HEAVY)
     assert not loaded, f"the core's modules import {loaded}"
 
 
