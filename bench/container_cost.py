@@ -56,6 +56,11 @@ def hooksd_script(hook_dir: Path, work: Path, name: str) -> HookEnv:
     """The hooks.d script of the tree that holds hook_dir, on this venv's interpreter."""
     shebang, body = (hook_dir.parent / LIBEXEC).read_text().split("\n", 1)
     options = shebang.split(" ", 1)[1] if " " in shebang else ""
+    # As installed: Debian's dependencies (the site dirs of /usr, which -S leaves sys.prefix
+    # at), and the native programs where `make venv` built them (the packages put them in
+    # /usr/libexec/oci-portfwd-hook, which the hook finds from sys.prefix).
+    main_import = "from oci_portfwd.cli import main"
+    body = body.replace(main_import, f"sys.prefix = {str(REPO / '.venv')!r}\n{main_import}", 1)
     script = work / f"{name}-script"
     script.write_text(f"#!{REPO / '.venv' / 'bin' / 'python3'} {options}\n"
                       f"import sys; sys.path.insert(0, {str(hook_dir)!r})\n{body}")
@@ -216,7 +221,8 @@ def render(results: dict) -> str:
     lines += ["", "| per container, PSS MB (MiB) | " + " | ".join(f"{n} container{'s' * (n > 1)}"
                                                          for n in results["counts"]) + " |",
               "|---|" + "---|" * len(results["counts"])]
-    for who, label in (("ours", "oci-portfwd-hook (builtin; supervisor + core + dialer)"),
+    for who, label in (("ours", "oci-portfwd-hook (builtin; supervisor + core + dialer), the venv console script"),
+                       ("ours-hooksd", "oci-portfwd-hook, the hooks.d script (Debian's python3-seccomp and python3-prctl, as the packages run it)"),
                        ("pasta", "pasta (one per container)"),
                        ("rootlesskit", "rootlesskit --port-driver=builtin (one for all)")):
         cells = []
@@ -303,6 +309,7 @@ def main() -> int:
         if args.compare:
             counts = []
         for who, fn in (("ours", lambda n: hook_pss(f, hooks["oci-portfwd-hook"], n, ports, args.settle)),
+                        ("ours-hooksd", lambda n: hook_pss(f, hooks["hooks.d script"], n, ports, args.settle)),
                         ("pasta", lambda n: pasta_pss(cleanup, work, n, ports, args.settle)),
                         ("rootlesskit", lambda n: rootlesskit_pss(cleanup, work, n, ports, args.settle))):
             for n in counts:
