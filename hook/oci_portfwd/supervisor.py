@@ -330,6 +330,10 @@ class Supervisor:
 
     def _fail(self, message: str) -> int:
         self.log.error("%s", message)
+        # The ports first: the hook fails the start as soon as it reads the error, and a port
+        # still bound for a moment after that is a retry's "address in use".
+        for listener in self.ctx.listeners:
+            listener.close()
         self.report.error(message)
         self._teardown()
         return 1
