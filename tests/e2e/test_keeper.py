@@ -10,12 +10,14 @@ OCI_PORTFWD_PYTHON_SUPERVISOR set, the supervisor stays in Python and does all o
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 from e2ekit.clients import whoami
 from e2ekit.forwarding import CORE, child_by_comm, forwarding_of
 from e2ekit.hookenv import HookEnv, oci_state
 from e2ekit.ports import port_is_free
+from e2ekit.procs import Proc, descendants
 from e2ekit.services import Services
 from e2ekit.wait import wait_until
 from oci_portfwd.supervisor import PYTHON_SUPERVISOR_ENV, native_keeper
@@ -101,6 +103,31 @@ def test_the_container_s_exit_ends_the_forwarding_from_the_keeper(containers, ho
     wait_until(lambda: not fw.supervisor.alive(), TIMEOUT, "the supervisor to end with the container")
     assert port_is_free("127.0.0.1", port) and state_files(hook_env, c.id) == []
     assert f"tearing down: container process {c.pid} exited" in hook_env.log_text(c.id)
+
+
+@pytest.mark.parametrize("delay_ms", [0, 15, 30, 45, 60, 80, 110, 150])
+def test_a_stop_at_any_moment_around_the_handover_tears_everything_down(containers, hook_env, port_alloc,
+                                                                         keeper, delay_ms):
+    """poststop's SIGTERM while the supervisor may be anywhere between the hook's return, the
+    core's start, the exec of the keeper (signals blocked across it) and the keeper's wait."""
+    port = port_alloc.take()
+    c = containers.new(Services().whoami(WHO).argv(), hook=hook_env, ports=f"127.0.0.1:{port}:{WHO}")
+    c.start()
+    sup = Proc.of(int(hook_env.read_state(c.id)["supervisor_pid"]))
+    assert sup is not None
+    tree = {sup.pid: sup}
+    deadline = time.monotonic() + delay_ms / 1000
+    while True:  # who is there meanwhile: the core, its dialer
+        tree.update((p.pid, p) for p in descendants(sup.pid) if p.pid not in tree)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.002)
+    os.kill(sup.pid, signal.SIGTERM)
+    wait_until(lambda: not [p for p in tree.values() if p.alive()], TIMEOUT,
+               lambda: f"the forwarding's processes to end: {[p.pid for p in tree.values() if p.alive()]}")
+    assert port_is_free("127.0.0.1", port)
+    assert state_files(hook_env, c.id) == []
+    assert "SIGTERM received (poststop)" in hook_env.log_text(c.id), hook_env.log_text(c.id)
 
 
 def test_without_the_keeper_the_supervisor_stays_in_python(containers, hook_command, tmp_path, port_alloc):
