@@ -3,7 +3,8 @@ data, as JSON in a memfd that the exec inherits.
 
 The supervisor forks each core and execs a fresh interpreter for it (core_process.py): a
 fork would carry everything the hook and the supervisor imported into every container's
-memory for its whole life (issue 12). pickle would do, but brings collections and
+memory for its whole life (issue 12). And it hands itself over to portfwd-keeper, which
+execs it again on supervisor.resume(). pickle would do, but brings collections and
 functools into the core; these values are a few fields each.
 """
 

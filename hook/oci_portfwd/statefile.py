@@ -63,11 +63,6 @@ class Record:
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__slots__}
 
-    def with_stats(self, stats: dict[str, int]) -> Record:
-        fields = self.as_dict()
-        fields["stats"] = stats
-        return Record(**fields)  # type: ignore[arg-type]
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Record):
             return NotImplemented

@@ -344,27 +344,27 @@ class Supervisor:
         from .seccomp_filter import CoreSandbox  # noqa: PLC0415 - after ready
 
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        counters = counters_path(self.ctx.state_dir, self.plan.container_id)
         if self.counts is None:
-            self.counts = counters_file(counters_path(self.ctx.state_dir, self.plan.container_id), fresh=True)
+            self.counts = counters_file(counters, fresh=True)
         counts = self.counts
         # The builtin core sandboxes itself once it serves; the external drivers' process
         # restarts its program and stays as privileged as the supervisor.
         sandbox = CoreSandbox(self.core_identity) if self.plan.driver == "builtin" else None
 
         prefix, path = sys.prefix, sys.path
-        counters = counters_path(self.ctx.state_dir, self.plan.container_id)
 
         def core() -> int:
             # A fresh interpreter for the core (core_process.py): the fork keeps none of
             # this process's imports alive in the container's cost.
             os.close(status_r)
+            listeners = [(listener.target, listener.sock.fileno()) for listener in self.ctx.listeners]
             given: dict[str, object] = {
-                "supervisor": os.getppid(), "prefix": prefix, "plan": self.plan,
-                "listeners": [(listener.target, listener.sock.fileno()) for listener in self.ctx.listeners],
+                "supervisor": os.getppid(), "prefix": prefix, "plan": self.plan, "listeners": listeners,
                 "log_path": self.ctx.log_path, "log_level": self.ctx.log_level,
                 "status_fd": status_w, "counters": counters, "sandbox": None,
             }
-            inherited = [status_w] + [listener.sock.fileno() for listener in self.ctx.listeners]
+            inherited = [status_w] + [fd for _, fd in listeners]
             if sandbox is not None:
                 sandbox.in_child()
                 given["sandbox"] = (sandbox.identity, sandbox.theirs.fileno())
@@ -491,7 +491,7 @@ class Supervisor:
         itself; for anything to decide (the core died or broke its sandbox) it execs this
         interpreter again on resume(), which reads back what is written here. Returns only
         if the exec did not happen (a stop came first, or the exec failed)."""
-        import pickle  # noqa: PLC0415 - once per core, not on the start path
+        from . import handover  # noqa: PLC0415
 
         assert self.keeper is not None and self.counts is not None
         plan = self.plan
@@ -500,17 +500,14 @@ class Supervisor:
             core.sandbox.ours.close()  # the core sent its listener: nothing else comes there
             notify = core.sandbox.listener
         listeners = [(listener.target, listener.sock.fileno()) for listener in self.ctx.listeners]
-        blob = pickle.dumps({
+        state = handover.write({  # inherited by the keeper, and back to resume()
             "plan": plan, "listeners": listeners, "state_dir": self.ctx.state_dir,
             "log_path": self.ctx.log_path, "log_level": self.ctx.log_level,
             "annotations": dict(self.ctx.annotations), "bundle": self.ctx.bundle,
-            "core_identity": self.core_identity, "record": self.record, "backoff": backoff,
+            "core_identity": self.core_identity, "record": self.record.as_dict(), "backoff": backoff,
             "container": container, "core": (core.pid, core.pidfd, core.status.fd, core.started_at),
             "notify": notify,
         })
-        state = os.memfd_create("portfwd-resume", 0)  # inherited by the keeper, and back
-        os.write(state, blob)
-        os.lseek(state, 0, os.SEEK_SET)
         inherited = [fd for _, fd in listeners] + [container, core.pidfd, core.status.fd, self.log.fd]
         for fd in inherited + ([notify] if notify >= 0 else []):
             os.set_inheritable(fd, True)
@@ -555,7 +552,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)  # a stop meanwhile: now
         self._settle()  # exec made it dumpable again; the rest is as it was
         self.core_identity = state["core_identity"]
-        self.record = state["record"]
+        self.record = Record(**state["record"])
         self.counts = counters_file(counters_path(self.ctx.state_dir, plan.container_id), fresh=False)
         pid, pidfd, status_fd, started_at = state["core"]
         sandbox = None
@@ -687,13 +684,14 @@ def native_keeper() -> str | None:
 def resume(state_fd: int) -> int:
     """The entry of the supervisor exec'd again by portfwd-keeper (Supervisor._hand_over)."""
     import _socket  # noqa: PLC0415
-    import pickle  # noqa: PLC0415
 
+    from . import handover  # noqa: PLC0415
     from .drivers import get_driver  # noqa: PLC0415
-    from .listeners import Listener  # noqa: PLC0415
+    from .listeners import BindTarget, Listener  # noqa: PLC0415
+    from .plan import Plan  # noqa: PLC0415
+    from .ports import PortMapping  # noqa: PLC0415
 
-    with open(state_fd, "rb") as f:
-        state = pickle.load(f)  # noqa: S301 - our own memfd, inherited by exec only
+    state = handover.read(state_fd, (Plan, PortMapping, BindTarget))
     plan = state["plan"]
     listeners = [Listener(target, _socket.socket(fileno=fd)) for target, fd in state["listeners"]]
     ctx = Context(plan, listeners, get_driver(plan.driver), state["state_dir"], state["log_path"],
