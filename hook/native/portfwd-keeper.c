@@ -52,7 +52,6 @@
 #include <unistd.h>
 
 #define STOP_GRACE_MS 1000 /* supervisor.STOP_GRACE */
-#define MAX_LISTENERS 512
 #define LOG_USER_FACILITY 1
 
 static int log_fd = -1, log_level = 20, syslog_fd = -1;
@@ -268,18 +267,18 @@ static void remove_record(const char *record, const char *counters)
     unlink(record);
 }
 
-static int parse_fds(const char *text, int *out, int max)
+/* The listeners, "3,4,7": closed first at the teardown, so that the ports are free while the
+ * children are still being reaped (the exit would close them only after). */
+static void close_listeners(const char *text)
 {
-    int n = 0;
     char *end;
-    while (*text && n < max) {
-        long v = strtol(text, &end, 10);
+    while (*text) {
+        long fd = strtol(text, &end, 10);
         if (end == text)
-            break;
-        out[n++] = (int)v;
+            return;
+        close((int)fd);
         text = *end == ',' ? end + 1 : end;
     }
-    return n;
 }
 
 static void block_signals(int how)
@@ -310,9 +309,7 @@ int main(int argc, char **argv)
     pid_t core_pid = atoi(argv[6]);
     int core_fd = atoi(argv[7]);
     int notify_fd = atoi(argv[8]);
-    const char *record = argv[9], *counters = argv[10];
-    int listeners[MAX_LISTENERS];
-    int n_listeners = parse_fds(argv[11], listeners, MAX_LISTENERS);
+    const char *record = argv[9], *counters = argv[10], *listeners = argv[11];
     char **python = argv + 13;
     /* The Python supervisor opens its own log when it comes back. */
     fcntl(log_fd, F_SETFD, FD_CLOEXEC);
@@ -320,7 +317,9 @@ int main(int argc, char **argv)
         syslog_connect();
 
     if (pipe2(wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        /* Back to Python for good (supervisor.PYTHON_SUPERVISOR_ENV), not back and forth. */
         say(40, "portfwd-keeper: pipe: %s; the supervisor continues in Python", strerror(errno));
+        setenv("OCI_PORTFWD_PYTHON_SUPERVISOR", "1", 1);
         execv(python[0], python);
         return 1;
     }
@@ -393,8 +392,7 @@ int main(int argc, char **argv)
         describe_status(status, how, sizeof how);
         say(10, "core pid %d stopped (%s)", (int)core_pid, how);
     }
-    for (int i = 0; i < n_listeners; i++)
-        close(listeners[i]);
+    close_listeners(listeners);
     reap_all();
     remove_record(record, counters);
     return 0;
