@@ -57,17 +57,12 @@ def read_file(path: str) -> list[int] | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        data = os.read(fd, 8 * len(FIELDS))
+        data = os.read(fd, 8 * len(FIELDS))  # each slot is one aligned 8-byte store: never torn
     finally:
         os.close(fd)
     if len(data) != 8 * len(FIELDS):
         return None
     return memoryview(data).cast("q").tolist()
-
-
-def read(counts: Counters) -> list[int]:
-    # Each slot is one aligned 8-byte store by the core: never torn.
-    return counts[: len(FIELDS)].tolist()
 
 
 def as_dict(values: list[int]) -> dict[str, int]:

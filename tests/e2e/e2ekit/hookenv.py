@@ -56,12 +56,12 @@ class HookEnv:
         return json.loads(self.state_file(container_id).read_text())
 
     def read_stats(self, container_id: str) -> dict:
-        """The forwarding's traffic figures, as `ps` reads them: its page beside the state
-        file (seven signed 64-bit integers, oci_portfwd.stats.FIELDS)."""
-        from oci_portfwd.stats import FIELDS  # noqa: PLC0415
+        """The forwarding's traffic figures, as `ps` reads them: its page beside the state file."""
+        from oci_portfwd.stats import as_dict, read_file  # noqa: PLC0415
 
-        data = (self.state_dir / f"{container_id}.counters").read_bytes()[: 8 * len(FIELDS)]
-        return dict(zip(FIELDS, memoryview(data).cast("q").tolist(), strict=True))
+        figures = read_file(str(self.state_dir / f"{container_id}.counters"))
+        assert figures is not None, f"no counters page for {container_id}"
+        return as_dict(figures)
 
     def log_text(self, container_id: str) -> str:
         try:
