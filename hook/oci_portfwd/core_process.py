@@ -58,7 +58,7 @@ def _run(handover_fd: int) -> int:
     sandbox = None
     if given["sandbox"] is not None:
         identity, theirs = given["sandbox"]
-        sandbox = CoreSandbox.for_core(identity, theirs)
+        sandbox = CoreSandbox.across_exec(identity, theirs=theirs)
     status = StatusWriter(given["status_fd"], counters_file(given["counters"], fresh=False))
     try:
         return get_driver(plan.driver).run(plan, listeners, status, log, sandbox=sandbox)

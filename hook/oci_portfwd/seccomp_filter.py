@@ -205,15 +205,16 @@ class CoreSandbox:
         self.violation: str | None = None
 
     @classmethod
-    def for_core(cls, identity: tuple[int, int] | None, theirs: int) -> CoreSandbox:
-        """The core's side in the core's own interpreter (core_process.py): the socket it
-        inherited across the exec."""
+    def across_exec(cls, identity: tuple[int, int] | None, *, theirs: int = -1, listener: int = -1) -> CoreSandbox:
+        """The sandbox in a process exec'd since the pair was made: the core's side in its own
+        interpreter (core_process.py: `theirs`, inherited), or the supervisor's back from the
+        keeper (supervisor.resume: the seccomp `listener`). A socket it does not hold is a
+        closed one."""
         sandbox = cls.__new__(cls)
         sandbox.identity = identity
-        sandbox.ours = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        sandbox.ours.close()  # the supervisor's end: not in this process
-        sandbox.theirs = _socket.socket(fileno=theirs)
-        sandbox.listener = -1
+        sandbox.ours = _closed_socket()
+        sandbox.theirs = _socket.socket(fileno=theirs) if theirs >= 0 else _closed_socket()
+        sandbox.listener = listener
         sandbox.violation = None
         return sandbox
 
@@ -296,6 +297,12 @@ class CoreSandbox:
         if self.listener >= 0:
             os.close(self.listener)
             self.listener = -1
+
+
+def _closed_socket() -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    sock.close()
+    return sock
 
 
 def syscall_name(arch: int, nr: int) -> str:

@@ -509,7 +509,8 @@ class Supervisor:
             "notify": notify,
         })
         inherited = [fd for _, fd in listeners] + [container, core.pidfd, core.status.fd, self.log.fd]
-        for fd in inherited + ([notify] if notify >= 0 else []):
+        inherited += [notify] if notify >= 0 else []
+        for fd in inherited:
             os.set_inheritable(fd, True)
         resume_argv = [
             sys.executable, "-I", "-c",
@@ -536,7 +537,7 @@ class Supervisor:
                 self.keeper = None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
         os.close(state)
-        for fd in inherited + ([notify] if notify >= 0 else []):
+        for fd in inherited:
             os.set_inheritable(fd, False)  # the next core's exec must not get them
 
     def resume(self, state: dict[str, Any]) -> int:
@@ -555,16 +556,17 @@ class Supervisor:
         self.record = Record(**state["record"])
         self.counts = counters_file(counters_path(self.ctx.state_dir, plan.container_id), fresh=False)
         pid, pidfd, status_fd, started_at = state["core"]
+        notify = state["notify"]
         sandbox = None
         if plan.driver == "builtin":
-            sandbox = CoreSandbox(self.core_identity)
-            sandbox.ours.close()
-            sandbox.theirs.close()
-            sandbox.listener = state["notify"]
+            sandbox = CoreSandbox.across_exec(self.core_identity, listener=notify)
         core = Core(pid, pidfd, StatusReader(status_fd), started_at, self.counts, sandbox=sandbox)
         core.ready = True
-        for fd in [state["container"], pidfd, status_fd] + [fd for _, fd in state["listeners"]]:
+        # What the keeper passed on stays here: the next core's exec must not get it.
+        for fd in [state["container"], pidfd, status_fd, *(fd for _, fd in state["listeners"])]:
             os.set_inheritable(fd, False)
+        if notify >= 0:
+            os.set_inheritable(notify, False)
         self.log.debug("the supervisor is back in Python (core pid %d)", pid)
         reason = self._watch(state["container"], core, state["backoff"])
         self.log.info("tearing down: %s", reason)
