@@ -18,13 +18,20 @@ NATIVE_DIALER := $(VENV)/libexec/oci-portfwd-hook/portfwd-dialer
 # the same directory once its core serves).
 KEEPER_SRC := hook/native/portfwd-keeper.c
 KEEPER := $(VENV)/libexec/oci-portfwd-hook/portfwd-keeper
+# The relay threads in C (hook/native/portfwd_relay.c), an extension of CPython's stable ABI
+# (3.11 on: one file for every interpreter the package supports), loaded by native_relay.py
+# from the same directory.
+RELAY_SRC := hook/native/portfwd_relay.c
+RELAY := $(VENV)/libexec/oci-portfwd-hook/portfwd_relay.abi3.so
+RELAY_CFLAGS := -shared -fPIC -pthread -DPy_LIMITED_API=0x030b0000
 NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror
 
 # Runtimes, network tools and clients the e2e tests and the demo drive, plus what
 # `pip install python-prctl` needs to compile (libcap-dev, python3-dev, gcc) and Debian's own
 # hook dependencies (one e2e test runs the hook against them). haproxy is the PROXY protocol
 # parser the e2e tests run inside a container (its service is not started: see deps).
-# gcc and libc6-dev also build the native dialer (hook/native/portfwd-dialer.c).
+# gcc and libc6-dev also build the native dialer (hook/native/portfwd-dialer.c), python3-dev the
+# relay threads' extension.
 # docker.io brings dockerd 20.10, containerd 1.6 and ctr for oci-portfwd-runtime's tests;
 # python3-seccomp is libseccomp's binding (the venv gets pyseccomp from PyPI instead).
 APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit uidmap iperf3 \
@@ -34,7 +41,7 @@ APT_PACKAGES := crun runc busybox-static podman slirp4netns passt rootlesskit ui
 # What `make deb` and `make rpm` build with (rpm is Debian's rpmbuild; gcc and libc6-dev for
 # the native dialer), and the checkers the packaging tests run on their output.
 PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	gcc libc6-dev lintian rpm rpmlint
+	python3-dev gcc libc6-dev lintian rpm rpmlint
 
 # What `make bench` adds (bench/README.md): HTTP load generators. The forwarders, iperf3, crun
 # and gcc (for bench/httpd.c) are in APT_PACKAGES.
@@ -90,9 +97,14 @@ deps pkg-deps bench-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing </dev/null; \
 	fi
 
-venv: $(VENV_STAMP) $(NATIVE_DIALER) $(KEEPER)
+venv: $(VENV_STAMP) $(NATIVE_DIALER) $(KEEPER) $(RELAY)
 
-native-dialer: $(NATIVE_DIALER) $(KEEPER)
+native-dialer: $(NATIVE_DIALER) $(KEEPER) $(RELAY)
+
+$(RELAY): $(RELAY_SRC) | $(VENV_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(NATIVE_CFLAGS) $(RELAY_CFLAGS) \
+		-I$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])') -o $@ $<
 
 $(KEEPER): $(KEEPER_SRC) | $(VENV_STAMP)
 	@mkdir -p $(@D)

@@ -16,8 +16,11 @@ from .addressing import Target, dial_targets
 from .dialer import Addresses, SocketPool, await_hello, kind_of, native_dialer, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
+from .native_relay import NativeRelay
+from .native_relay import load as load_native_relay
+from .native_relay import thread_count as relay_threads
 from .plan import Plan
-from .seccomp_filter import CoreSandbox
+from .seccomp_filter import CoreSandbox, relay_filter
 from .source_address import SourceBinder
 from .stats import new_counters
 from .status import StatusWriter
@@ -103,6 +106,11 @@ def run_core(
 
     pool.on_routing = on_routing
 
+    relay_module, why_python = load_native_relay()
+    relay = NativeRelay(relay_module, relay_threads()) if relay_module is not None else None
+    if relay is None:
+        log.info("TCP is relayed by the Python loop: %s", why_python)
+
     def on_dialer(_events: int) -> None:
         if not pool.on_readable():
             log.error("the dialer (pid %d) is gone; the core exits to be restarted", dialer_pid)
@@ -117,7 +125,9 @@ def run_core(
         server: TcpListener | UdpListener
         source = SourceBinder(str(t), pool.routing, log) if plan.source_address == "client" else None
         if t.proto == "tcp":
-            server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy, source)
+            server = TcpListener(
+                loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy, source, relay
+            )
         else:
             server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, counts, log, source)
         server.start()
@@ -130,12 +140,41 @@ def run_core(
             loop.running = False
 
         loop.register(until_readable, select.EPOLLIN, stop)
+
+    def start_relay(seccomp_bpf: bytes) -> None:
+        """The C thread, with these privileges (none, in the sandbox) and its own filter."""
+        assert relay is not None
+        try:
+            relay.start(counts, seccomp_bpf)
+        except OSError as e:
+            if relay.ctls:
+                log.warning("%d of %d relay threads started (%s)", len(relay.ctls), len(relay.pipes), e.strerror)
+            else:
+                log.warning("the relay threads did not start (%s): TCP is relayed by the Python loop", e.strerror)
+                for _, server in servers:
+                    if isinstance(server, TcpListener):
+                        server.relay = None
+                return
+        log.debug("TCP relayed by %d thread(s) in C", len(relay.ctls))
+        loop.register(relay.report, select.EPOLLIN, on_relay_stopped)
+
+    def on_relay_stopped(_events: int) -> None:
+        assert relay is not None
+        log.error("the relay thread stopped (%s); the core exits to be restarted", relay.why_stopped())
+        loop.running = False
+
     status.ready()
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
         log.seal()  # its syslog is not connected again: no socket() in the sandbox
-        sandbox.enter()
+        if relay is not None:
+            bpf = relay_filter()
+            sandbox.enter(lambda: start_relay(bpf))
+        else:
+            sandbox.enter()
+    elif relay is not None:
+        start_relay(b"")
     loop.run()
     return 3
 

@@ -40,7 +40,7 @@ from .privileges import drop_core
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Callable, Collection
     from typing import Any
 
 # <linux/seccomp.h>: _IOWR('!', 0, struct seccomp_notif), a struct of 80 bytes:
@@ -84,6 +84,19 @@ DIALER_SYSCALLS = (
 # probes). Nothing else: no memory calls (it allocates nothing), no ioctl, no tgkill.
 NATIVE_DIALER_SYSCALLS = (
     "recvfrom", "sendmsg", "setsockopt", "close",
+    "rt_sigreturn", "restart_syscall", "exit", "exit_group",
+)
+
+# The relay thread in C (hook/native/portfwd_relay.c, native_relay.py), loaded by the thread
+# itself before it relays: the pairs' descriptors from a pipe, epoll, recv/send and splice
+# through pipes of its own, the options a relay sets, its report and its end. Memory for
+# pairs: mmap, never executable (it does not use malloc); munmap and madvise for the
+# thread's own exit, futex for glibc's locks. A forbidden call kills the process (as in the
+# dialer): the core is restarted.
+RELAY_SYSCALLS = (
+    "read", "write", "close", "fcntl", "epoll_wait", "epoll_pwait", "epoll_ctl",
+    "recvfrom", "sendto", "splice", "pipe2", "shutdown", "setsockopt",
+    "munmap", "madvise", "futex",
     "rt_sigreturn", "restart_syscall", "exit", "exit_group",
 )
 
@@ -222,9 +235,11 @@ class CoreSandbox:
     def in_child(self) -> None:
         self.ours.close()
 
-    def enter(self) -> None:
+    def enter(self, dropped: Callable[[], None] | None = None) -> None:
         """Drop every privilege, load the filter, hand the listener up. After this the core
-        can only use what it holds; a forbidden call ends it."""
+        can only use what it holds; a forbidden call ends it. `dropped` runs in between,
+        with the privileges gone and the filter not yet loaded (the relay thread starts
+        there: a thread inherits its creator's credentials but not a filter loaded later)."""
         _keep_pages_shared()
         lib = _library()
         if os.environ.get(PROBE_ENV):
@@ -232,6 +247,8 @@ class CoreSandbox:
         _no_source_lines()
         f = _allow_list(lib, lib.NOTIFY, CORE_SYSCALLS)
         drop_core(self.identity)
+        if dropped is not None:
+            dropped()
         f.load()
         listener = _notify_fd(lib, f)
         send_fds(self.theirs, [b"L"], [listener])
@@ -336,6 +353,24 @@ def export_native_dialer(fd: int) -> None:
         f.add_rule(lib.ALLOW, "write", lib.Arg(0, lib.EQ, 2))
         _allow_inet_sockets(lib, f)
         f.export_bpf(out)
+
+
+def relay_filter() -> bytes:
+    """The relay thread's allow-list as BPF (what `load()` would give the kernel)."""
+    lib = _library()
+    f = _only(lib, lib.KILL_PROCESS, RELAY_SYSCALLS)
+    # Memory, never executable, as _allow_list gives the core.
+    f.add_rule(lib.ALLOW, "mmap", lib.Arg(2, lib.MASKED_EQ, PROT_EXEC, 0))
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        with open(w, "wb", closefd=True) as out:  # a few hundred bytes: the pipe holds them
+            f.export_bpf(out)
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(r)
 
 
 def _keep_pages_shared() -> None:

@@ -24,6 +24,11 @@ FIELDS = (
     "udp_datagrams",
 )
 TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CONTAINER, TO_CLIENT, UDP_SESSIONS, UDP_DATAGRAMS = range(len(FIELDS))
+# Connections the relay thread in C (native_relay.py) has closed: its own slot, so that no
+# slot has two writers (the Python loop counts tcp_open up, the thread this up). tcp_open
+# as shown is the difference.
+RELAY_CLOSED = len(FIELDS)
+SLOTS = len(FIELDS) + 1
 
 Counters = memoryview  # signed 64-bit integers, indexed by the constants above
 
@@ -57,12 +62,14 @@ def read_file(path: str) -> list[int] | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        data = os.read(fd, 8 * len(FIELDS))  # each slot is one aligned 8-byte store: never torn
+        data = os.read(fd, 8 * SLOTS)  # each slot is one aligned 8-byte store: never torn
     finally:
         os.close(fd)
-    if len(data) != 8 * len(FIELDS):
+    if len(data) != 8 * SLOTS:
         return None
-    return memoryview(data).cast("q").tolist()
+    slots = memoryview(data).cast("q").tolist()
+    slots[TCP_OPEN] -= slots.pop(RELAY_CLOSED)
+    return slots
 
 
 def as_dict(values: list[int]) -> dict[str, int]:

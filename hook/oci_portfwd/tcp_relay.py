@@ -11,6 +11,9 @@
          in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
          reset on one side → reset on the other (SO_LINGER 0)
+    With the relay thread in C (native_relay.py, hook/native/portfwd_relay.c), step 3 and 4
+    are its: once connected (and the PROXY header written), the pair is handed over and
+    this loop forgets it; the thread follows the same rules.
 
 Both sockets carry SO_LINGER {1, 0} from the start (the client's inherited from the
 listener, the container side's set by the dialer): when this process dies without closing
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from .logs import HookLog
+    from .native_relay import NativeRelay
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bigger pipes mean fewer splice calls per byte; the kernel caps an unprivileged pipe at
@@ -287,7 +291,7 @@ class TcpConnection:
     __slots__ = (
         "loop", "pool", "pipes", "counts", "client", "targets", "log", "on_close", "preamble",
         "upstream", "ways", "closed", "answered", "tried", "peer", "source", "from_client",
-        "client_out",
+        "client_out", "relay", "handed_over",
     )
 
     def __init__(
@@ -303,6 +307,7 @@ class TcpConnection:
         peer: Address = (),
         source: SourceBinder | None = None,
         preamble: bytes = b"",
+        relay: NativeRelay | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -322,6 +327,8 @@ class TcpConnection:
         self.source = source
         self.from_client = False
         self.client_out = False  # EPOLLOUT watched on the client's socket
+        self.relay = relay  # the C thread that relays established pairs, if there is one
+        self.handed_over = False
 
     # 1. a container-side socket
     def start(self) -> None:
@@ -398,6 +405,9 @@ class TcpConnection:
         if self.preamble and not self._send_preamble():
             return
         self.answered = True
+        if self.relay is not None:
+            self._hand_over()
+            return
         self.ways = (
             Direction(self.client, self.upstream, self.pipes, self.counts, TO_CONTAINER, _nothing),
             Direction(self.upstream, self.client, self.pipes, self.counts, TO_CLIENT, self._watch_client_out),
@@ -410,6 +420,16 @@ class TcpConnection:
                 self._on_upstream(events)
         else:
             self.loop.register(up, ET_EVENTS, self._on_upstream)
+
+    def _hand_over(self) -> None:
+        """Steps 3 and 4 in the C thread. Out of this loop's epoll set first: the thread's
+        own registration sees what is pending (bytes the service sent first among it)."""
+        assert self.upstream is not None and self.relay is not None
+        self.loop.unregister(self.upstream.fileno())
+        self.relay.hand_over(self.client, self.upstream)
+        self.handed_over = True
+        self.closed = True
+        self.on_close(self)
 
     def _watch_client_out(self) -> None:
         # Once, then kept: a connection whose client was slow once may well be again.
@@ -521,6 +541,7 @@ class TcpListener:
         log: HookLog,
         proxy: bool = False,
         source: SourceBinder | None = None,
+        relay: NativeRelay | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -531,12 +552,15 @@ class TcpListener:
         self.log = log
         self.proxy = proxy  # each connection starts with a PROXY protocol v2 header
         self.source = source
+        self.relay = relay
         # Client sockets come with SO_LINGER {1, 0} and TCP_NODELAY: accepted sockets inherit
         # them from the listener, which has them from its bind (listeners._bind_one).
         self.connections: set[TcpConnection] = set()
 
     def _closed(self, conn: TcpConnection) -> None:
         self.connections.discard(conn)
+        if conn.handed_over:
+            return  # still open: the relay thread counts its end (stats.RELAY_CLOSED)
         self.counts[TCP_OPEN] -= 1
         if not conn.answered:
             self.counts[TCP_UNANSWERED] += 1
@@ -572,7 +596,7 @@ class TcpListener:
                 continue
             conn = TcpConnection(
                 self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed,
-                peer, self.source, preamble,
+                peer, self.source, preamble, self.relay,
             )
             self.connections.add(conn)
             self.counts[TCP_OPEN] += 1

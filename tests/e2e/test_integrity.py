@@ -3,6 +3,9 @@ sizes and chunkings with checksums, each way on its own and both ways at once (h
 sizes, chunkings and seeds); half-close each way; a server's reset reaches the client as a reset
 (not a clean close), and a client's reset reaches the server as one.
 
+Every case runs through both relays: the C threads (native_relay.py, the default) and the
+Python loop (tcp_relay.py's Direction: without the extension, or with its test switch).
+
 What the server saw comes back through netserver's `report`, never from timing. The half-close
 with the client first and a small reply is also test_forwarding's
 test_client_half_close_still_gets_full_reply; here it carries a large echo.
@@ -13,6 +16,7 @@ import random
 import socket
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -23,6 +27,7 @@ from e2ekit.netservice import NetServices
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from netserver import chunk_sizes, stream
+from oci_portfwd.native_relay import PYTHON_RELAY_ENV
 
 ECHO, EVENTS = 7, 8
 HOSTS = ["127.0.0.1", "::1"]
@@ -39,16 +44,19 @@ class Served:
     events: int
 
 
-@pytest.fixture(scope="module")
-def served(runtime, rootfs, hook_command, port_alloc, tmp_path_factory):
-    work = tmp_path_factory.mktemp(f"integrity-{runtime.name}")
-    hook = HookEnv(hook_command, work / "hook", settings={"log_level": "info"})
+@pytest.fixture(scope="module", params=["c-relay", "python-relay"])
+def served(request, runtime, rootfs, hook_command, port_alloc, tmp_path_factory):
+    work = tmp_path_factory.mktemp(f"integrity-{runtime.name}-{request.param}")
+    env = [f"{PYTHON_RELAY_ENV}=1"] if request.param == "python-relay" else []
+    hook = HookEnv(hook_command, work / "hook", settings={"log_level": "info"}, extra_env=env)
     echo, events = port_alloc.take(), port_alloc.take()
     services = NetServices().echo(ECHO).events(EVENTS)
     factory = ContainerFactory(runtime, rootfs, work / "bundles")
     try:
         c = factory.new(services.argv(), hook=hook, ports=f"{echo}:{ECHO},{events}:{EVENTS}")
         services.wait_ready(c.start())
+        python = f"TCP is relayed by the Python loop: {PYTHON_RELAY_ENV} is set"
+        assert (python in hook.log_text(c.id)) == (request.param == "python-relay")
         yield Served(c, echo, events)
     finally:
         factory.cleanup()
@@ -170,6 +178,17 @@ def test_client_half_close_keeps_the_other_direction(served, host):
         finally:
             writer.join(TIMEOUT)
     assert (len(got), sha(got)) == (len(data), sha(data))
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_client_that_stops_reading_gets_every_byte_later(served, host):
+    """The service sends 8 MiB to a client that reads nothing for a second: the relay holds
+    what the client's socket does not take and goes on when it is writable again."""
+    size = 8 << 20
+    with request(host, served.events, f"{uuid.uuid4().hex} send {size} 3") as sock:
+        time.sleep(1)
+        got = read_to_eof(sock)
+    assert (len(got), sha(got)) == (size, sha(stream(size, 3)))
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -165,6 +165,36 @@ def test_each_process_holds_what_the_readme_says(setup):
          for name, d in expected.items()}
 
 
+def _task_status(pid: int, tid: int) -> dict[str, object]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return {**{k: int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+            "NoNewPrivs": int(fields["NoNewPrivs"]), "Seccomp": int(fields["Seccomp"]),
+            "Seccomp_filters": int(fields["Seccomp_filters"]),
+            "Uid": {int(u) for u in fields["Uid"].split()}}
+
+
+@pytest.mark.parametrize("setup", SETUPS, indirect=True)
+def test_relay_threads_hold_what_the_core_holds_under_a_filter_of_their_own(setup):
+    """The core's C relay threads (native_relay.py): started after the core dropped its
+    privileges, so the same credentials and capabilities; each under its own filter (one,
+    not the core's on top: seccomp filters are per thread and they loaded theirs first)."""
+    fwd = setup.forwarding()
+    core = fwd.core
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{core.pid}/task"))
+    relay_tids = [t for t in tids if t != core.pid]
+    assert len(relay_tids) == min(4, len(os.sched_getaffinity(0))), tids
+    expected = {**_expected(setup, core)["core"], "Seccomp_filters": 1}
+    for tid in [core.pid, *relay_tids]:
+        found = _task_status(core.pid, tid)
+        assert {k: (hex(v) if isinstance(v, int) else v) for k, v in found.items()} == \
+            {k: (hex(v) if isinstance(v, int) else v) for k, v in expected.items()}, f"thread {tid}"
+    assert "TCP is relayed by the Python loop" not in setup.hook.log_text(setup.container.id)
+    setup.serves()  # through them
+
+
 @pytest.mark.parametrize("setup", SETUPS, indirect=True)
 def test_the_dialer_runs_the_native_program_unless_told_not_to(setup):
     """The native portfwd-dialer (~0.2 MB) from the venv's libexec, holding its socketpair

@@ -16,6 +16,7 @@ def expected_files(tree) -> set[str]:
         "usr/libexec/oci/hooks.d/oci-portfwd-hook",
         "usr/libexec/oci-portfwd-hook/portfwd-dialer",
         "usr/libexec/oci-portfwd-hook/portfwd-keeper",
+        "usr/libexec/oci-portfwd-hook/portfwd_relay.abi3.so",
         "usr/share/lintian/overrides/oci-portfwd-hook",  # the dialer is execute-only
         "usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
         "usr/share/man/man1/oci-portfwd-hook.1.gz",

@@ -33,6 +33,7 @@ WRAPPER = Path("/usr/bin/oci-portfwd-runtime")
 PY_PACKAGE = Path("/usr/lib/python3/dist-packages/oci_portfwd")
 NATIVE_DIALER = Path("/usr/libexec/oci-portfwd-hook/portfwd-dialer")
 KEEPER = Path("/usr/libexec/oci-portfwd-hook/portfwd-keeper")
+RELAY = Path("/usr/libexec/oci-portfwd-hook/portfwd_relay.abi3.so")
 STATE_DIR = Path("/run/oci-portfwd")
 # Whatever dpkg may leave next to a conffile.
 CONFFILE_LEFTOVERS = [Path(f"{CONFIG}{suffix}") for suffix in
@@ -285,6 +286,25 @@ def dialer_exe(container_id: str) -> str | None:
     return None
 
 
+def relay_threads(container_id: str) -> int | None:
+    """How many threads of the container's core run the packaged relay extension (the core's
+    threads but its Python one), None while the core has not loaded it."""
+    try:
+        supervisor = json.loads((STATE_DIR / f"{container_id}.json").read_text())["supervisor_pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for core in children(int(supervisor)):
+        try:
+            if Path(f"/proc/{core}/comm").read_text().strip() != "portfwd-core":
+                continue
+            if str(RELAY) not in Path(f"/proc/{core}/maps").read_text():
+                return None
+            return len(os.listdir(f"/proc/{core}/task")) - 1
+        except OSError:
+            continue
+    return None
+
+
 def check_forwarding(podman: list[str], name: str, container_id: str, port: int) -> None:
     def fetch():
         c = subprocess.run(["curl", "-sS", "--max-time", "3", f"http://127.0.0.1:{port}/"],
@@ -302,6 +322,8 @@ def check_forwarding(podman: list[str], name: str, container_id: str, port: int)
     assert wait_for(lambda: dialer_exe(container_id), 10, "the dialer") == str(NATIVE_DIALER)
     # And the supervisor waits in the packaged keeper (supervisor.py execs it from there).
     assert wait_for(lambda: supervisor_exe(container_id), 10, "the keeper") == str(KEEPER)
+    # The page came through the relay threads of the packaged extension, on Debian's python3.
+    assert wait_for(lambda: relay_threads(container_id), 10, "the relay threads") == min(4, len(os.sched_getaffinity(0)))
 
     run([*podman, "rm", "-f", "-t", "0", name], timeout=60)
     wait_for(lambda: port_is_free(port), 10, f"port {port} to be freed after podman rm")

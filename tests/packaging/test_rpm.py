@@ -31,6 +31,7 @@ def expected_paths(tree) -> set[str]:
         "/usr/libexec/oci-portfwd-hook",
         "/usr/libexec/oci-portfwd-hook/portfwd-dialer",
         "/usr/libexec/oci-portfwd-hook/portfwd-keeper",
+        "/usr/libexec/oci-portfwd-hook/portfwd_relay.abi3.so",
         "/usr/share/containers/oci",
         "/usr/share/containers/oci/hooks.d",
         "/usr/share/containers/oci/hooks.d/oci-portfwd-hook.json",
@@ -120,5 +121,6 @@ def test_rpmlint_reports_no_errors(built_rpm):
     accepted = ("no-url-tag", "invalid-url Source0", "no-manual-page-for-binary oci-portfwd-hook",
                 "no-manual-page-for-binary oci-portfwd-runtime",
                 "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-dialer",
-                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-keeper")
+                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd-keeper",
+                "unstripped-binary-or-object /usr/libexec/oci-portfwd-hook/portfwd_relay.abi3.so")
     assert not [line for line in lines if not any(a in line for a in accepted)], "\n".join(lines)

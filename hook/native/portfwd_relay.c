@@ -1,0 +1,506 @@
+/* portfwd_relay: the established TCP pairs of a core, relayed by a thread in C (issue 15).
+ *
+ * The core's Python loop accepts, dials, writes a PROXY header if asked, and then hands
+ * the pair over: it writes the two descriptor numbers into a pipe and forgets them (the
+ * thread shares the process's descriptor table). From there, this thread alone relays:
+ *
+ *     client ◀──▶ this thread's epoll ◀──▶ container-side socket
+ *       input on a socket feeds the way it is the source of (tcp_relay.py's Direction):
+ *         small messages: recv into one shared buffer, send; what dst does not take goes
+ *           into a pipe and the way splices from there (nothing is allocated per message)
+ *         a read that fills the buffer means bulk: src → pipe → dst with splice, zero copy,
+ *           the pipe borrowed from a pool while bytes are in flight
+ *       EOF on one side → SO_LINGER off, shutdown(SHUT_WR) on the other once every byte is
+ *         out; both ways done → close both (FIN both ways)
+ *       a reset or an error on one side → close both with SO_LINGER {1, 0}: reset both
+ *
+ * The same rules as tcp_relay.py, so the same guarantees: half-close, resets both ways, a
+ * process death resets every socket (SO_LINGER {1, 0} from accept/socket() until a way is
+ * complete), no truncated transfer that looks complete. Why a thread: one request through
+ * the Python loop costs ~17 µs of CPU, through this ~5; a thread shares the core's
+ * descriptors, memory, privileges and death (no process to start, watch or restart; no
+ * interpreter: ~0.1 MB). It takes no lock and touches no Python object: the GIL is not
+ * taken, and the Python loop goes on accepting while this relays.
+ *
+ * Counters: the traffic page (stats.py) gets bytes_to_container / bytes_to_client from this
+ * thread only (Python relays nothing once the thread runs) and closes in a slot of its own
+ * (stats.RELAY_CLOSED), so that no counter has two writers.
+ *
+ * Least privilege: the thread starts after the core dropped its privileges (it inherits
+ * the dropped credentials) and before the core's filter is loaded; it loads its own, the
+ * allow-list seccomp_filter.RELAY_SYSCALLS exported as BPF by Python (a forbidden call
+ * kills the process, as in the dialer; the core is then restarted). Signals are blocked
+ * here: they are the Python thread's.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define COPY_SIZE (1 << 16)
+#define PIPE_SIZE (1 << 20)
+#define KEEP_PIPES 64
+#define MAX_EVENTS 256
+#define INPUT_EVENTS (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+#define END_EVENTS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+#define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+#define CTL_TAG ((void *)1)
+
+/* stats.py's slots */
+enum { TO_CONTAINER = 3, TO_CLIENT = 4, RELAY_CLOSED = 7 };
+
+struct pair;
+
+struct end {  /* epoll's data: which socket of which pair */
+    struct pair *pair;
+    int side;  /* 0 the client, 1 the container side */
+};
+
+struct way {  /* src → dst */
+    int src, dst;  /* sides */
+    int pipe_r, pipe_w;  /* -1: none borrowed */
+    size_t buffered;  /* bytes in the pipe */
+    int eof, done, bulk;
+    int slot;
+};
+
+struct pair {
+    int fd[2];
+    int out_watched[2];  /* EPOLLOUT asked for on this socket (once needed, kept) */
+    int closed;
+    struct end ends[2];
+    struct way ways[2];  /* 0: client → container, 1: container → client */
+    struct pair *next_free;  /* closed during this batch of events: freed after it */
+};
+
+struct relay {
+    int epfd, ctl, report;
+    struct pair *free_pairs;  /* pairs' memory, reused: never given back (see new_pair) */
+    int64_t *counts;
+    int idle_pipes[KEEP_PIPES][2];
+    int n_idle;
+    struct pair *to_free;
+    struct sock_fprog filter;
+    int ready_errno;
+    sem_t ready;
+    char buffer[COPY_SIZE];  /* one per thread, for every connection it relays */
+};
+
+/* Pairs come from mmap'd slabs and go back to a free list, not to malloc: glibc's malloc,
+ * shrinking a thread's heap, opens /proc/sys/vm/overcommit_memory, and openat is not on
+ * this thread's list. The slabs stay for the process's life: the peak of open connections
+ * (~170 bytes each: 5,000 connections, ~0.8 MB). */
+static struct pair *new_pair(struct relay *r)
+{
+    if (r->free_pairs == NULL) {
+        size_t size = 1 << 16, n = size / sizeof(struct pair);
+        struct pair *slab = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (slab == MAP_FAILED)
+            return NULL;
+        for (size_t i = 0; i < n; i++) {
+            slab[i].next_free = r->free_pairs;
+            r->free_pairs = &slab[i];
+        }
+    }
+    struct pair *p = r->free_pairs;
+    r->free_pairs = p->next_free;
+    memset(p, 0, sizeof *p);
+    return p;
+}
+
+static void free_pair(struct relay *r, struct pair *p)
+{
+    p->next_free = r->free_pairs;
+    r->free_pairs = p;
+}
+
+static void add_count(struct relay *r, int slot, int64_t n)
+{
+    /* The relay threads share these slots (the Python loop writes none of them while they
+     * run): an atomic add, ~5 ns uncontended; `ps` reads aligned 8-byte words, never torn. */
+    __atomic_fetch_add(&r->counts[slot], n, __ATOMIC_RELAXED);
+}
+
+/* --- pipes ------------------------------------------------------------------------------ */
+
+static int take_pipe(struct relay *r, struct way *w)
+{
+    if (r->n_idle) {
+        r->n_idle--;
+        w->pipe_r = r->idle_pipes[r->n_idle][0];
+        w->pipe_w = r->idle_pipes[r->n_idle][1];
+        return 0;
+    }
+    int p[2];
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0)
+        return -errno;
+    fcntl(p[1], F_SETPIPE_SZ, PIPE_SIZE);  /* over the limit: the default size still works */
+    w->pipe_r = p[0];
+    w->pipe_w = p[1];
+    return 0;
+}
+
+static void return_pipe(struct relay *r, struct way *w)
+{
+    if (w->pipe_r < 0)
+        return;
+    if (!w->buffered && r->n_idle < KEEP_PIPES) {
+        r->idle_pipes[r->n_idle][0] = w->pipe_r;
+        r->idle_pipes[r->n_idle][1] = w->pipe_w;
+        r->n_idle++;
+    } else {  /* bytes left in it (a reset): only closing empties it */
+        close(w->pipe_r);
+        close(w->pipe_w);
+    }
+    w->pipe_r = w->pipe_w = -1;
+    w->buffered = 0;
+}
+
+/* --- one pair --------------------------------------------------------------------------- */
+
+static void close_pair(struct relay *r, struct pair *p, int graceful)
+{
+    static const struct linger reset = {1, 0};
+    if (p->closed)
+        return;
+    p->closed = 1;
+    for (int side = 0; side < 2; side++) {
+        /* Graceful: both ways ended in FIN and shutdown_write turned the reset off on both.
+         * Otherwise SO_LINGER {1, 0} resets the peer (set again: one way may have cleared
+         * it when it was complete). close() takes the socket out of the epoll set. */
+        if (!graceful)
+            setsockopt(p->fd[side], SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        close(p->fd[side]);
+        return_pipe(r, &p->ways[side]);
+    }
+    add_count(r, RELAY_CLOSED, 1);
+    p->next_free = r->to_free;  /* events of this batch may still name it */
+    r->to_free = p;
+}
+
+static void watch_out(struct relay *r, struct pair *p, int side)
+{
+    if (p->out_watched[side])
+        return;
+    struct epoll_event ev = {
+        .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &p->ends[side]};
+    if (epoll_ctl(r->epfd, EPOLL_CTL_MOD, p->fd[side], &ev) == 0)
+        p->out_watched[side] = 1;
+}
+
+/* Every byte of this way is queued: FIN after it, and from here a close (even this
+ * process's death) delivers, not resets, what is left in the send buffer. 0 or an errno. */
+static int shutdown_write(int fd)
+{
+    static const struct linger off = {0, 0};
+    if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &off, sizeof off) != 0 ||
+        (shutdown(fd, SHUT_WR) != 0 && errno != ENOTCONN))
+        return errno;
+    return 0;
+}
+
+/* The bulk mode, and what dst did not take: src → pipe → dst. 0 or an errno (reset). */
+static int splice_way(struct relay *r, struct pair *p, struct way *w)
+{
+    size_t read = 0;
+    while (!w->done) {
+        if (w->buffered) {
+            ssize_t n = splice(w->pipe_r, NULL, p->fd[w->dst], NULL, w->buffered, SPLICE_FLAGS);
+            if (n < 0) {
+                if (errno != EAGAIN)
+                    return errno;
+                watch_out(r, p, w->dst);
+                return 0;
+            }
+            w->buffered -= (size_t)n;
+            add_count(r, w->slot, n);
+        } else if (w->eof) {
+            return_pipe(r, w);
+            int err = shutdown_write(p->fd[w->dst]);
+            if (err)
+                return err;
+            w->done = 1;
+        } else {
+            if (w->pipe_r < 0) {
+                int err = take_pipe(r, w);
+                if (err)
+                    return -err;
+            }
+            ssize_t n = splice(p->fd[w->src], NULL, w->pipe_w, NULL, PIPE_SIZE, SPLICE_FLAGS);
+            if (n < 0) {
+                if (errno != EAGAIN)
+                    return errno;
+                /* src is empty (the pipe was): less than a buffer's worth since the
+                 * last wake-up means small messages again, copied. */
+                return_pipe(r, w);
+                w->bulk = read >= COPY_SIZE;
+                return 0;
+            }
+            if (n == 0)
+                w->eof = 1;
+            w->buffered += (size_t)n;
+            read += (size_t)n;
+        }
+    }
+    return 0;
+}
+
+/* Small messages. A short read means src was empty when read: new bytes, EOF or an error
+ * raise a new edge, so it ends the pump unless `drain` (the event said an EOF or an error
+ * is pending: read to it). 0 or an errno. */
+static int copy_way(struct relay *r, struct pair *p, struct way *w, int drain)
+{
+    for (;;) {
+        if (w->eof) {
+            int err = shutdown_write(p->fd[w->dst]);
+            if (err)
+                return err;
+            w->done = 1;
+            return 0;
+        }
+        ssize_t n = recv(p->fd[w->src], r->buffer, COPY_SIZE, 0);
+        if (n < 0)
+            return errno == EAGAIN ? 0 : errno;
+        if (n == 0) {
+            w->eof = 1;
+            continue;
+        }
+        ssize_t sent = send(p->fd[w->dst], r->buffer, (size_t)n, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno != EAGAIN)
+                return errno;
+            sent = 0;
+        }
+        add_count(r, w->slot, sent);
+        if (sent < n) {
+            /* dst is full: the rest waits in a pipe (it holds 64 KiB at least), and the
+             * way splices from there when dst is writable again. */
+            int err = take_pipe(r, w);
+            if (err)
+                return -err;
+            ssize_t kept = write(w->pipe_w, r->buffer + sent, (size_t)(n - sent));
+            if (kept != n - sent)
+                return kept < 0 ? errno : EIO;
+            w->buffered = (size_t)kept;
+            watch_out(r, p, w->dst);
+            return 0;
+        }
+        if (n == COPY_SIZE) {
+            w->bulk = 1;
+            return splice_way(r, p, w);
+        }
+        if (!drain)
+            return 0;
+    }
+}
+
+static int pump(struct relay *r, struct pair *p, struct way *w, int drain)
+{
+    if (w->done)
+        return 0;
+    if (w->buffered || w->bulk)
+        return splice_way(r, p, w);
+    return copy_way(r, p, w, drain);
+}
+
+static void on_event(struct relay *r, struct end *e, uint32_t events)
+{
+    struct pair *p = e->pair;
+    if (p->closed)
+        return;
+    int side = e->side, err = 0;
+    struct way *from = &p->ways[side], *to = &p->ways[1 - side];
+    if (events & INPUT_EVENTS)
+        err = pump(r, p, from, events & END_EVENTS);
+    if (!err && events & EPOLLOUT && to->buffered)
+        err = pump(r, p, to, 0);
+    if (err) {
+        /* A reset, or an error no relay can go on after (out of pipes: ENFILE): both
+         * sides get a reset, never a FIN that would say "complete". */
+        close_pair(r, p, 0);
+    } else if (p->ways[0].done && p->ways[1].done) {
+        close_pair(r, p, 1);
+    }
+}
+
+/* --- hand-over ---------------------------------------------------------------------------- */
+
+static int take_pairs(struct relay *r)
+{
+    int fds[2 * 64];
+    ssize_t n = read(r->ctl, fds, sizeof fds);
+    if (n == 0)
+        return -1;  /* the core closed it: it is ending */
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : -1;
+    for (ssize_t i = 0; i + 1 < n / (ssize_t)sizeof(int); i += 2) {
+        struct pair *p = new_pair(r);
+        if (p == NULL) {
+            static const struct linger reset = {1, 0};
+            for (int side = 0; side < 2; side++) {
+                setsockopt(fds[i + side], SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+                close(fds[i + side]);
+            }
+            add_count(r, RELAY_CLOSED, 1);
+            continue;
+        }
+        for (int side = 0; side < 2; side++) {
+            p->fd[side] = fds[i + side];
+            p->ends[side].pair = p;
+            p->ends[side].side = side;
+            struct way *w = &p->ways[side];
+            w->src = side;
+            w->dst = 1 - side;
+            w->pipe_r = w->pipe_w = -1;
+            w->slot = side == 0 ? TO_CONTAINER : TO_CLIENT;
+        }
+        int failed = 0;
+        for (int side = 0; side < 2 && !failed; side++) {
+            /* A socket with bytes or an EOF already waiting queues its event here. */
+            struct epoll_event ev = {
+                .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &p->ends[side]};
+            failed = epoll_ctl(r->epfd, EPOLL_CTL_ADD, p->fd[side], &ev) != 0;
+        }
+        if (failed)
+            close_pair(r, p, 0);
+    }
+    return 0;
+}
+
+static void *relay_main(void *arg)
+{
+    struct relay *r = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    r->ready_errno = 0;
+    if (r->filter.len && (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+                          prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &r->filter, 0, 0) != 0))
+        r->ready_errno = errno;
+    if (!r->ready_errno) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = CTL_TAG};
+        if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->ctl, &ev) != 0)
+            r->ready_errno = errno;
+    }
+    int failed = r->ready_errno;
+    sem_post(&r->ready);  /* r->filter's memory is the starter's: not used after this */
+    if (failed)
+        return NULL;
+
+    struct epoll_event events[MAX_EVENTS];
+    int why = 0;
+    for (;;) {
+        int n = epoll_wait(r->epfd, events, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            why = errno;
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr == CTL_TAG) {
+                if (take_pairs(r) < 0)
+                    goto out;
+            } else {
+                on_event(r, events[i].data.ptr, events[i].events);
+            }
+        }
+        while (r->to_free) {
+            struct pair *p = r->to_free;
+            r->to_free = p->next_free;
+            free_pair(r, p);
+        }
+    }
+out:
+    /* The core reads this, says so in its log and exits to be restarted: its connections
+     * are reset by the process's end. */
+    if (write(r->report, &why, sizeof why) < 0) {
+    }
+    return NULL;
+}
+
+/* --- Python ----------------------------------------------------------------------------- */
+
+static PyObject *start(PyObject *self, PyObject *args)
+{
+    int ctl, report;
+    Py_buffer counts, filter;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiw*y*", &ctl, &report, &counts, &filter))
+        return NULL;
+    /* mmap: zeroed pages that cost nothing until used (the buffer, the first request). */
+    struct relay *r = mmap(NULL, sizeof *r, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r == MAP_FAILED) {
+        PyBuffer_Release(&counts);
+        PyBuffer_Release(&filter);
+        return PyErr_NoMemory();
+    }
+    r->ctl = ctl;
+    r->report = report;
+    /* The page stays mapped for the process's life (the core never unmaps it): the buffer
+     * is released here, its memory is not. */
+    r->counts = counts.buf;
+    PyBuffer_Release(&counts);
+    r->filter.len = (unsigned short)(filter.len / sizeof(struct sock_filter));
+    r->filter.filter = filter.buf;
+    r->epfd = epoll_create1(EPOLL_CLOEXEC);
+    int err = r->epfd < 0 ? errno : 0;
+    pthread_t thread;
+    pthread_attr_t attr;
+    if (!err) {
+        sem_init(&r->ready, 0, 0);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        err = pthread_create(&thread, &attr, relay_main, r);
+        pthread_attr_destroy(&attr);
+        if (!err) {
+            Py_BEGIN_ALLOW_THREADS
+            while (sem_wait(&r->ready) != 0 && errno == EINTR) {
+            }
+            Py_END_ALLOW_THREADS
+            err = r->ready_errno;
+            if (err)  /* the thread has returned; its stack goes with it */
+                close(r->epfd);
+        }
+    }
+    PyBuffer_Release(&filter);
+    if (err) {
+        if (r->epfd >= 0 && !r->ready_errno)
+            close(r->epfd);
+        munmap(r, sizeof *r);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"start", start, METH_VARARGS,
+     "start(ctl_fd, report_fd, counters, filter): relay the pairs written into ctl_fd."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "portfwd_relay", "Established TCP pairs relayed by a C thread.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit_portfwd_relay(void)
+{
+    return PyModule_Create(&module);
+}

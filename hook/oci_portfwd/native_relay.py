@@ -1,0 +1,113 @@
+"""Established TCP pairs handed to a relay thread in C (hook/native/portfwd_relay.c).
+
+    core's loop: accept, dial, PROXY header ─▶ NativeRelay.hand_over(client, upstream)
+        the two descriptor numbers go into a pipe; the sockets are detached, not closed
+    the thread: reads them, relays both ways until both ends closed (tcp_relay.py's rules)
+
+Why: the Python loop costs ~17 µs of CPU per keep-alive request; the thread ~5 and runs
+beside the loop (issue 15). The module is an extension built with the native programs
+(`make venv`, the packages) and loaded from the same directory; without it, or with
+PYTHON_RELAY_ENV set, tcp_relay.py relays as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+    from types import ModuleType
+
+    from .stats import Counters
+
+# sys.prefix: the venv's for `make venv`, /usr for the packages (next to the native dialer).
+# CPython's stable ABI: one file for 3.11 and every later interpreter.
+NATIVE_RELAY = sys.prefix + "/libexec/oci-portfwd-hook/portfwd_relay.abi3.so"
+# Test switch (like dialer.PYTHON_DIALER_ENV): set, the Python loop relays every byte.
+PYTHON_RELAY_ENV = "OCI_PORTFWD_TEST_PYTHON_RELAY"
+
+
+def load() -> tuple[ModuleType | None, str]:
+    """The extension, or None and why the relaying stays in Python."""
+    if os.environ.get(PYTHON_RELAY_ENV):
+        return None, f"{PYTHON_RELAY_ENV} is set"
+    if not os.path.exists(NATIVE_RELAY):
+        return None, f"{NATIVE_RELAY} is missing"
+    # importlib's machinery, without importlib's package (it is frozen in every process).
+    import _imp  # noqa: PLC0415
+    from _frozen_importlib import ModuleSpec  # type: ignore[import-not-found]  # noqa: PLC0415
+
+    spec = ModuleSpec("portfwd_relay", None, origin=NATIVE_RELAY)
+    try:
+        module = _imp.create_dynamic(spec)
+    except ImportError as e:  # built for another Python
+        return None, f"{NATIVE_RELAY} does not load: {e}"
+    return module, ""
+
+
+# More threads than this spend a big host's CPUs on one container's traffic.
+MAX_THREADS = 4
+
+
+def thread_count() -> int:
+    """One per CPU this process may run on, at most MAX_THREADS: a pair stays on its thread,
+    so two busy connections go as fast as two processes (socat's fork) would take them."""
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+
+
+class NativeRelay:
+    """The core's end of the threads: the pipes pairs go into (one per thread, dealt in
+    turn), and the one any of them reports on."""
+
+    def __init__(self, module: ModuleType, threads: int) -> None:
+        self.module = module
+        self.pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(threads)]
+        self.ctls = [w for _, w in self.pipes]
+        self.next = 0
+        self.report, self.report_w = os.pipe2(os.O_CLOEXEC)
+        for r, _ in self.pipes:
+            os.set_blocking(r, False)
+
+    def start(self, counts: Counters, seccomp_bpf: bytes) -> None:
+        """Start the threads. `seccomp_bpf`: their allow-list (seccomp_filter.relay_filter()),
+        loaded by each thread itself; b"" for none. A thread inherits this thread's
+        credentials: start them after they are dropped. OSError: not all started; the pairs
+        go only to those that did (none: the caller relays in Python)."""
+        started = []
+        error: OSError | None = None
+        for r, w in self.pipes:
+            try:
+                self.module.start(r, self.report_w, counts, seccomp_bpf)
+            except OSError as e:
+                error = e
+                os.close(r)
+                os.close(w)
+            else:
+                started.append(w)
+        self.ctls = started
+        if not started:
+            os.close(self.report)
+            os.close(self.report_w)
+        if error is not None:
+            raise error
+
+    def hand_over(self, client: _socket.socket, upstream: _socket.socket) -> None:
+        """From here a thread owns both sockets: this process's Python side must not use or
+        close them (their objects are detached). A full pipe (that thread is busy) makes
+        this wait: the accepting pauses, no pair is lost."""
+        record = client.fileno().to_bytes(4, sys.byteorder) + upstream.fileno().to_bytes(4, sys.byteorder)
+        ctls = self.ctls
+        self.next = (self.next + 1) % len(ctls)
+        os.write(ctls[self.next], record)
+        client.detach()
+        upstream.detach()
+
+    def why_stopped(self) -> str:
+        """What a thread said when it stopped (the report descriptor became readable)."""
+        data = os.read(self.report, 4)
+        if len(data) < 4:
+            return "it ended without a word"
+        err = int.from_bytes(data, sys.byteorder)
+        return os.strerror(err) if err else "the core closed its pipe"
