@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .ports import PortMapping
 
 LISTEN_BACKLOG = 4096
+UDP_RCVBUF = 4 << 20
 
 
 class BindTarget(Value):
@@ -120,6 +121,10 @@ def _bind_one(t: BindTarget) -> _socket.socket:
             # (~40 ms each). The dialer sets both on the container side.
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        else:
+            # Room for a burst while the relay is busy elsewhere: a full receive queue drops
+            # datagrams. The kernel caps it at net.core.rmem_max and charges only what is queued.
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, UDP_RCVBUF)
         sock.bind(socket_address(t.address, t.port))
         if t.proto == "tcp":
             sock.listen(LISTEN_BACKLOG)
