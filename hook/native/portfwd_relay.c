@@ -1,8 +1,9 @@
 /* portfwd_relay: the established TCP pairs of a core, relayed by a thread in C (issue 15).
  *
  * The core's Python loop accepts, dials, writes a PROXY header if asked, and then hands
- * the pair over: it writes the two descriptor numbers into a pipe and forgets them (the
- * thread shares the process's descriptor table). From there, this thread alone relays:
+ * the pair over: add() puts both sockets into a thread's epoll set and the loop forgets
+ * them (the thread shares the process's descriptor table; no message, no wake-up for the
+ * hand-over itself). From there, that thread alone relays:
  *
  *     client ◀──▶ this thread's epoll ◀──▶ container-side socket
  *       input on a socket feeds the way it is the source of (tcp_relay.py's Direction):
@@ -97,6 +98,7 @@ struct relay {
     struct sock_fprog filter;
     int ready_errno;
     sem_t ready;
+    pthread_mutex_t lock;  /* the thread's while it handles a batch; add_pair's while it adds */
     char buffer[COPY_SIZE];  /* one per thread, for every connection it relays */
 };
 
@@ -339,27 +341,22 @@ static void on_event(struct relay *r, struct end *e, uint32_t events)
 
 /* --- hand-over ---------------------------------------------------------------------------- */
 
-static int take_pairs(struct relay *r)
+/* Called by the core's Python thread (add()): the pair goes straight into this thread's
+ * epoll set, no message and no wake-up of its own (the thread wakes when the pair has
+ * something to relay, which is often at once: the client's first request). The lock is the
+ * thread's while it handles a batch of events: a pair is never added or given up on while
+ * the thread may be looking at it. 0, or an errno (the pair is then reset and counted). */
+static int add_pair(struct relay *r, int client, int upstream)
 {
-    int fds[2 * 64];
-    ssize_t n = read(r->ctl, fds, sizeof fds);
-    if (n == 0)
-        return -1;  /* the core closed it: it is ending */
-    if (n < 0)
-        return errno == EAGAIN || errno == EINTR ? 0 : -1;
-    for (ssize_t i = 0; i + 1 < n / (ssize_t)sizeof(int); i += 2) {
-        struct pair *p = new_pair(r);
-        if (p == NULL) {
-            static const struct linger reset = {1, 0};
-            for (int side = 0; side < 2; side++) {
-                setsockopt(fds[i + side], SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
-                close(fds[i + side]);
-            }
-            add_count(r, RELAY_CLOSED, 1);
-            continue;
-        }
+    static const struct linger reset = {1, 0};
+    int fds[2] = {client, upstream}, err = 0;
+    pthread_mutex_lock(&r->lock);
+    struct pair *p = new_pair(r);
+    if (p == NULL) {
+        err = ENOMEM;
+    } else {
         for (int side = 0; side < 2; side++) {
-            p->fd[side] = fds[i + side];
+            p->fd[side] = fds[side];
             p->ends[side].pair = p;
             p->ends[side].side = side;
             struct way *w = &p->ways[side];
@@ -368,17 +365,30 @@ static int take_pairs(struct relay *r)
             w->pipe_r = w->pipe_w = -1;
             w->slot = side == 0 ? TO_CONTAINER : TO_CLIENT;
         }
-        int failed = 0;
-        for (int side = 0; side < 2 && !failed; side++) {
+        for (int side = 0; side < 2 && !err; side++) {
             /* A socket with bytes or an EOF already waiting queues its event here. */
             struct epoll_event ev = {
                 .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &p->ends[side]};
-            failed = epoll_ctl(r->epfd, EPOLL_CTL_ADD, p->fd[side], &ev) != 0;
+            if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, fds[side], &ev) != 0)
+                err = errno;
         }
-        if (failed)
-            close_pair(r, p, 0);
+        if (err) {
+            /* An event of its first socket may already be out of epoll_wait: the pair is
+             * freed by the thread after its next batch, which sees it closed. */
+            p->closed = 1;
+            p->next_free = r->to_free;
+            r->to_free = p;
+        }
     }
-    return 0;
+    if (err) {
+        for (int side = 0; side < 2; side++) {
+            setsockopt(fds[side], SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+            close(fds[side]);
+        }
+        add_count(r, RELAY_CLOSED, 1);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return err;
 }
 
 static void *relay_main(void *arg)
@@ -411,19 +421,21 @@ static void *relay_main(void *arg)
             why = errno;
             break;
         }
+        pthread_mutex_lock(&r->lock);
         for (int i = 0; i < n; i++) {
             if (events[i].data.ptr == CTL_TAG) {
-                if (take_pairs(r) < 0)
-                    goto out;
-            } else {
-                on_event(r, events[i].data.ptr, events[i].events);
+                /* The core closed its end (or wrote to it, which nothing does): stop. */
+                pthread_mutex_unlock(&r->lock);
+                goto out;
             }
+            on_event(r, events[i].data.ptr, events[i].events);
         }
         while (r->to_free) {
             struct pair *p = r->to_free;
             r->to_free = p->next_free;
             free_pair(r, p);
         }
+        pthread_mutex_unlock(&r->lock);
     }
 out:
     /* The core reads this, says so in its log and exits to be restarted: its connections
@@ -435,6 +447,12 @@ out:
 
 /* --- Python ----------------------------------------------------------------------------- */
 
+/* The threads this process started (a core starts one per CPU, at most four, once): add()
+ * names one by its index. They live as long as the process. */
+#define MAX_RELAYS 64
+static struct relay *relays[MAX_RELAYS];
+static int n_relays;
+
 static PyObject *start(PyObject *self, PyObject *args)
 {
     int ctl, report;
@@ -442,6 +460,12 @@ static PyObject *start(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "iiw*y*", &ctl, &report, &counts, &filter))
         return NULL;
+    if (n_relays == MAX_RELAYS) {
+        PyBuffer_Release(&counts);
+        PyBuffer_Release(&filter);
+        PyErr_SetString(PyExc_RuntimeError, "too many relay threads");
+        return NULL;
+    }
     /* mmap: zeroed pages that cost nothing until used (the buffer, the first request). */
     struct relay *r = mmap(NULL, sizeof *r, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r == MAP_FAILED) {
@@ -462,6 +486,7 @@ static PyObject *start(PyObject *self, PyObject *args)
     pthread_t thread;
     pthread_attr_t attr;
     if (!err) {
+        pthread_mutex_init(&r->lock, NULL);
         sem_init(&r->ready, 0, 0);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -486,12 +511,36 @@ static PyObject *start(PyObject *self, PyObject *args)
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    relays[n_relays] = r;
+    return PyLong_FromLong(n_relays++);
+}
+
+static PyObject *add(PyObject *self, PyObject *args)
+{
+    int index, client, upstream;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iii", &index, &client, &upstream))
+        return NULL;
+    if (index < 0 || index >= n_relays) {
+        PyErr_SetString(PyExc_ValueError, "no such relay thread");
+        return NULL;
+    }
+    /* The GIL stays held: the core has no other Python thread to let run. */
+    int err = add_pair(relays[index], client, upstream);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"start", start, METH_VARARGS,
-     "start(ctl_fd, report_fd, counters, filter): relay the pairs written into ctl_fd."},
+     "start(ctl_fd, report_fd, counters, filter) -> index: a relay thread, until ctl_fd's "
+     "other end is closed; it writes its errno to report_fd when it stops."},
+    {"add", add, METH_VARARGS,
+     "add(index, client_fd, upstream_fd): the thread relays the pair from now on and closes "
+     "both; OSError: it could not take them (both were reset)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .logs import HookLog
+    from .stats import Counters
 
 
 def run_core(
@@ -106,11 +107,6 @@ def run_core(
 
     pool.on_routing = on_routing
 
-    relay_module, why_python = load_native_relay()
-    relay = NativeRelay(relay_module, relay_threads()) if relay_module is not None else None
-    if relay is None:
-        log.info("TCP is relayed by the Python loop: %s", why_python)
-
     def on_dialer(_events: int) -> None:
         if not pool.on_readable():
             log.error("the dialer (pid %d) is gone; the core exits to be restarted", dialer_pid)
@@ -125,9 +121,7 @@ def run_core(
         server: TcpListener | UdpListener
         source = SourceBinder(str(t), pool.routing, log) if plan.source_address == "client" else None
         if t.proto == "tcp":
-            server = TcpListener(
-                loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy, source, relay
-            )
+            server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy, source)
         else:
             server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, counts, log, source)
         server.start()
@@ -141,42 +135,59 @@ def run_core(
 
         loop.register(until_readable, select.EPOLLIN, stop)
 
-    def start_relay(seccomp_bpf: bytes) -> None:
-        """The C thread, with these privileges (none, in the sandbox) and its own filter."""
-        assert relay is not None
-        try:
-            relay.start(counts, seccomp_bpf)
-        except OSError as e:
-            if relay.ctls:
-                log.warning("%d of %d relay threads started (%s)", len(relay.ctls), len(relay.pipes), e.strerror)
-            else:
-                log.warning("the relay threads did not start (%s): TCP is relayed by the Python loop", e.strerror)
-                for _, server in servers:
-                    if isinstance(server, TcpListener):
-                        server.relay = None
-                return
-        log.debug("TCP relayed by %d thread(s) in C", len(relay.ctls))
-        loop.register(relay.report, select.EPOLLIN, on_relay_stopped)
-
-    def on_relay_stopped(_events: int) -> None:
-        assert relay is not None
-        log.error("the relay thread stopped (%s); the core exits to be restarted", relay.why_stopped())
-        loop.running = False
-
     status.ready()
+    # The relay threads after "ready", off the hook's path: the loop has not accepted yet.
+    relay = _relay_threads(log)
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
         log.seal()  # its syslog is not connected again: no socket() in the sandbox
         if relay is not None:
             bpf = relay_filter()
-            sandbox.enter(lambda: start_relay(bpf))
+            sandbox.enter(lambda: _start_relay(relay, bpf, counts, loop, servers, log))
         else:
             sandbox.enter()
     elif relay is not None:
-        start_relay(b"")
+        _start_relay(relay, b"", counts, loop, servers, log)
     loop.run()
     return 3
+
+
+def _relay_threads(log: HookLog) -> NativeRelay | None:
+    module, why_not = load_native_relay()
+    if module is None:
+        log.info("TCP is relayed by the Python loop: %s", why_not)
+        return None
+    return NativeRelay(module, relay_threads())
+
+
+def _start_relay(
+    relay: NativeRelay,
+    seccomp_bpf: bytes,
+    counts: Counters,
+    loop: EventLoop,
+    servers: Sequence[tuple[Listener, TcpListener | UdpListener]],
+    log: HookLog,
+) -> None:
+    """The C threads, with this thread's privileges (none, in the sandbox) and a filter of
+    their own; the TCP listeners hand their connections to them from here on."""
+    try:
+        relay.start(counts, seccomp_bpf)
+    except OSError as e:
+        if not relay.ctls:
+            log.warning("the relay threads did not start (%s): TCP is relayed by the Python loop", e.strerror)
+            return
+        log.warning("%d of %d relay threads started (%s)", len(relay.ctls), len(relay.pipes), e.strerror)
+    log.debug("TCP relayed by %d thread(s) in C", len(relay.ctls))
+    for _, server in servers:
+        if isinstance(server, TcpListener):
+            server.relay = relay
+
+    def on_stopped(_events: int) -> None:
+        log.error("a relay thread stopped (%s); the core exits to be restarted", relay.why_stopped())
+        loop.running = False
+
+    loop.register(relay.report, select.EPOLLIN, on_stopped)
 
 
 def client_udp_ports(listeners: Sequence[Listener]) -> list[tuple[int, int]]:

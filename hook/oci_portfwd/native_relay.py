@@ -1,8 +1,9 @@
 """Established TCP pairs handed to a relay thread in C (hook/native/portfwd_relay.c).
 
     core's loop: accept, dial, PROXY header ─▶ NativeRelay.hand_over(client, upstream)
-        the two descriptor numbers go into a pipe; the sockets are detached, not closed
-    the thread: reads them, relays both ways until both ends closed (tcp_relay.py's rules)
+        both sockets go into one thread's epoll set (threads dealt in turn); the socket
+        objects are detached, not closed
+    the thread: relays both ways until both ends closed (tcp_relay.py's rules)
 
 Why: the Python loop costs ~17 µs of CPU per keep-alive request; the thread ~5 and runs
 beside the loop (issue 15). The module is an extension built with the native programs
@@ -58,36 +59,34 @@ def thread_count() -> int:
 
 
 class NativeRelay:
-    """The core's end of the threads: the pipes pairs go into (one per thread, dealt in
-    turn), and the one any of them reports on."""
+    """The core's end of the threads: a pipe each, whose closing ends it (the process's end
+    does too), and one pipe any of them reports on when it stops by itself."""
 
     def __init__(self, module: ModuleType, threads: int) -> None:
         self.module = module
         self.pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(threads)]
-        self.ctls = [w for _, w in self.pipes]
+        self.ctls: list[int] = []  # of the threads that started
+        self.indexes: list[int] = []
         self.next = 0
         self.report, self.report_w = os.pipe2(os.O_CLOEXEC)
-        for r, _ in self.pipes:
-            os.set_blocking(r, False)
 
     def start(self, counts: Counters, seccomp_bpf: bytes) -> None:
         """Start the threads. `seccomp_bpf`: their allow-list (seccomp_filter.relay_filter()),
         loaded by each thread itself; b"" for none. A thread inherits this thread's
         credentials: start them after they are dropped. OSError: not all started; the pairs
         go only to those that did (none: the caller relays in Python)."""
-        started = []
         error: OSError | None = None
         for r, w in self.pipes:
             try:
-                self.module.start(r, self.report_w, counts, seccomp_bpf)
+                index = self.module.start(r, self.report_w, counts, seccomp_bpf)
             except OSError as e:
                 error = e
                 os.close(r)
                 os.close(w)
             else:
-                started.append(w)
-        self.ctls = started
-        if not started:
+                self.indexes.append(index)
+                self.ctls.append(w)
+        if not self.ctls:
             os.close(self.report)
             os.close(self.report_w)
         if error is not None:
@@ -95,14 +94,11 @@ class NativeRelay:
 
     def hand_over(self, client: _socket.socket, upstream: _socket.socket) -> None:
         """From here a thread owns both sockets: this process's Python side must not use or
-        close them (their objects are detached). A full pipe (that thread is busy) makes
-        this wait: the accepting pauses, no pair is lost."""
-        record = client.fileno().to_bytes(4, sys.byteorder) + upstream.fileno().to_bytes(4, sys.byteorder)
-        ctls = self.ctls
-        self.next = (self.next + 1) % len(ctls)
-        os.write(ctls[self.next], record)
-        client.detach()
-        upstream.detach()
+        close them (their objects are detached, whatever happens). OSError: the thread could
+        not take them (out of memory or epoll watches): both were reset."""
+        self.next = (self.next + 1) % len(self.indexes)
+        fds = client.detach(), upstream.detach()
+        self.module.add(self.indexes[self.next], *fds)
 
     def why_stopped(self) -> str:
         """What a thread said when it stopped (the report descriptor became readable)."""

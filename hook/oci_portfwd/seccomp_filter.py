@@ -90,13 +90,13 @@ NATIVE_DIALER_SYSCALLS = (
 # The relay thread in C (hook/native/portfwd_relay.c, native_relay.py), loaded by the thread
 # itself before it relays: the pairs' descriptors from a pipe, epoll, recv/send and splice
 # through pipes of its own, the options a relay sets, its report and its end. Memory for
-# pairs: mmap, never executable (it does not use malloc); munmap and madvise for the
-# thread's own exit, futex for glibc's locks. A forbidden call kills the process (as in the
-# dialer): the core is restarted.
+# pairs: mmap, never executable (it does not use malloc); rt_sigprocmask, munmap and
+# madvise for the thread's own exit (glibc blocks signals, frees the stack), futex for its
+# lock. A forbidden call kills the process (as in the dialer): the core is restarted.
 RELAY_SYSCALLS = (
     "read", "write", "close", "fcntl", "epoll_wait", "epoll_pwait", "epoll_ctl",
     "recvfrom", "sendto", "splice", "pipe2", "shutdown", "setsockopt",
-    "munmap", "madvise", "futex",
+    "rt_sigprocmask", "munmap", "madvise", "futex",
     "rt_sigreturn", "restart_syscall", "exit", "exit_group",
 )
 

@@ -426,8 +426,11 @@ class TcpConnection:
         own registration sees what is pending (bytes the service sent first among it)."""
         assert self.upstream is not None and self.relay is not None
         self.loop.unregister(self.upstream.fileno())
-        self.relay.hand_over(self.client, self.upstream)
-        self.handed_over = True
+        try:
+            self.relay.hand_over(self.client, self.upstream)
+        except OSError as e:
+            self.log.warning("a relay thread could not take a connection (%s): both sides reset", e.strerror)
+        self.handed_over = True  # open or reset, its end is the thread's to count
         self.closed = True
         self.on_close(self)
 

@@ -1,0 +1,28 @@
+"""The relay threads in C (hook/native/portfwd_relay.c, native_relay.py) between real loopback
+TCP sockets, in a process of their own (native_relay_scenarios.py): small messages, half-close
+each way with every byte, a reader that pauses (held bytes), resets both ways, bytes waiting
+before the hand-over, 200 pairs over two threads; the traffic page exact. With the threads'
+seccomp filter (seccomp_filter.RELAY_SYSCALLS) and without: a call missing from the list
+kills the process (SIGSYS), which fails here. The containers' view: tests/e2e/test_relay_threads.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from oci_portfwd.native_relay import NATIVE_RELAY
+
+SCRIPT = Path(__file__).with_name("native_relay_scenarios.py")
+SCENARIOS = ["small_messages", "half_close_both_ways", "slow_reader", "reset_both_ways",
+             "service_speaks_first", "many_pairs"]
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["no-filter", "relay-filter"])
+def test_scenarios(filtered):
+    if not os.path.exists(NATIVE_RELAY):
+        pytest.fail(f"{NATIVE_RELAY} is missing: run `make venv`")
+    argv = [sys.executable, str(SCRIPT), *(["--filter"] if filtered else []), *SCENARIOS]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout}\n{r.stderr}"
+    assert r.stdout.splitlines() == [*(f"{name} ok" for name in SCENARIOS), "stopped: the core closed its pipe"]
