@@ -137,7 +137,8 @@ def run_core(
 
     status.ready()
     # The relay threads after "ready", off the hook's path: the loop has not accepted yet.
-    relay = _relay_threads(log)
+    # None without a TCP listener (the external drivers' core serves UDP only).
+    relay = _relay_threads(log) if any(isinstance(server, TcpListener) for _, server in servers) else None
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
