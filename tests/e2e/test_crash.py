@@ -25,6 +25,7 @@ import threading
 import uuid
 
 import pytest
+from e2ekit.clients import read_exactly
 from e2ekit.forwarding import CORE, child_by_comm, forwarding_of, wait_dead
 from e2ekit.netservice import NetServices
 from e2ekit.procs import Proc
@@ -49,15 +50,6 @@ def request(port: int, line: str, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     sock.sendall(line.encode() + b"\n")
     return sock
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        assert more, f"EOF after {len(data)} of {n} bytes"
-        data += more
-    return data
 
 
 def read_to_eof(sock: socket.socket) -> bytes:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from e2ekit.clients import read_exactly
 from e2ekit.container import Container, ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.netservice import NetServices
@@ -73,15 +74,6 @@ def request(host: str, port: int, line: str) -> socket.socket:
     sock = connect(host, port)
     sock.sendall(line.encode() + b"\n")
     return sock
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        assert more, f"EOF after {len(data)} of {n} bytes"
-        data += more
-    return data
 
 
 def read_to_eof(sock: socket.socket, rng: random.Random | None = None) -> bytes:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from e2ekit.clients import read_exactly
 from e2ekit.container import ContainerFactory
 from e2ekit.forwarding import CORE, child_by_comm, forwarding_of
 from e2ekit.hookenv import HookEnv, reap_leftovers
@@ -54,15 +55,6 @@ def relay_tids(core_pid: int) -> list[int]:
 def timeslices(core_pid: int, tid: int) -> int:
     """How many times the thread has run (schedstat's third field): one per wake-up at least."""
     return int(Path(f"/proc/{core_pid}/task/{tid}/schedstat").read_text().split()[2])
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return data
 
 
 def round_trips(socks: list[socket.socket], times: int, size: int) -> int:

@@ -26,6 +26,16 @@ def _connect(host: str, port: int) -> socket.socket:
     return socket.create_connection((host, port), timeout=CLIENT_TIMEOUT)
 
 
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """n bytes from a stream, or an assertion error naming how many came before EOF."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        assert more, f"EOF after {len(data)} of {n} bytes"
+        data += more
+    return data
+
+
 def read_to_eof(sock: socket.socket) -> bytes:
     parts = []
     while data := sock.recv(1 << 16):
