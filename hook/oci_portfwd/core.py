@@ -179,7 +179,7 @@ def _start_relay(
             log.warning("the relay threads did not start (%s): TCP is relayed by the Python loop", e.strerror)
             return
         log.warning("%d of %d relay threads started (%s)", len(relay.ctls), len(relay.pipes), e.strerror)
-    log.debug("TCP relayed by %d thread(s) in C", len(relay.ctls))
+    log.info("TCP relayed by %d thread(s) in C", len(relay.ctls))
     for _, server in servers:
         if isinstance(server, TcpListener):
             server.relay = relay

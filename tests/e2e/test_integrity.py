@@ -25,6 +25,7 @@ from e2ekit.clients import read_exactly
 from e2ekit.container import Container, ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
 from e2ekit.netservice import NetServices
+from e2ekit.wait import wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from netserver import chunk_sizes, stream
@@ -56,8 +57,11 @@ def served(request, runtime, rootfs, hook_command, port_alloc, tmp_path_factory)
     try:
         c = factory.new(services.argv(), hook=hook, ports=f"{echo}:{ECHO},{events}:{EVENTS}")
         services.wait_ready(c.start())
+        # The core says which relay serves once it serves (after "ready": waited for).
         python = f"TCP is relayed by the Python loop: {PYTHON_RELAY_ENV} is set"
-        assert (python in hook.log_text(c.id)) == (request.param == "python-relay")
+        said = wait_until(lambda: [line for line in hook.log_text(c.id).splitlines()
+                                   if python in line or "TCP relayed by" in line], 10, "the relay's log line")
+        assert (python in said[0]) == (request.param == "python-relay"), said
         yield Served(c, echo, events)
     finally:
         factory.cleanup()

@@ -183,6 +183,7 @@ def test_relay_threads_hold_what_the_core_holds_under_a_filter_of_their_own(setu
     not the core's on top: seccomp filters are per thread and they loaded theirs first)."""
     fwd = setup.forwarding()
     core = fwd.core
+    setup.serves()  # the core serves: it has started its threads
     tids = sorted(int(t) for t in os.listdir(f"/proc/{core.pid}/task"))
     relay_tids = [t for t in tids if t != core.pid]
     assert len(relay_tids) == min(4, len(os.sched_getaffinity(0))), tids

@@ -52,6 +52,12 @@ def relay_tids(core_pid: int) -> list[int]:
     return sorted(int(t) for t in os.listdir(f"/proc/{core_pid}/task") if int(t) != core_pid)
 
 
+def started_relay_tids(core_pid: int) -> list[int]:
+    """The core's relay threads, once it has started them (after "ready", before it serves)."""
+    return wait_until(lambda: len(relay_tids(core_pid)) == THREADS and relay_tids(core_pid), TIMEOUT,
+                      lambda: f"{THREADS} relay threads in core {core_pid} (has {relay_tids(core_pid)})")
+
+
 def timeslices(core_pid: int, tid: int) -> int:
     """How many times the thread has run (schedstat's third field): one per wake-up at least."""
     return int(Path(f"/proc/{core_pid}/task/{tid}/schedstat").read_text().split()[2])
@@ -70,14 +76,15 @@ def round_trips(socks: list[socket.socket], times: int, size: int) -> int:
 def test_the_core_relays_in_one_thread_per_cpu(echo):
     hook, c, _port = echo
     core = forwarding_of(hook, c.id).core
-    assert len(relay_tids(core.pid)) == THREADS
-    assert f"TCP relayed by {THREADS} thread(s) in C" in hook.log_text(c.id)
+    assert len(started_relay_tids(core.pid)) == THREADS
+    line = f"TCP relayed by {THREADS} thread(s) in C"
+    wait_until(lambda: line in hook.log_text(c.id), TIMEOUT, line)
 
 
 def test_pairs_are_dealt_over_every_thread_and_counted_exactly(echo):
     hook, c, port = echo
     core = forwarding_of(hook, c.id).core
-    tids = relay_tids(core.pid)
+    tids = started_relay_tids(core.pid)
     before_stats = hook.read_stats(c.id)
     before = {tid: timeslices(core.pid, tid) for tid in tids}
     n = 2 * THREADS
@@ -118,7 +125,7 @@ def test_a_restarted_core_relays_in_threads_again(echo):
             sock.sendall(b"x")
             sock.recv(1) or pytest.fail("a clean EOF after the core was killed")
     new = wait_until(lambda: child_by_comm(fw.supervisor.pid, CORE, (fw.core.pid,)), TIMEOUT, "a restarted core")
-    wait_until(lambda: len(relay_tids(new.pid)) == THREADS or None, TIMEOUT, "the new core's relay threads")
+    started_relay_tids(new.pid)
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         assert round_trips([sock], 3, 100) == 300
 
@@ -129,7 +136,9 @@ def test_the_test_switch_keeps_the_relay_in_python(runtime, rootfs, hook_command
     try:
         core = forwarding_of(hook, c.id).core
         assert relay_tids(core.pid) == []
-        assert f"TCP is relayed by the Python loop: {PYTHON_RELAY_ENV} is set" in hook.log_text(c.id)
+        line = f"TCP is relayed by the Python loop: {PYTHON_RELAY_ENV} is set"
+        wait_until(lambda: line in hook.log_text(c.id), TIMEOUT, line)
+        assert "TCP relayed by" not in hook.log_text(c.id)
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
             token = uuid.uuid4().bytes
             sock.sendall(token)
