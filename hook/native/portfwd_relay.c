@@ -17,15 +17,18 @@
  *
  * The same rules as tcp_relay.py, so the same guarantees: half-close, resets both ways, a
  * process death resets every socket (SO_LINGER {1, 0} from accept/socket() until a way is
- * complete), no truncated transfer that looks complete. Why a thread: one request through
- * the Python loop costs ~17 µs of CPU, through this ~5; a thread shares the core's
- * descriptors, memory, privileges and death (no process to start, watch or restart; no
- * interpreter: ~0.1 MB). It takes no lock and touches no Python object: the GIL is not
- * taken, and the Python loop goes on accepting while this relays.
+ * complete), no truncated transfer that looks complete. Why a thread: a keep-alive request
+ * through the Python loop cost the core ~17 µs of CPU, through this ~12 (most of it the
+ * kernel's: waking the reader, being preempted by it), and the threads run beside the loop
+ * and each other (docs/data-path.md). A thread shares the core's descriptors, memory,
+ * privileges and death (no process to start, watch or restart; no interpreter: ~0.1 MB).
+ * It touches no Python object (the GIL is never taken) and one lock, its own, held while it
+ * handles a batch of events and by add() while it adds a pair: the Python loop goes on
+ * accepting while the threads relay.
  *
- * Counters: the traffic page (stats.py) gets bytes_to_container / bytes_to_client from this
- * thread only (Python relays nothing once the thread runs) and closes in a slot of its own
- * (stats.RELAY_CLOSED), so that no counter has two writers.
+ * Counters: the traffic page (stats.py) gets bytes_to_container / bytes_to_client from the
+ * threads only (atomic adds; Python relays nothing once they run) and closes in a slot of
+ * their own (stats.RELAY_CLOSED), so that Python and C never write the same slot.
  *
  * Least privilege: the thread starts after the core dropped its privileges (it inherits
  * the dropped credentials) and before the core's filter is loaded; it loads its own, the

@@ -11,9 +11,9 @@
          in flight (an idle connection holds two descriptors, not six)
       4. EOF on one side → shutdown(SHUT_WR) on the other; both done → close
          reset on one side → reset on the other (SO_LINGER 0)
-    With the relay thread in C (native_relay.py, hook/native/portfwd_relay.c), step 3 and 4
-    are its: once connected (and the PROXY header written), the pair is handed over and
-    this loop forgets it; the thread follows the same rules.
+    With the relay threads in C (native_relay.py, hook/native/portfwd_relay.c), steps 3 and
+    4 are theirs: once connected (and the PROXY header written), the pair is handed to one
+    of them and this loop forgets it; the threads follow the same rules.
 
 Both sockets carry SO_LINGER {1, 0} from the start (the client's inherited from the
 listener, the container side's set by the dialer): when this process dies without closing
@@ -327,7 +327,7 @@ class TcpConnection:
         self.source = source
         self.from_client = False
         self.client_out = False  # EPOLLOUT watched on the client's socket
-        self.relay = relay  # the C thread that relays established pairs, if there is one
+        self.relay = relay  # the C threads that relay established pairs, if they run
         self.handed_over = False
 
     # 1. a container-side socket
@@ -544,7 +544,6 @@ class TcpListener:
         log: HookLog,
         proxy: bool = False,
         source: SourceBinder | None = None,
-        relay: NativeRelay | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -555,7 +554,9 @@ class TcpListener:
         self.log = log
         self.proxy = proxy  # each connection starts with a PROXY protocol v2 header
         self.source = source
-        self.relay = relay
+        # The core's relay threads, once they run (core._start_relay); until then, or
+        # without them, the connections are relayed here.
+        self.relay: NativeRelay | None = None
         # Client sockets come with SO_LINGER {1, 0} and TCP_NODELAY: accepted sockets inherit
         # them from the listener, which has them from its bind (listeners._bind_one).
         self.connections: set[TcpConnection] = set()
