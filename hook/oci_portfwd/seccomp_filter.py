@@ -87,14 +87,16 @@ NATIVE_DIALER_SYSCALLS = (
     "rt_sigreturn", "restart_syscall", "exit", "exit_group",
 )
 
-# The relay thread in C (hook/native/portfwd_relay.c, native_relay.py), loaded by the thread
-# itself before it relays: the pairs' descriptors from a pipe, epoll, recv/send and splice
-# through pipes of its own, the options a relay sets, its report and its end. Memory for
-# pairs: mmap, never executable (it does not use malloc); rt_sigprocmask, munmap and
-# madvise for the thread's own exit (glibc blocks signals, frees the stack), futex for its
-# lock. A forbidden call kills the process (as in the dialer): the core is restarted.
+# The relay threads in C (hook/native/portfwd_relay.c, native_relay.py), loaded by each
+# thread itself before it relays: epoll (the pairs are added to its set by the core's
+# add()), recv/send and splice through pipes of its own (pipe2, fcntl for their size, write
+# for what a full destination does not take), the options a relay sets, the report it
+# writes when it stops, and its end. Memory for pairs: mmap, never executable (it does not
+# use malloc); rt_sigprocmask, munmap and madvise for the thread's own exit (glibc blocks
+# signals, frees the stack), futex for its lock. A forbidden call kills the process (as in
+# the dialer): the core is restarted.
 RELAY_SYSCALLS = (
-    "read", "write", "close", "fcntl", "epoll_wait", "epoll_pwait", "epoll_ctl",
+    "write", "close", "fcntl", "epoll_wait", "epoll_pwait", "epoll_ctl",
     "recvfrom", "sendto", "splice", "pipe2", "shutdown", "setsockopt",
     "rt_sigprocmask", "munmap", "madvise", "futex",
     "rt_sigreturn", "restart_syscall", "exit", "exit_group",
@@ -188,15 +190,19 @@ def _allow_inet_sockets(lib: ModuleType, f: Any) -> None:
 def _allow_list(lib: ModuleType, default: int, names: tuple[str, ...]) -> Any:
     """_only, plus what a CPython process needs around `names`."""
     f = _only(lib, default, names)
-    # Memory, but never executable memory: no code of its own for an attacker.
-    for name in ("mmap", "mprotect"):
-        f.add_rule(lib.ALLOW, name, lib.Arg(2, lib.MASKED_EQ, PROT_EXEC, 0))
+    _allow_memory(lib, f, ("mmap", "mprotect"))
     # Python's setblocking() and set_inheritable() use ioctl: those requests only.
     for request in (FIONBIO, FIONCLEX, FIOCLEX):
         f.add_rule(lib.ALLOW, "ioctl", lib.Arg(1, lib.EQ, request))
     # abort() signals itself: only itself.
     f.add_rule(lib.ALLOW, "tgkill", lib.Arg(0, lib.EQ, os.getpid()))
     return f
+
+
+def _allow_memory(lib: ModuleType, f: Any, names: tuple[str, ...]) -> None:
+    """Memory, but never executable memory: no code of its own for an attacker."""
+    for name in names:
+        f.add_rule(lib.ALLOW, name, lib.Arg(2, lib.MASKED_EQ, PROT_EXEC, 0))
 
 
 def _notify_fd(lib: ModuleType, f: object) -> int:
@@ -356,11 +362,10 @@ def export_native_dialer(fd: int) -> None:
 
 
 def relay_filter() -> bytes:
-    """The relay thread's allow-list as BPF (what `load()` would give the kernel)."""
+    """The relay threads' allow-list as BPF (what `load()` would give the kernel)."""
     lib = _library()
     f = _only(lib, lib.KILL_PROCESS, RELAY_SYSCALLS)
-    # Memory, never executable, as _allow_list gives the core.
-    f.add_rule(lib.ALLOW, "mmap", lib.Arg(2, lib.MASKED_EQ, PROT_EXEC, 0))
+    _allow_memory(lib, f, ("mmap",))
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         with open(w, "wb", closefd=True) as out:  # a few hundred bytes: the pipe holds them
