@@ -369,6 +369,12 @@ class TcpConnection:
             self._dial_next()
             return
         if err == errno.EINPROGRESS:
+            # The handshake with a container on this host has mostly happened inside that
+            # connect() (the SYN and its answer are processed in the caller's context): a
+            # second connect() says so at once (0, or the refusal), and the connection skips
+            # an epoll registration, a wake-up and its removal. EALREADY: still under way.
+            err = sock.connect_ex((target.address, target.port))
+        if err == errno.EALREADY:
             # Registered once, for the connect and then the relay: one epoll_ctl, not three.
             self.loop.register(sock.fileno(), ET_EVENTS, self._on_connected)
         else:
