@@ -22,9 +22,11 @@
  * kernel's: waking the reader, being preempted by it), and the threads run beside the loop
  * and each other (docs/data-path.md). A thread shares the core's descriptors, memory,
  * privileges and death (no process to start, watch or restart; no interpreter: ~0.1 MB).
- * It touches no Python object (the GIL is never taken) and one lock, its own, held while it
- * handles a batch of events and by add() while it adds a pair: the Python loop goes on
- * accepting while the threads relay.
+ * It touches no Python object (the GIL is never taken) and takes no lock: add() fills a
+ * pair, puts its sockets in the thread's epoll set and marks it armed; the thread frees
+ * closed pairs back to add() through an atomic list (see "hand-over"). A lock held by the
+ * thread over its events made every hand-over, and the accepting loop behind it, wait for
+ * the sends and closes of a whole batch (docs/data-path.md).
  *
  * Counters: the traffic page (stats.py) gets bytes_to_container / bytes_to_client from the
  * threads only (atomic adds; Python relays nothing once they run) and closes in a slot of
@@ -44,6 +46,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <signal.h>
 #include <stdint.h>
@@ -86,22 +89,24 @@ struct pair {
     int fd[2];
     int out_watched[2];  /* EPOLLOUT asked for on this socket (once needed, kept) */
     int closed;
+    int armed;  /* set by add_pair once both sockets are in the epoll set (atomic) */
     struct end ends[2];
     struct way ways[2];  /* 0: client → container, 1: container → client */
-    struct pair *next_free;  /* closed during this batch of events: freed after it */
+    struct pair *next_free;  /* on one of the lists below */
 };
 
 struct relay {
     int epfd, ctl, report;
-    struct pair *free_pairs;  /* pairs' memory, reused: never given back (see new_pair) */
+    struct pair *free_pairs;  /* add_pair's own: pairs' memory, reused (see new_pair) */
+    struct pair *returned;  /* atomic: freed by the thread, taken whole by add_pair */
+    struct pair *failed;  /* atomic: pairs add_pair could not arm, freed by the thread */
     int64_t *counts;
     int idle_pipes[KEEP_PIPES][2];
     int n_idle;
-    struct pair *to_free;
+    struct pair *to_free;  /* the thread's: closed during this batch, returned after it */
     struct sock_fprog filter;
     int ready_errno;
     sem_t ready;
-    pthread_mutex_t lock;  /* the thread's while it handles a batch; add_pair's while it adds */
     char buffer[COPY_SIZE];  /* one per thread, for every connection it relays */
 };
 
@@ -111,6 +116,8 @@ struct relay {
  * (~170 bytes each: 5,000 connections, ~0.8 MB). */
 static struct pair *new_pair(struct relay *r)
 {
+    if (r->free_pairs == NULL)  /* what the thread gave back since the last time */
+        r->free_pairs = __atomic_exchange_n(&r->returned, NULL, __ATOMIC_ACQUIRE);
     if (r->free_pairs == NULL) {
         size_t size = 1 << 16, n = size / sizeof(struct pair);
         struct pair *slab = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -127,10 +134,15 @@ static struct pair *new_pair(struct relay *r)
     return p;
 }
 
-static void free_pair(struct relay *r, struct pair *p)
+/* Pushes a chain (first … last) on an atomic list: the thread gives pairs back to add_pair,
+ * add_pair gives the thread the pairs it could not arm. Each list has one taker, which takes
+ * it whole (exchange): no ABA. */
+static void push_chain(struct pair **list, struct pair *first, struct pair *last)
 {
-    p->next_free = r->free_pairs;
-    r->free_pairs = p;
+    struct pair *head = __atomic_load_n(list, __ATOMIC_RELAXED);
+    do
+        last->next_free = head;
+    while (!__atomic_compare_exchange_n(list, &head, first, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
 }
 
 static void add_count(struct relay *r, int slot, int64_t n)
@@ -325,6 +337,11 @@ static int pump(struct relay *r, struct pair *p, struct way *w, int drain)
 static void on_event(struct relay *r, struct end *e, uint32_t events)
 {
     struct pair *p = e->pair;
+    /* An event of a pair add_pair is still adding (its first socket is in the set, the
+     * second not yet): wait the microseconds until it is; an edge-triggered event cannot be
+     * put off. */
+    while (!__atomic_load_n(&p->armed, __ATOMIC_ACQUIRE))
+        sched_yield();
     if (p->closed)
         return;
     int side = e->side, err = 0;
@@ -346,14 +363,16 @@ static void on_event(struct relay *r, struct end *e, uint32_t events)
 
 /* Called by the core's Python thread (add()): the pair goes straight into this thread's
  * epoll set, no message and no wake-up of its own (the thread wakes when the pair has
- * something to relay, which is often at once: the client's first request). The lock is the
- * thread's while it handles a batch of events: a pair is never added or given up on while
- * the thread may be looking at it. 0, or an errno (the pair is then reset and counted). */
+ * something to relay, which is often at once: the client's first request). No lock: the
+ * pair is filled before its first socket enters the set (epoll_ctl orders that before the
+ * thread's epoll_wait sees it), the thread waits for `armed` before it touches a pair, and
+ * a pair that could not be armed (its sockets reset and closed) goes to the thread, which
+ * frees it after the batch its events may be in. 0, or an errno (the pair is then reset
+ * and counted). */
 static int add_pair(struct relay *r, int client, int upstream)
 {
     static const struct linger reset = {1, 0};
     int fds[2] = {client, upstream}, err = 0;
-    pthread_mutex_lock(&r->lock);
     struct pair *p = new_pair(r);
     if (p == NULL) {
         err = ENOMEM;
@@ -375,22 +394,21 @@ static int add_pair(struct relay *r, int client, int upstream)
             if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, fds[side], &ev) != 0)
                 err = errno;
         }
-        if (err) {
-            /* An event of its first socket may already be out of epoll_wait: the pair is
-             * freed by the thread after its next batch, which sees it closed. */
-            p->closed = 1;
-            p->next_free = r->to_free;
-            r->to_free = p;
-        }
+        if (err)
+            p->closed = 1;  /* an event of its first socket may be out already: ignored */
     }
     if (err) {
         for (int side = 0; side < 2; side++) {
             setsockopt(fds[side], SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
-            close(fds[side]);
+            close(fds[side]);  /* out of the epoll set: no event after this one */
         }
         add_count(r, RELAY_CLOSED, 1);
     }
-    pthread_mutex_unlock(&r->lock);
+    if (p != NULL) {
+        __atomic_store_n(&p->armed, 1, __ATOMIC_RELEASE);
+        if (err)
+            push_chain(&r->failed, p, p);
+    }
     return err;
 }
 
@@ -424,21 +442,29 @@ static void *relay_main(void *arg)
             why = errno;
             break;
         }
-        pthread_mutex_lock(&r->lock);
         for (int i = 0; i < n; i++) {
-            if (events[i].data.ptr == CTL_TAG) {
-                /* The core closed its end (or wrote to it, which nothing does): stop. */
-                pthread_mutex_unlock(&r->lock);
-                goto out;
-            }
+            if (events[i].data.ptr == CTL_TAG)
+                goto out;  /* the core closed its end (or wrote to it, which nothing does) */
             on_event(r, events[i].data.ptr, events[i].events);
         }
-        while (r->to_free) {
-            struct pair *p = r->to_free;
-            r->to_free = p->next_free;
-            free_pair(r, p);
+        /* Pairs closed in this batch, and those add_pair could not arm, go back to add_pair
+         * once no event of this batch can name them (their sockets are closed: no later
+         * event does). */
+        struct pair *first = __atomic_exchange_n(&r->failed, NULL, __ATOMIC_ACQUIRE);
+        if (r->to_free) {
+            struct pair *last = r->to_free;
+            while (last->next_free)
+                last = last->next_free;
+            last->next_free = first;
+            first = r->to_free;
+            r->to_free = NULL;
         }
-        pthread_mutex_unlock(&r->lock);
+        if (first) {
+            struct pair *last = first;
+            while (last->next_free)
+                last = last->next_free;
+            push_chain(&r->returned, first, last);
+        }
     }
 out:
     /* The core reads this, says so in its log and exits to be restarted: its connections
@@ -489,7 +515,6 @@ static PyObject *start(PyObject *self, PyObject *args)
     pthread_t thread;
     pthread_attr_t attr;
     if (!err) {
-        pthread_mutex_init(&r->lock, NULL);
         sem_init(&r->ready, 0, 0);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);

@@ -93,12 +93,13 @@ NATIVE_DIALER_SYSCALLS = (
 # for what a full destination does not take), the options a relay sets, the report it
 # writes when it stops, and its end. Memory for pairs: mmap, never executable (it does not
 # use malloc); rt_sigprocmask, munmap and madvise for the thread's own exit (glibc blocks
-# signals, frees the stack), futex for its lock. A forbidden call kills the process (as in
-# the dialer): the core is restarted.
+# signals, frees the stack), futex for the semaphore it posts once started, sched_yield while
+# add() arms a pair whose first socket is already in its set. A forbidden call kills the
+# process (as in the dialer): the core is restarted.
 RELAY_SYSCALLS = (
     "write", "close", "fcntl", "epoll_wait", "epoll_pwait", "epoll_ctl",
     "recvfrom", "sendto", "splice", "pipe2", "shutdown", "setsockopt",
-    "rt_sigprocmask", "munmap", "madvise", "futex",
+    "rt_sigprocmask", "munmap", "madvise", "futex", "sched_yield",
     "rt_sigreturn", "restart_syscall", "exit", "exit_group",
 )
 
