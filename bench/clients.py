@@ -29,6 +29,14 @@ class CpuMeter:
 
     def __exit__(self, *exc) -> None:
         dt = time.monotonic() - self.t0
+        # Per-connection children (socat) end with the client's connections: wait until the
+        # parent has reaped them, which adds their CPU to its cutime/cstime. Read before
+        # that, a child that had just exited counted nowhere (not alive, not yet reaped):
+        # one of two rounds of socat's keep-alive test read 0 % CPU.
+        deadline = time.monotonic() + 2.0
+        while self.procs_fn and time.monotonic() < deadline and any(
+                p not in self.c0 for p in self.procs_fn()):
+            time.sleep(0.05)
         ticks = sum(max(0, cpu_ticks(p.pid) - c) for p, c in self.c0.items() if p.alive())
         # Processes born during the test (socat's per-connection children) count whole; those
         # that already ended are in their parent's cutime/cstime (counted above).
