@@ -6,6 +6,7 @@ over. Prints one line per scenario and exits 0, or raises.
     python native_relay_scenarios.py [--filter] SCENARIO...
 """
 
+import errno
 import hashlib
 import os
 import select
@@ -203,8 +204,55 @@ def many_pairs(b: Bench) -> None:
     b.wait_closed(b.pairs)
 
 
+def ended_before_hand_over(b: Bench) -> None:
+    """2,000 pairs one after the other whose client wrote and closed before the hand-over: the
+    thread's first event (which may come before add() armed the pair) relays the bytes and
+    ends it while the next pairs are added; their memory is handed back and reused."""
+    for i in range(2000):
+        client = socket.create_connection(b.host.getsockname(), timeout=BOUND)
+        relayed_client, _ = b.host.accept()
+        upstream = socket.create_connection(b.service.getsockname(), timeout=BOUND)
+        service, _ = b.service.accept()
+        service.settimeout(BOUND)
+        client.sendall(b"%d" % i)
+        client.shutdown(socket.SHUT_WR)
+        relayed_client.setblocking(False)
+        upstream.setblocking(False)
+        b.relay.hand_over(relayed_client, upstream)
+        b.pairs += 1
+        assert read_to_eof(service) == b"%d" % i
+        service.close()
+        assert read_to_eof(client) == b""
+        client.close()
+    b.wait_closed(b.pairs)
+
+
+def add_refused(b: Bench) -> None:
+    """A pair the thread cannot take (a regular file is no epoll target: EPERM): add() says so,
+    the client is reset, the close is counted, and the threads go on taking pairs."""
+    client = socket.create_connection(b.host.getsockname(), timeout=BOUND)
+    relayed_client, _ = b.host.accept()
+    file_fd = os.open("/dev/null", os.O_RDONLY)
+    before = b.closed()
+    try:
+        b.relay.module.add(b.relay.indexes[0], relayed_client.detach(), file_fd)
+    except OSError as e:
+        assert e.errno == errno.EPERM, e
+    else:
+        raise AssertionError("add() took a regular file")
+    assert b.closed() == before + 1
+    try:
+        data = client.recv(1)
+    except ConnectionResetError:
+        pass
+    else:
+        raise AssertionError(f"the client got {data!r}, not a reset")
+    client.close()
+    many_pairs(b)
+
+
 SCENARIOS = {f.__name__: f for f in (small_messages, half_close_both_ways, slow_reader, reset_both_ways,
-                                     service_speaks_first, many_pairs)}
+                                     service_speaks_first, many_pairs, ended_before_hand_over, add_refused)}
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,8 @@
 """The relay threads in C (hook/native/portfwd_relay.c, native_relay.py) between real loopback
 TCP sockets, in a process of their own (native_relay_scenarios.py): small messages, half-close
 each way with every byte, a reader that pauses (held bytes), resets both ways, bytes waiting
-before the hand-over, 200 pairs over two threads; the traffic page exact. With the threads'
+before the hand-over, 200 pairs over two threads, 2,000 pairs that end before they are armed
+(their memory reused), a pair the threads cannot take; the traffic page exact. With the threads'
 seccomp filter (seccomp_filter.RELAY_SYSCALLS) and without: a call missing from the list
 kills the process (SIGSYS), which fails here. The containers' view: tests/e2e/test_relay_threads.py."""
 
@@ -15,7 +16,7 @@ from oci_portfwd.native_relay import NATIVE_RELAY
 
 SCRIPT = Path(__file__).with_name("native_relay_scenarios.py")
 SCENARIOS = ["small_messages", "half_close_both_ways", "slow_reader", "reset_both_ways",
-             "service_speaks_first", "many_pairs"]
+             "service_speaks_first", "many_pairs", "ended_before_hand_over", "add_refused"]
 
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["no-filter", "relay-filter"])
