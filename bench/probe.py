@@ -2,7 +2,7 @@
 a minute instead of a `make bench` (same servers, clients and CPU meter as bench/run.py).
 
     .venv/bin/python bench/probe.py [--forwarder ours-builtin] [--reps 3]
-                                    [--tests newconn,wrkclose,keepalive,c1000,tcp-up,tcp-down]
+                                    [--tests newconn,wrkclose,keepalive,c1000,tcp-up,tcp-down,udp]
                                     [--perf TEST] [--perf-out perf.data]
 
 Prints one line per test and repetition: rate, p99, the forwarder's CPU (% of one core,
@@ -33,7 +33,7 @@ import forwarders  # noqa: E402
 import run  # noqa: E402
 from infra import Cleanup, CommandLog  # noqa: E402
 
-TESTS = ("newconn", "wrkclose", "keepalive", "c1000", "tcp-up", "tcp-down")
+TESTS = ("newconn", "wrkclose", "keepalive", "c1000", "tcp-up", "tcp-down", "udp")
 
 
 def one(test: str, inst, work: Path, seconds: int) -> tuple[str, float | None]:
@@ -44,11 +44,15 @@ def one(test: str, inst, work: Path, seconds: int) -> tuple[str, float | None]:
         elif test in ("wrkclose", "keepalive", "c1000"):
             conns = 1000 if test == "c1000" else run.CONCURRENCY
             res = clients.wrk(inst.http_port, seconds, conns, close=test == "wrkclose")
+        elif test == "udp":
+            res = clients.iperf_udp(inst.iperf_port, seconds)
         else:
             res = clients.iperf_tcp(inst.iperf_port, seconds, test == "tcp-down")
-    rate = res.get("rps") or res.get("gbps")
-    unit = "Gbit/s" if test.startswith("tcp") else "req/s"
+    rate = res.get("rps") or res.get("gbps") or res.get("mbps")
+    unit = {"tcp": "Gbit/s", "udp": "Mbit/s"}.get(test[:3], "req/s")
     line = f"{test:9} {rate or 0:>10,.1f} {unit}"
+    if res.get("loss_pct") is not None:
+        line += f"  loss {res['loss_pct']:.1f} %"
     if res.get("p99_ms") is not None:
         line += f"  p99 {res['p99_ms']:.2f} ms"
     if cpu.percent is not None:
