@@ -242,3 +242,65 @@ def test_a_closed_connection_is_freed_at_once_not_by_the_collector():
         gc.set_debug(0)
         gc.garbage.clear()
         client_end.close()
+
+
+def _count_dial_events(monkeypatch):
+    """How many times a connection waited for its connect's event (TcpConnection._on_connected)."""
+    calls: list = []
+    original = TcpConnection._on_connected
+
+    def counted(self, events):
+        calls.append(events)
+        original(self, events)
+
+    monkeypatch.setattr(TcpConnection, "_on_connected", counted)
+    return calls
+
+
+def test_a_service_on_this_host_is_connected_within_the_dial_no_event_waited_for(monkeypatch):
+    """The SYN to a local service is answered inside connect(): the second connect() says so and
+    the connection relays at once, without waiting for the loop."""
+    calls = _count_dial_events(monkeypatch)
+    target, service = serve_once(lambda conn: conn.sendall(b"hello"))
+    loop, conn, client_end, closed, _counts = relay(target)
+    client_end.shutdown(socket.SHUT_WR)
+    conn.start()
+    got = {}
+    relay_with_client(loop, closed, lambda: got.setdefault("data", read_to_eof(client_end)), service, BOUND)
+    assert closed == [conn] and got["data"] == b"hello"
+    assert calls == []
+    client_end.close()
+
+
+def test_a_dial_still_under_way_after_connect_completes_through_the_loop(monkeypatch):
+    """A service whose accept queue is full drops the SYN: the connect is still under way
+    (EALREADY) and the connection waits for its event; once the queue has room, the SYN's
+    retransmission (~1 s) is answered and the bytes flow."""
+    calls = _count_dial_events(monkeypatch)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # room for one connection in the accept queue
+    listener.settimeout(BOUND)
+    filler = socket.create_connection(listener.getsockname(), timeout=BOUND)
+    target = Target(socket.AF_INET, "127.0.0.1", listener.getsockname()[1])
+
+    def serve():
+        first, _ = listener.accept()  # the filler: the queue has room again
+        first.close()
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"hello")
+        listener.close()
+
+    loop, conn, client_end, closed, _counts = relay(target)
+    client_end.shutdown(socket.SHUT_WR)
+    conn.start()
+    assert conn.upstream is not None and conn.upstream.fileno() in loop.handlers, "the dial did not wait"
+    service = threading.Thread(target=serve, daemon=True)
+    service.start()
+    got = {}
+    relay_with_client(loop, closed, lambda: got.setdefault("data", read_to_eof(client_end)), service, BOUND)
+    assert closed == [conn] and got["data"] == b"hello"
+    assert len(calls) == 1
+    filler.close()
+    client_end.close()
