@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from .ports import PortMapping
 
 LISTEN_BACKLOG = 4096
-UDP_RCVBUF = 4 << 20
 
 
 class BindTarget(Value):
@@ -121,10 +120,11 @@ def _bind_one(t: BindTarget) -> _socket.socket:
             # (~40 ms each). The dialer sets both on the container side.
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        else:
-            # Room for a burst while the relay is busy elsewhere: a full receive queue drops
-            # datagrams. The kernel caps it at net.core.rmem_max and charges only what is queued.
-            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, UDP_RCVBUF)
+        # UDP keeps the kernel's default receive buffer (net.core.rmem_default). A 4 MiB one
+        # (tried) queued tens of milliseconds of datagrams while the relay was busy and
+        # delivered them late: after a client had gone, its stale datagrams reached a service
+        # that had opened a new socket since (iperf3 then answered the old client and its next
+        # test hung), and throughput was no better (docs/data-path.md). Late is worse than lost.
         sock.bind(socket_address(t.address, t.port))
         if t.proto == "tcp":
             sock.listen(LISTEN_BACKLOG)
