@@ -98,6 +98,16 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return bytes(data)
 
 
+def assert_reset(sock: socket.socket, what: str) -> None:
+    """`sock`'s next read is a reset (ECONNRESET), not bytes nor an EOF."""
+    sock.settimeout(BOUND)
+    try:
+        data = sock.recv(10)
+    except ConnectionResetError:
+        return
+    raise AssertionError(f"{what} reached the other side as {data!r}, not as a reset")
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -163,13 +173,7 @@ def reset_both_ways(b: Bench) -> None:
         gone, other = ends.pop(resetting), next(iter(ends.values()))
         gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         gone.close()
-        other.settimeout(BOUND)
-        try:
-            data = other.recv(10)
-        except ConnectionResetError:
-            pass
-        else:
-            raise AssertionError(f"{resetting}'s reset reached the other side as {data!r}")
+        assert_reset(other, f"{resetting}'s reset")
         other.close()
         b.wait_closed(b.pairs)
 
@@ -241,12 +245,7 @@ def add_refused(b: Bench) -> None:
     else:
         raise AssertionError("add() took a regular file")
     assert b.closed() == before + 1
-    try:
-        data = client.recv(1)
-    except ConnectionResetError:
-        pass
-    else:
-        raise AssertionError(f"the client got {data!r}, not a reset")
+    assert_reset(client, "a pair add() refused")
     client.close()
     many_pairs(b)
 

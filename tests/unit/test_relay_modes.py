@@ -79,6 +79,20 @@ def relay(target, client_sndbuf=None):
     return loop, conn, client_end, closed, counts
 
 
+def relay_a_hello():
+    """A service that says hello and closes, relayed to a client that has closed its side;
+    returns (the connection, the client's end) once it is closed, all of the hello through."""
+    target, service = serve_once(lambda conn: conn.sendall(b"hello"))
+    loop, conn, client_end, closed, _counts = relay(target)
+    client_end.shutdown(socket.SHUT_WR)
+    conn.start()
+    got = {}
+    relay_with_client(loop, closed, lambda: got.setdefault("data", read_to_eof(client_end)), service, BOUND)
+    assert closed == [conn] and got["data"] == b"hello"
+    closed.clear()  # it holds the connection, whose on_close is closed.append: the test's own cycle
+    return conn, client_end
+
+
 def read_to_eof(sock):
     sock.settimeout(BOUND)
     parts = []
@@ -223,18 +237,11 @@ def test_a_closed_connection_is_freed_at_once_not_by_the_collector():
     collection ran (tests/e2e/test_load.py saw it grow round after round)."""
     import gc
 
-    target, service = serve_once(lambda conn: conn.sendall(b"hello"))
-    loop, conn, client_end, closed, _counts = relay(target)
-    client_end.shutdown(socket.SHUT_WR)
-    conn.start()
-    got = {}
-    relay_with_client(loop, closed, lambda: got.setdefault("data", read_to_eof(client_end)), service, BOUND)
-    assert closed == [conn] and got["data"] == b"hello"
+    conn, client_end = relay_a_hello()
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage, to be seen
     try:
         del conn
-        closed.clear()
         gc.collect()
         cyclic = [type(o).__name__ for o in gc.garbage if type(o) in (TcpConnection, tcp_relay.Direction)]
         assert not cyclic, cyclic
@@ -261,13 +268,7 @@ def test_a_service_on_this_host_is_connected_within_the_dial_no_event_waited_for
     """The SYN to a local service is answered inside connect(): the second connect() says so and
     the connection relays at once, without waiting for the loop."""
     calls = _count_dial_events(monkeypatch)
-    target, service = serve_once(lambda conn: conn.sendall(b"hello"))
-    loop, conn, client_end, closed, _counts = relay(target)
-    client_end.shutdown(socket.SHUT_WR)
-    conn.start()
-    got = {}
-    relay_with_client(loop, closed, lambda: got.setdefault("data", read_to_eof(client_end)), service, BOUND)
-    assert closed == [conn] and got["data"] == b"hello"
+    _conn, client_end = relay_a_hello()
     assert calls == []
     client_end.close()
 
