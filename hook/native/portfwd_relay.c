@@ -450,21 +450,22 @@ static void *relay_main(void *arg)
         /* Pairs closed in this batch, and those add_pair could not arm, go back to add_pair
          * once no event of this batch can name them (their sockets are closed: no later
          * event does). */
-        struct pair *first = __atomic_exchange_n(&r->failed, NULL, __ATOMIC_ACQUIRE);
-        if (r->to_free) {
-            struct pair *last = r->to_free;
+        struct pair *first = r->to_free, *last = first;
+        r->to_free = NULL;
+        if (last)
             while (last->next_free)
                 last = last->next_free;
-            last->next_free = first;
-            first = r->to_free;
-            r->to_free = NULL;
+        struct pair *failed = __atomic_exchange_n(&r->failed, NULL, __ATOMIC_ACQUIRE);
+        if (failed) {  /* appended: each pair is walked over once */
+            if (last)
+                last->next_free = failed;
+            else
+                first = failed;
+            for (last = failed; last->next_free; last = last->next_free) {
+            }
         }
-        if (first) {
-            struct pair *last = first;
-            while (last->next_free)
-                last = last->next_free;
+        if (first)
             push_chain(&r->returned, first, last);
-        }
     }
 out:
     /* The core reads this, says so in its log and exits to be restarted: its connections
