@@ -117,15 +117,16 @@ def ab_close(port: int, requests: int, concurrency: int, csv: Path) -> dict:
     if m is None or done is None:
         return {"rps": None, "p99_ms": None,
                 "error": (res.stderr or res.stdout).strip()[-300:] or f"exit {res.returncode}"}
-    p99 = None
+    pcts: dict[int, float] = {}
     try:
         for line in csv.read_text().splitlines()[1:]:
             pct, ms = line.split(",")
-            if int(pct) == 99:
-                p99 = float(ms)
+            pcts[int(pct)] = float(ms)
     except (OSError, ValueError):
         pass
-    out = {"rps": float(m.group(1)), "p99_ms": p99, "completed": int(done.group(1)),
+    # p50 and p90 beside p99: the shape of the distribution (bench/probe.py prints them).
+    out = {"rps": float(m.group(1)), "p99_ms": pcts.get(99), "p50_ms": pcts.get(50), "p90_ms": pcts.get(90),
+           "completed": int(done.group(1)),
            "failed": int(failed.group(1)) if failed else 0,
            "non2xx": int(non2xx.group(1)) if non2xx else 0}
     if out["failed"] or out["non2xx"] or out["completed"] < requests:

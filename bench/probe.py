@@ -53,6 +53,8 @@ def one(test: str, inst, work: Path, seconds: int) -> tuple[str, float | None]:
     line = f"{test:9} {rate or 0:>10,.1f} {unit}"
     if res.get("loss_pct") is not None:
         line += f"  loss {res['loss_pct']:.1f} %"
+    if res.get("p50_ms") is not None:
+        line += f"  p50 {res['p50_ms']:.2f}  p90 {res['p90_ms']:.2f}"
     if res.get("p99_ms") is not None:
         line += f"  p99 {res['p99_ms']:.2f} ms"
     if cpu.percent is not None:
