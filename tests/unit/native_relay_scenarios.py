@@ -209,9 +209,10 @@ def many_pairs(b: Bench) -> None:
 
 
 def ended_before_hand_over(b: Bench) -> None:
-    """2,000 pairs one after the other whose client wrote and closed before the hand-over: the
-    thread's first event (which may come before add() armed the pair) relays the bytes and
-    ends it while the next pairs are added; their memory is handed back and reused."""
+    """2,000 pairs one after the other whose both sides wrote and closed their way before the
+    hand-over: add() puts the container side in the thread's set first, so its bytes wake the
+    thread before add() armed the pair (the thread waits for it); the thread relays both ways
+    and ends the pair while the next ones are added; their memory is handed back and reused."""
     for i in range(2000):
         client = socket.create_connection(b.host.getsockname(), timeout=BOUND)
         relayed_client, _ = b.host.accept()
@@ -220,13 +221,15 @@ def ended_before_hand_over(b: Bench) -> None:
         service.settimeout(BOUND)
         client.sendall(b"%d" % i)
         client.shutdown(socket.SHUT_WR)
+        service.sendall(b"s%d" % i)
+        service.shutdown(socket.SHUT_WR)
         relayed_client.setblocking(False)
         upstream.setblocking(False)
         b.relay.hand_over(relayed_client, upstream)
         b.pairs += 1
         assert read_to_eof(service) == b"%d" % i
         service.close()
-        assert read_to_eof(client) == b""
+        assert read_to_eof(client) == b"s%d" % i
         client.close()
     b.wait_closed(b.pairs)
 
