@@ -21,7 +21,7 @@ KEEPER := $(VENV)/libexec/oci-portfwd-hook/portfwd-keeper
 # The relay threads in C (hook/native/portfwd_relay.c), an extension of CPython's stable ABI
 # (3.11 on: one file for every interpreter the package supports), loaded by native_relay.py
 # from the same directory.
-RELAY_SRC := hook/native/portfwd_relay.c
+RELAY_SRC := hook/native/portfwd_relay.c hook/native/udp_batch.c
 RELAY := $(VENV)/libexec/oci-portfwd-hook/portfwd_relay.abi3.so
 RELAY_CFLAGS := -shared -fPIC -pthread -DPy_LIMITED_API=0x030b0000
 NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror
@@ -101,10 +101,10 @@ venv: $(VENV_STAMP) $(NATIVE_DIALER) $(KEEPER) $(RELAY)
 
 native-dialer: $(NATIVE_DIALER) $(KEEPER) $(RELAY)
 
-$(RELAY): $(RELAY_SRC) | $(VENV_STAMP)
+$(RELAY): $(RELAY_SRC) hook/native/udp_batch.h | $(VENV_STAMP)
 	@mkdir -p $(@D)
 	$(CC) $(NATIVE_CFLAGS) $(RELAY_CFLAGS) \
-		-I$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])') -o $@ $<
+		-I$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])') -o $@ $(RELAY_SRC)
 
 $(KEEPER): $(KEEPER_SRC) | $(VENV_STAMP)
 	@mkdir -p $(@D)

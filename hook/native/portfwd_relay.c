@@ -58,6 +58,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "udp_batch.h"
+
 #define COPY_SIZE (1 << 16)
 #define PIPE_SIZE (1 << 20)
 #define KEEP_PIPES 64
@@ -577,11 +579,20 @@ static PyMethodDef methods[] = {
     {"add", add, METH_VARARGS,
      "add(index, client_fd, upstream_fd): the thread relays the pair from now on and closes "
      "both; OSError: it could not take them (both were reset)."},
+    /* UDP (udp_batch.c): the core's own thread, in batches */
+    {"udp_batch", udp_batch, METH_NOARGS, "udp_batch() -> a batch: 64 slots of 64 KiB, mapped, untouched until used."},
+    {"udp_receive", udp_receive, METH_VARARGS,
+     "udp_receive(batch, fd, by_source) -> [(address | None, first, count, bytes)]: up to 64 "
+     "datagrams in runs from one source; [] when there is none."},
+    {"udp_datagram", udp_datagram, METH_VARARGS, "udp_datagram(batch, index) -> bytes: a copy."},
+    {"udp_send", udp_send, METH_VARARGS,
+     "udp_send(batch, fd, family, first, count, destination, segment) -> (sent, errno, segment): "
+     "datagrams of one size in a row as one UDP_SEGMENT message."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "portfwd_relay", "Established TCP pairs relayed by a C thread.", -1,
+    PyModuleDef_HEAD_INIT, "portfwd_relay", "Established TCP pairs relayed by a C thread; UDP datagrams in batches.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -16,7 +16,7 @@ from .addressing import Target, dial_targets
 from .dialer import Addresses, SocketPool, await_hello, kind_of, native_dialer, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
-from .native_relay import NativeRelay
+from .native_relay import NativeRelay, UdpBatch
 from .native_relay import load as load_native_relay
 from .native_relay import thread_count as relay_threads
 from .plan import Plan
@@ -136,9 +136,9 @@ def run_core(
         loop.register(until_readable, select.EPOLLIN, stop)
 
     status.ready()
-    # The relay threads after "ready", off the hook's path: the loop has not accepted yet.
-    # None without a TCP listener (the external drivers' core serves UDP only).
-    relay = _relay_threads(log) if any(isinstance(server, TcpListener) for _, server in servers) else None
+    # The extension after "ready", off the hook's path: the loop has not read anything yet.
+    # Relay threads only for TCP listeners (the external drivers' core serves UDP only).
+    relay = _native_data_path(servers, log)
     if sandbox is not None:
         # Least privilege from here on (privileges.py, seccomp_filter.py): the dialer runs,
         # every module the loop uses is imported and every descriptor it needs is open.
@@ -154,12 +154,20 @@ def run_core(
     return 3
 
 
-def _relay_threads(log: HookLog) -> NativeRelay | None:
+def _native_data_path(servers: Sequence[tuple[Listener, TcpListener | UdpListener]], log: HookLog) -> NativeRelay | None:
+    """The relay threads to start for the TCP listeners; the UDP listeners get the batch."""
+    tcp = any(isinstance(server, TcpListener) for _, server in servers)
+    udp = [server for _, server in servers if isinstance(server, UdpListener)]
     module, why_not = load_native_relay()
     if module is None:
-        log.info("TCP is relayed by the Python loop: %s", why_not)
+        log.info("%s relayed by the Python loop: %s", "TCP and UDP are" if tcp and udp else "TCP is" if tcp else "UDP is", why_not)
         return None
-    return NativeRelay(module, relay_threads())
+    if udp:
+        batch = UdpBatch(module)
+        for server in udp:
+            server.batch = batch
+        log.info("UDP datagrams relayed in batches (recvmmsg, sendmmsg with UDP_SEGMENT)")
+    return NativeRelay(module, relay_threads()) if tcp else None
 
 
 def _start_relay(

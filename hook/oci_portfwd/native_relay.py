@@ -108,3 +108,32 @@ class NativeRelay:
             return "it ended without a word"
         err = int.from_bytes(data, sys.byteorder)
         return os.strerror(err) if err else "the core closed its pipe"
+
+
+class UdpBatch:
+    """The core's one batch of datagrams (hook/native/udp_batch.c): received from a socket
+    with one recvmmsg, sent on with one sendmmsg, datagrams of one size in a row as one
+    UDP_SEGMENT message. The core's sockets share it: a batch is sent on before the next
+    is received (udp_relay.py)."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+        self.handle = module.udp_batch()
+
+    def receive(self, fd: int, *, by_source: bool) -> list[tuple[tuple[object, ...] | None, int, int, int]]:
+        """Up to 64 datagrams, as runs (source, first, count, bytes) of consecutive ones from
+        one source (None: by_source false); [] when there is none. OSError: the socket's
+        error (ECONNREFUSED: an ICMP refusal of what it sent)."""
+        return self.module.udp_receive(self.handle, fd, by_source)  # type: ignore[no-any-return]
+
+    def datagram(self, index: int) -> bytes:
+        """A copy of one datagram of the batch, for a datagram that must outlive it."""
+        return self.module.udp_datagram(self.handle, index)  # type: ignore[no-any-return]
+
+    def send(
+        self, fd: int, family: int, first: int, count: int, destination: tuple[object, ...], *, segment: bool
+    ) -> tuple[int, int, bool]:
+        """(sent, errno, segment): how many of the run went (or were dropped on a full
+        buffer, as UDP does), why the rest did not (0: none left), and whether UDP_SEGMENT
+        still works on this socket."""
+        return self.module.udp_send(self.handle, fd, family, first, count, destination, segment)  # type: ignore[no-any-return]

@@ -56,13 +56,14 @@ PROT_EXEC = 0x4
 PROBE_ENV = "OCI_PORTFWD_TEST_SANDBOX_PROBE"
 PROBES = ("open", "exec", "ptrace", "socket", "raise")  # raise: a bug's traceback still works
 
-# The core once it serves: epoll, sockets it was handed or accepted, splice through pipes,
+# The core once it serves: epoll, sockets it was handed or accepted (UDP's in batches), splice through pipes,
 # lines to the supervisor and the log. No open, no exec, no socket(), no kill, no ptrace.
 CORE_SYSCALLS = (
     "read", "write", "readv", "writev", "close", "fcntl", "lseek",
     "epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll",
     "accept", "accept4", "connect", "bind", "shutdown", "getsockopt", "setsockopt",
     "getsockname", "getpeername", "sendto", "recvfrom", "sendmsg", "recvmsg",
+    "recvmmsg", "sendmmsg",  # UDP in batches (udp_batch.c)
     "splice", "pipe2",
     "brk", "munmap", "mremap", "madvise",
     "futex", "getpid", "gettid", "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday",

@@ -1,12 +1,17 @@
 """The data path of UDP: one session per client address.
 
-    client ─datagram─▶ host socket ─▶ UdpSession (by client address)
+    client ─datagrams─▶ host socket ─▶ UdpSession (by client address)
       1. a container-side UDP socket from the dialer's pool, not connected: a service bound
          to the wildcard answers a dial of 127.0.0.2 from 127.0.0.1, which a connected
          socket would drop; IP_RECVERR still reports ICMP refusals on it
          (source_address client: bound to the client's address and port, so the service
          sees the client and answers it on its own port; one socket per client)
       2. datagrams to the container with sendto(target); its replies back with sendto(client)
+         in batches when the core has its extension (UdpBatch, hook/native/udp_batch.c):
+         up to 64 datagrams per recvmmsg, a run of them from one client to its session,
+         sent on with one sendmmsg where datagrams of one size in a row are one
+         UDP_SEGMENT message (the stack walked once for them all); without it, one
+         recvfrom and one sendto per datagram, here
       3. ICMP refusal (ECONNREFUSED) before any reply → the other family, resending the
          last datagram, as TCP does on a refused dial
       4. no traffic for udp_idle_timeout → the session is forgotten
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import _socket  # not socket: its enums and selectors are memory of every container (issue 12)
 import errno
+import os
 import select
 import time
 
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .logs import HookLog
+    from .native_relay import UdpBatch
 
 MAX_DATAGRAM = 65535
 # Not exported by Python's socket module: <linux/in.h> and <linux/in6.h>.
@@ -65,6 +72,9 @@ class UdpListener:
         self.source = source
         self.sessions: dict[Address, UdpSession] = {}
         self.counts = counts
+        # Set by the core once it serves, when it has its extension (core.py).
+        self.batch: UdpBatch | None = None
+        self.segment = True  # UDP_SEGMENT on this socket, until a send says it cannot
         # One buffer per listener: no allocation per datagram on the way in.
         self.buffer = bytearray(MAX_DATAGRAM)
         self.view = memoryview(self.buffer)
@@ -74,6 +84,9 @@ class UdpListener:
         self.loop.call_later(self._sweep_interval(), self._sweep)
 
     def _on_readable(self, _events: int) -> None:
+        if self.batch is not None:
+            self._receive_batch(self.batch)
+            return
         for _ in range(READ_BATCH):
             try:
                 size, client = self.sock.recvfrom_into(self.buffer)
@@ -91,6 +104,32 @@ class UdpListener:
             self.counts[UDP_DATAGRAMS] += 1
             self.counts[TO_CONTAINER] += size
             session.to_container(self.view[:size])
+
+    def _receive_batch(self, batch: UdpBatch) -> None:
+        try:
+            runs = batch.receive(self.sock.fileno(), by_source=True)
+        except OSError as e:
+            self.log.debug("UDP receive on %s failed: %s", self.sock.getsockname(), e.strerror)
+            return
+        for client, first, count, size in runs:
+            assert client is not None
+            session = self.sessions.get(client)
+            if session is None:
+                session = UdpSession(self, client)
+                self.sessions[client] = session
+                self.counts[UDP_SESSIONS] += 1
+                session.start()
+            self.counts[UDP_DATAGRAMS] += count
+            self.counts[TO_CONTAINER] += size
+            session.to_container_batch(batch, first, count)
+
+    def send_batch_to_client(self, batch: UdpBatch, first: int, count: int, size: int, client: Address) -> None:
+        self.counts[TO_CLIENT] += size
+        _sent, err, self.segment = batch.send(
+            self.sock.fileno(), self.sock.family, first, count, client, segment=self.segment
+        )
+        if err:
+            self.log.debug("UDP send to %s failed: %s", client, os.strerror(err))
 
     def send_to_client(self, data: memoryview, client: Address) -> None:
         self.counts[TO_CLIENT] += len(data)
@@ -125,6 +164,7 @@ class UdpSession:
         self.answered = False
         self.closed = False
         self.last_used = time.monotonic()
+        self.segment = True  # UDP_SEGMENT on the container-side socket (UdpBatch.send)
         self.buffer = bytearray(MAX_DATAGRAM)
         self.view = memoryview(self.buffer)
 
@@ -162,6 +202,29 @@ class UdpSession:
             return
         self._send(data)
 
+    def to_container_batch(self, batch: UdpBatch, first: int, count: int) -> None:
+        self.last_used = time.monotonic()
+        if self.upstream is None:
+            for index in range(first, first + count):
+                if len(self.queue) < MAX_QUEUED:
+                    self.queue.append(batch.datagram(index))
+            return
+        if not self.answered:
+            # Kept only until the first reply: a refusal must be able to resend it.
+            self.last_datagram = batch.datagram(first + count - 1)
+        sent, err, self.segment = batch.send(
+            self.upstream.fileno(), self.upstream.family, first, count, self.target, segment=self.segment
+        )
+        if err:
+            failed = first + sent
+            if not self.answered:
+                self.last_datagram = batch.datagram(failed)
+            self._send_failed(err)
+            # The rest of the run as if it came after: queued for the next family's socket
+            # after a fall-back, sent one by one otherwise.
+            for index in range(failed + 1, first + count):
+                self.to_container(memoryview(batch.datagram(index)))
+
     def _send(self, data: memoryview | bytes) -> None:
         assert self.upstream is not None
         if not self.answered:
@@ -171,17 +234,21 @@ class UdpSession:
             self.upstream.sendto(data, self.target)
         except (BlockingIOError, InterruptedError):
             pass
-        except ConnectionRefusedError:
-            self._fall_back()
         except OSError as e:
-            if e.errno in SEND_FALLBACK_ERRNOS:
-                self._fall_back()
-            else:
-                self.listener.log.debug("UDP send to the container failed: %s", e.strerror)
+            self._send_failed(e.errno or 0)
+
+    def _send_failed(self, err: int) -> None:
+        if err == errno.ECONNREFUSED or err in SEND_FALLBACK_ERRNOS:
+            self._fall_back()
+        else:
+            self.listener.log.debug("UDP send to the container failed: %s", os.strerror(err))
 
     # 2. container → client
     def _on_upstream(self, _events: int) -> None:
         assert self.upstream is not None
+        if self.listener.batch is not None:
+            self._from_container_batch(self.listener.batch)
+            return
         for _ in range(READ_BATCH):
             try:
                 # Any source: the reply to 127.0.0.2 may come from 127.0.0.1 (see above).
@@ -199,6 +266,24 @@ class UdpSession:
             self.last_datagram = None
             self.last_used = time.monotonic()
             self.listener.send_to_client(self.view[:size], self.client)
+
+    def _from_container_batch(self, batch: UdpBatch) -> None:
+        assert self.upstream is not None
+        try:
+            # Any source, one run: all of it goes to this session's client.
+            runs = batch.receive(self.upstream.fileno(), by_source=False)
+        except ConnectionRefusedError:
+            self._drain_errors()
+            self._fall_back()
+            return
+        except OSError as e:
+            self.listener.log.debug("UDP receive from the container failed: %s", e.strerror)
+            return
+        for _source, first, count, size in runs:
+            self.answered = True
+            self.last_datagram = None
+            self.last_used = time.monotonic()
+            self.listener.send_batch_to_client(batch, first, count, size, self.client)
 
     def _drain_errors(self) -> None:
         # IP_RECVERR also queues each ICMP error; read them so the queue does not grow.
