@@ -75,21 +75,29 @@ class UdpListener:
         # Set by the core once it serves, when it has its extension (core.py).
         self.batch: UdpBatch | None = None
         self.segment = True  # UDP_SEGMENT on this socket, until a send says it cannot
-        # One buffer per listener: no allocation per datagram on the way in.
-        self.buffer = bytearray(MAX_DATAGRAM)
-        self.view = memoryview(self.buffer)
+        # The Python path's one buffer, both ways, for the listener and its sessions (a datagram
+        # is sent on before the next is read): made on its first use, since 64 KiB per
+        # session, or per listener that the batch serves, was memory of every container.
+        self._buffer: tuple[bytearray, memoryview] | None = None
 
     def start(self) -> None:
         self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
         self.loop.call_later(self._sweep_interval(), self._sweep)
 
+    def scratch(self) -> tuple[bytearray, memoryview]:
+        if self._buffer is None:
+            buffer = bytearray(MAX_DATAGRAM)
+            self._buffer = buffer, memoryview(buffer)
+        return self._buffer
+
     def _on_readable(self, _events: int) -> None:
         if self.batch is not None:
             self._receive_batch(self.batch)
             return
+        buffer, view = self.scratch()
         for _ in range(READ_BATCH):
             try:
-                size, client = self.sock.recvfrom_into(self.buffer)
+                size, client = self.sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -103,7 +111,7 @@ class UdpListener:
                 session.start()
             self.counts[UDP_DATAGRAMS] += 1
             self.counts[TO_CONTAINER] += size
-            session.to_container(self.view[:size])
+            session.to_container(view[:size])
 
     def _receive_batch(self, batch: UdpBatch) -> None:
         try:
@@ -165,8 +173,6 @@ class UdpSession:
         self.closed = False
         self.last_used = time.monotonic()
         self.segment = True  # UDP_SEGMENT on the container-side socket (UdpBatch.send)
-        self.buffer = bytearray(MAX_DATAGRAM)
-        self.view = memoryview(self.buffer)
 
     # 1. a container-side socket
     def start(self) -> None:
@@ -249,10 +255,11 @@ class UdpSession:
         if self.listener.batch is not None:
             self._from_container_batch(self.listener.batch)
             return
+        buffer, view = self.listener.scratch()
         for _ in range(READ_BATCH):
             try:
                 # Any source: the reply to 127.0.0.2 may come from 127.0.0.1 (see above).
-                size, _source = self.upstream.recvfrom_into(self.buffer)
+                size, _source = self.upstream.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionRefusedError:
@@ -265,7 +272,7 @@ class UdpSession:
             self.answered = True
             self.last_datagram = None
             self.last_used = time.monotonic()
-            self.listener.send_to_client(self.view[:size], self.client)
+            self.listener.send_to_client(view[:size], self.client)
 
     def _from_container_batch(self, batch: UdpBatch) -> None:
         assert self.upstream is not None
