@@ -103,15 +103,7 @@ class UdpListener:
             except OSError as e:
                 self.log.debug("UDP receive on %s failed: %s", self.sock.getsockname(), e.strerror)
                 return
-            session = self.sessions.get(client)
-            if session is None:
-                session = UdpSession(self, client)
-                self.sessions[client] = session
-                self.counts[UDP_SESSIONS] += 1
-                session.start()
-            self.counts[UDP_DATAGRAMS] += 1
-            self.counts[TO_CONTAINER] += size
-            session.to_container(view[:size])
+            self._session(client, 1, size).to_container(view[:size])
 
     def _receive_batch(self, batch: UdpBatch) -> None:
         try:
@@ -121,15 +113,19 @@ class UdpListener:
             return
         for client, first, count, size in runs:
             assert client is not None
-            session = self.sessions.get(client)
-            if session is None:
-                session = UdpSession(self, client)
-                self.sessions[client] = session
-                self.counts[UDP_SESSIONS] += 1
-                session.start()
-            self.counts[UDP_DATAGRAMS] += count
-            self.counts[TO_CONTAINER] += size
-            session.to_container_batch(batch, first, count)
+            self._session(client, count, size).to_container_batch(batch, first, count)
+
+    def _session(self, client: Address, datagrams: int, size: int) -> UdpSession:
+        """The client's session (a new one on its first datagram), its datagrams counted."""
+        session = self.sessions.get(client)
+        if session is None:
+            session = UdpSession(self, client)
+            self.sessions[client] = session
+            self.counts[UDP_SESSIONS] += 1
+            session.start()
+        self.counts[UDP_DATAGRAMS] += datagrams
+        self.counts[TO_CONTAINER] += size
+        return session
 
     def send_batch_to_client(self, batch: UdpBatch, first: int, count: int, size: int, client: Address) -> None:
         self.counts[TO_CLIENT] += size
@@ -262,16 +258,10 @@ class UdpSession:
                 size, _source = self.upstream.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionRefusedError:
-                self._drain_errors()
-                self._fall_back()
-                return
             except OSError as e:
-                self.listener.log.debug("UDP receive from the container failed: %s", e.strerror)
+                self._receive_failed(e)
                 return
-            self.answered = True
-            self.last_datagram = None
-            self.last_used = time.monotonic()
+            self._replied()
             self.listener.send_to_client(view[:size], self.client)
 
     def _from_container_batch(self, batch: UdpBatch) -> None:
@@ -279,18 +269,24 @@ class UdpSession:
         try:
             # Any source, one run: all of it goes to this session's client.
             runs = batch.receive(self.upstream.fileno(), by_source=False)
-        except ConnectionRefusedError:
-            self._drain_errors()
-            self._fall_back()
-            return
         except OSError as e:
-            self.listener.log.debug("UDP receive from the container failed: %s", e.strerror)
+            self._receive_failed(e)
             return
         for _source, first, count, size in runs:
-            self.answered = True
-            self.last_datagram = None
-            self.last_used = time.monotonic()
+            self._replied()
             self.listener.send_batch_to_client(batch, first, count, size, self.client)
+
+    def _replied(self) -> None:
+        self.answered = True
+        self.last_datagram = None
+        self.last_used = time.monotonic()
+
+    def _receive_failed(self, e: OSError) -> None:
+        if isinstance(e, ConnectionRefusedError):
+            self._drain_errors()
+            self._fall_back()
+        else:
+            self.listener.log.debug("UDP receive from the container failed: %s", e.strerror)
 
     def _drain_errors(self) -> None:
         # IP_RECVERR also queues each ICMP error; read them so the queue does not grow.
