@@ -588,6 +588,7 @@ static PyMethodDef methods[] = {
     {"udp_send", udp_send, METH_VARARGS,
      "udp_send(batch, fd, family, first, count, destination, segment) -> (sent, errno, segment): "
      "datagrams of one size in a row as one UDP_SEGMENT message."},
+    {"udp_release", udp_release, METH_VARARGS, "udp_release(batch): its pages back to the system."},
     {NULL, NULL, 0, NULL},
 };
 

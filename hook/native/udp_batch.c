@@ -19,7 +19,8 @@
  * is told so that it stops asking for that socket.
  *
  * Memory: the slots are mapped once, untouched until used (a 1,400-byte datagram touches
- * one page of its slot). One batch per core: the core receives a batch and sends it on
+ * one page of its slot), and given back by release() once a listener has no session left.
+ * One batch per core: the core receives a batch and sends it on
  * before it receives the next, so all its sockets share it.
  */
 #define PY_SSIZE_T_CLEAN
@@ -171,6 +172,22 @@ PyObject *udp_receive(PyObject *self, PyObject *args)
         first = end;
     }
     return runs;
+}
+
+/* release(batch): its pages back to the system (the next datagrams fault fresh zero pages
+ * in): a burst of large datagrams touches up to 4 MiB that an idle core should not keep. */
+PyObject *udp_release(PyObject *self, PyObject *args)
+{
+    PyObject *capsule;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O", &capsule))
+        return NULL;
+    struct batch *b = batch_of(capsule);
+    if (!b)
+        return NULL;
+    if (madvise(b, sizeof *b, MADV_DONTNEED) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
 }
 
 /* datagram(batch, index) -> bytes: a copy, for a datagram that must outlive the batch. */

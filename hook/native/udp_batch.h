@@ -8,5 +8,6 @@ PyObject *udp_batch(PyObject *self, PyObject *args);
 PyObject *udp_receive(PyObject *self, PyObject *args);
 PyObject *udp_datagram(PyObject *self, PyObject *args);
 PyObject *udp_send(PyObject *self, PyObject *args);
+PyObject *udp_release(PyObject *self, PyObject *args);
 
 #endif

@@ -149,10 +149,17 @@ class UdpListener:
 
     def _sweep(self) -> None:
         horizon = time.monotonic() - self.idle_timeout
+        had = len(self.sessions)
         for client, session in list(self.sessions.items()):
             if session.last_used < horizon:
                 session.close()
                 del self.sessions[client]
+        if had and not self.sessions:
+            # Idle: the buffers' memory goes back (another listener's next datagram, if any,
+            # faults fresh pages in; nothing is kept in them between two datagrams).
+            self._buffer = None
+            if self.batch is not None:
+                self.batch.release()
         self.loop.call_later(self._sweep_interval(), self._sweep)
 
 

@@ -6,7 +6,8 @@ What must hold whatever the batching: the service gets every datagram once, whol
 order (one size in a row travels as one UDP_SEGMENT message: the service must still see them
 one by one), the client gets every reply the same way, a burst sent before the session has
 its container-side socket waits for it, several clients in one batch each get their own
-replies, and the traffic page counts every byte.
+replies, the traffic page counts every byte, and a core whose sessions all went idle gives
+the memory of a burst of large datagrams back.
 
 Each burst stays under the service's default receive buffer (~90 datagrams of 1,400 bytes)
 so that a loss can only be ours.
@@ -17,6 +18,7 @@ import socket
 
 import pytest
 from e2ekit.container import ContainerFactory, published
+from e2ekit.forwarding import forwarding_of
 from e2ekit.hookenv import HookEnv
 from e2ekit.services import Services
 from e2ekit.wait import wait_until
@@ -142,3 +144,31 @@ def test_every_byte_is_counted(pub):
     moved = wait_until(counted, TIMEOUT, "the replies counted")
     assert moved == {"bytes_to_container": total, "bytes_to_client": total,
                      "udp_datagrams": len(sent) + 1, "udp_sessions": 1}
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_an_idle_core_gives_a_bursts_memory_back(runtime, rootfs, hook_command, port_alloc, tmp_path):
+    hook = HookEnv(hook_command, tmp_path / "hook", settings={"log_level": "info", "udp_idle_timeout": 1})
+    port = {"udp": port_alloc.take()}
+    factory = ContainerFactory(runtime, rootfs, tmp_path / "bundles")
+    with published(factory, Services().udp_echo(UDP), hook, f"{port['udp']}:{UDP}/udp", port) as p:
+        wait_until(lambda: BATCHES in hook.log_text(p.container.id), TIMEOUT, "the batch in use")
+        core = forwarding_of(hook, p.container.id).core.pid
+        sent = payloads([60000] * 3)
+        with client("127.0.0.1") as sock:
+            answered(sock, "127.0.0.1", port["udp"])
+            before = rss_kib(core)
+            peak = before
+            for _ in range(30):  # bursts fill the batch's slots (one per datagram read together)
+                for data in sent:
+                    sock.sendto(data, ("127.0.0.1", port["udp"]))
+                assert replies(sock, len(sent)) == sent
+                peak = max(peak, rss_kib(core))
+        assert peak - before > 100, (before, peak)  # the slots touched, both ways
+        # Sessions idle for 1 s are forgotten by the sweep (every 0.5 s): the pages go back.
+        wait_until(lambda: rss_kib(core) < peak - 100, TIMEOUT,
+                   lambda: f"the core's RSS back from {peak} KiB (now {rss_kib(core)})")

@@ -170,3 +170,26 @@ def test_a_destination_of_another_family_is_refused(module):
         batch.send(rx.fileno(), socket.AF_INET, 0, 1, ("::1", 9), segment=True)
     with pytest.raises(OverflowError):
         batch.send(rx.fileno(), socket.AF_INET, 0, 1, ("127.0.0.1", 70000), segment=True)
+
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_release_gives_the_pages_back(module):
+    rx, client = udp(), udp()
+    batch = UdpBatch(module)
+    before = rss_kib()
+    for _ in range(40):
+        client.sendto(b"b" * 60000, rx.getsockname())
+    assert batch.receive(rx.fileno(), by_source=True)[0][2] == 40
+    touched = rss_kib()
+    assert touched - before > 2000, (before, touched)  # 40 slots of ~59 KiB
+    batch.release()
+    assert touched - rss_kib() > 2000, (touched, rss_kib())
+    with pytest.raises(IndexError):
+        batch.datagram(0)  # nothing left in it
+    client.sendto(b"after", rx.getsockname())
+    assert batch.receive(rx.fileno(), by_source=True)[0][1:] == (0, 1, 5)
+    assert batch.datagram(0) == b"after"
