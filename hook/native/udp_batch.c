@@ -12,7 +12,7 @@
  *
  * Why: through the Python loop each datagram cost a recvfrom and a sendto, and the sendto
  * the whole way through the stack into the service's socket; at 1 Gbit/s of 1,400-byte
- * datagrams the core was 75-95 % of a CPU, and the datagrams its lateness piled up
+ * datagrams the core was 65-96 % of a CPU, and the datagrams its lateness piled up
  * overflowed the service's receive buffer (docs/data-path.md). A send that cannot take
  * UDP_SEGMENT (a route through a device without checksum offload: EIO; a kernel without
  * it: EINVAL, ENOPROTOOPT) is made again without, datagram by datagram, and the caller
@@ -45,8 +45,8 @@
 
 #define BATCH 64
 #define SLOT 65536
-/* The kernel's bounds on one UDP_SEGMENT message: 64 segments (UDP_MAX_SEGMENTS before
- * 6.4, 128 since) and one UDP datagram's length (IPv4's is the smaller). */
+/* The kernel's bounds on one UDP_SEGMENT message: 64 segments (UDP_MAX_SEGMENTS of older
+ * kernels; newer ones take 128) and one UDP datagram's length (IPv4's is the smaller). */
 #define MAX_SEGMENTS 64
 #define MAX_PAYLOAD (65535 - 20 - 8)
 
@@ -251,11 +251,9 @@ static unsigned build(struct batch *b, unsigned first, unsigned end, int segment
 {
     unsigned n = 0;
     for (unsigned i = first; i < end; n++) {
-        unsigned size = b->len[i], j = i, total = 0;
-        iov[j].iov_base = b->slots[j];
-        iov[j].iov_len = size;
-        total = size;
-        j++;
+        unsigned size = b->len[i], j = i + 1, total = size;
+        iov[i].iov_base = b->slots[i];
+        iov[i].iov_len = size;
         /* Same size in a row; the last may be shorter, never empty (an empty datagram is
          * no segment: it would vanish). */
         while (segment && size > 0 && j < end && j - i < MAX_SEGMENTS && b->len[j - 1] == size &&
