@@ -203,7 +203,7 @@ class UdpSession:
             self._send(datagram)
 
     # 2. client → container
-    def to_container(self, data: memoryview) -> None:
+    def to_container(self, data: memoryview | bytes) -> None:
         self.last_used = time.monotonic()
         if self.upstream is None:
             if len(self.queue) < MAX_QUEUED:
@@ -215,8 +215,7 @@ class UdpSession:
         self.last_used = time.monotonic()
         if self.upstream is None:
             for index in range(first, first + count):
-                if len(self.queue) < MAX_QUEUED:
-                    self.queue.append(batch.datagram(index))
+                self.to_container(batch.datagram(index))  # queued (bytes(): no second copy)
             return
         if not self.answered:
             # Kept only until the first reply: a refusal must be able to resend it.
@@ -232,7 +231,7 @@ class UdpSession:
             # The rest of the run as if it came after: queued for the next family's socket
             # after a fall-back, sent one by one otherwise.
             for index in range(failed + 1, first + count):
-                self.to_container(memoryview(batch.datagram(index)))
+                self.to_container(batch.datagram(index))
 
     def _send(self, data: memoryview | bytes) -> None:
         assert self.upstream is not None
