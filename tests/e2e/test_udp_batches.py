@@ -18,7 +18,7 @@ import socket
 
 import pytest
 from e2ekit.container import ContainerFactory, published
-from e2ekit.forwarding import forwarding_of
+from e2ekit.forwarding import forwarding_of, rss_kib
 from e2ekit.hookenv import HookEnv
 from e2ekit.services import Services
 from e2ekit.wait import wait_until
@@ -144,11 +144,6 @@ def test_every_byte_is_counted(pub):
     moved = wait_until(counted, TIMEOUT, "the replies counted")
     assert moved == {"bytes_to_container": total, "bytes_to_client": total,
                      "udp_datagrams": len(sent) + 1, "udp_sessions": 1}
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def test_an_idle_core_gives_a_bursts_memory_back(runtime, rootfs, hook_command, port_alloc, tmp_path):
