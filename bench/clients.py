@@ -151,6 +151,11 @@ def wrk(port: int, seconds: int, concurrency: int, close: bool = False) -> dict:
     if m is None:
         return {"rps": None, "error": (res.stderr or res.stdout).strip()[-300:]}
     out = {"rps": float(m.group(1))}
+    # The mean latency: with every connection busy, rate × mean latency = the connections
+    # served (Little's law); fewer means some waited unserved and the p99 speaks for the rest.
+    avg = re.search(r"^\s+Latency\s+([\d.]+)(us|ms|s)\s", res.stdout, re.M)
+    if avg:
+        out["avg_ms"] = float(avg.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[avg.group(2)]
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", res.stdout, re.M)
     if p99:
         out["p99_ms"] = float(p99.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]

@@ -2,7 +2,7 @@
 a minute instead of a `make bench` (same servers, clients and CPU meter as bench/run.py).
 
     .venv/bin/python bench/probe.py [--forwarder ours-builtin] [--reps 3]
-                                    [--tests newconn,wrkclose,keepalive,c1000,tcp-up,tcp-down,udp]
+                                    [--tests newconn,wrkclose,keepalive,keepalive2,c1000,tcp-up,tcp-down,udp]
                                     [--perf TEST] [--perf-out perf.data]
 
 Prints one line per test and repetition: rate, p99, the forwarder's CPU (% of one core,
@@ -33,7 +33,7 @@ import forwarders  # noqa: E402
 import run  # noqa: E402
 from infra import Cleanup, CommandLog  # noqa: E402
 
-TESTS = ("newconn", "wrkclose", "keepalive", "c1000", "tcp-up", "tcp-down", "udp")
+TESTS = ("newconn", "wrkclose", "keepalive", "keepalive2", "c1000", "tcp-up", "tcp-down", "udp")
 
 
 def one(test: str, inst, work: Path, seconds: int) -> tuple[str, float | None]:
@@ -41,8 +41,8 @@ def one(test: str, inst, work: Path, seconds: int) -> tuple[str, float | None]:
     with clients.CpuMeter(inst.procs) as cpu:
         if test == "newconn":
             res = clients.ab_close(inst.http_port, 20000, run.CONCURRENCY, work / "ab.csv")
-        elif test in ("wrkclose", "keepalive", "c1000"):
-            conns = 1000 if test == "c1000" else run.CONCURRENCY
+        elif test in ("wrkclose", "keepalive", "keepalive2", "c1000"):
+            conns = {"c1000": 1000, "keepalive2": 2}.get(test, run.CONCURRENCY)
             res = clients.wrk(inst.http_port, seconds, conns, close=test == "wrkclose")
         elif test == "udp":
             res = clients.iperf_udp(inst.iperf_port, seconds)

@@ -39,6 +39,7 @@ FIGURES = {
     "keepalive_c2_p99_ms": ("keep-alive p99 ms, 2 conns", "{:.3f}", False),
     "keepalive_c1000_rps": ("keep-alive req/s, 1,000 conns", "{:,.0f}", True),
     "keepalive_c1000_p99_ms": ("keep-alive p99 ms, 1,000 conns", "{:.2f}", False),
+    "keepalive_c1000_served": ("connections served of 1,000 (req/s × mean latency)", "{:,.0f}", True),
     "cpu_us_ka_c2": ("CPU µs/req keep-alive, 2 conns", "{:.1f}", False),
     "cpu_us_ka_c50": ("CPU µs/req keep-alive, 50 conns", "{:.1f}", False),
     "cpu_us_ka_c1000": ("CPU µs/req keep-alive, 1,000 conns", "{:.1f}", False),
@@ -64,7 +65,7 @@ TABLES = [
     ("Scale: keep-alive with 2, 50 and 1,000 connections (wrk), and the forwarder's CPU per request "
      "(its CPU share during the test over the rate, all its processes)",
      ["keepalive_c2_rps", "keepalive_c2_p99_ms", "keepalive_rps", "keepalive_c1000_rps",
-      "keepalive_c1000_p99_ms", "cpu_us_ka_c2", "cpu_us_ka_c50", "cpu_us_ka_c1000", "cpu_us_newconn_wrk"]),
+      "keepalive_c1000_p99_ms", "keepalive_c1000_served", "cpu_us_ka_c2", "cpu_us_ka_c50", "cpu_us_ka_c1000", "cpu_us_newconn_wrk"]),
     ("Memory (sum over the forwarder's processes, idle and with 1,000 connections held open)",
      ["rss_idle_mb", "rss_1k_mb", "pss_idle_mb", "pss_1k_mb", "core_rss_idle_mb", "core_rss_1k_mb"]),
 ]
@@ -160,6 +161,19 @@ def verdict(ours: float, peer: float, higher: bool) -> str:
     return f"{r:.2f}× {word}"
 
 
+def rounds_won(ours: list[dict], peer: list[dict], key: str) -> str:
+    """"k/n": the rounds in which ours did at least as well as `peer` in the same round (the
+    rounds are interleaved: round i of every forwarder ran minutes apart). A median ahead by
+    less than the noise says little alone; ahead in most rounds says more."""
+    higher = FIGURES[key][2]
+    pairs = [(a[key], b[key]) for a, b in zip(ours, peer, strict=False)  # a cut-short run: the rounds both have
+             if a.get(key) is not None and b.get(key) is not None]
+    if not pairs:
+        return ""
+    won = sum(1 for a, b in pairs if (a >= b if higher else a <= b))
+    return f", {won}/{len(pairs)} rounds"
+
+
 def summary(res: dict) -> str:
     """The summary table and the figures of ours that have no peer (the README's copy)."""
     rounds: dict[str, list[dict]] = res["rounds"]
@@ -170,7 +184,8 @@ def summary(res: dict) -> str:
     out = [_wrap(f"Ours (builtin driver, rootful crun) against the best peer of each row: medians of "
                  f"{n} interleaved rounds of the run of {res.get('date', '?')}. Peers: "
                  + ", ".join(PEERS.values()) + f". \"even\": within {EVEN:.0%} of each other, the "
-                 "noise of this shared machine."), "",
+                 "noise of this shared machine; \"k/n rounds\": in k of the n rounds ours did at least as well "
+                 "as that peer in the same round."), "",
            "| | ours (builtin) | best peer | ours ÷ best peer | direct loopback |",
            "|---|---|---|---|---|"]
     for key, title in SUMMARY_ROWS:
@@ -179,7 +194,8 @@ def summary(res: dict) -> str:
         best = best_peer(rounds, key)
         loop = med(base, key) if base else None
         peer_cell = f"{fmt.format(best[1])} ({PEERS[best[0]]})" if best else "—"
-        ratio_cell = verdict(mine, best[1], higher) if best and mine is not None else "—"
+        ratio_cell = (verdict(mine, best[1], higher) + rounds_won(ours, rounds[best[0]], key)
+                      if best and mine is not None else "—")
         out.append(f"| {title} | {fmt.format(mine) if mine is not None else '—'} | {peer_cell} | "
                    f"{ratio_cell} | {fmt.format(loop) if loop is not None else '—'} |")
     missing = {PEERS[p] for p in PEERS if p in rounds and med(rounds[p], "udp_mbps") is None}
@@ -224,8 +240,9 @@ def rootless_summary(res: dict) -> str:
         best = best_peer(rounds, key)
         r = med(rk, key) if rk else None
         peer_cell = f"{fmt_(key, best[1])} ({PEERS[best[0]]})" if best else "—"
-        vs_best = verdict(a, best[1], higher) if best and a is not None else "—"
-        vs_rk = verdict(a, r, higher) if a is not None and r is not None else "—"
+        vs_best = (verdict(a, best[1], higher) + rounds_won(mine, rounds[best[0]], key)
+                   if best and a is not None else "—")
+        vs_rk = verdict(a, r, higher) + rounds_won(mine, rk, key) if a is not None and r is not None else "—"
         out.append(f"| {title} | {fmt_(key, a)} | {fmt_(key, b)} | {peer_cell} | {vs_best} | "
                    f"{fmt_(key, r)} | {vs_rk} |")
     notes = []
@@ -484,6 +501,13 @@ def _notes(rounds: dict, res: dict) -> str:
             lines.append(f"- {LABELS.get(n, n)}: ≥ 90% of one core during {', '.join(hot)}"
                          + (" (one thread: the bottleneck there)." if n.startswith("ours")
                             or n in ("pasta", "slirp4netns") else "."))
+    short = [f"{LABELS.get(n, n)} {v:,.0f}" for n, rs in rounds.items()
+             if (v := med(rs, "keepalive_c1000_served")) is not None and v < 900]
+    if short:
+        lines.append("- Keep-alive with 1,000 connections: wrk's rate × its mean latency is the "
+                     "number of connections that were being served (Little's law); under 1,000 "
+                     "means the rest waited unanswered, and the p99 describes only those served: "
+                     + ", ".join(short) + ".")
     for n, rs in rounds.items():
         fresh, after = med(rs, "tcp_up_gbps"), med(rs, "tcp_up_after_1k_gbps")
         if fresh and after and after < 0.8 * fresh:
@@ -520,7 +544,14 @@ def main(argv: list[str]) -> int:
     every forwarder (a partial run would make a partial "best peer")."""
     src = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results.json"
     res = json.loads(src.read_text())
-    (src.parent / "RESULTS.md").write_text(render(res))
+    out = src.parent / "RESULTS.md"
+    text = render(res)
+    # bench/container_cost.py's section (its own run, appended after this one's): kept
+    old = re.search(r"<!-- container-cost: .*?<!-- /container-cost -->\n", out.read_text(), re.S) \
+        if out.exists() else None
+    if old:
+        text = text.rstrip("\n") + "\n\n" + old.group(0)
+    out.write_text(text)
     print(f"wrote {src.parent / 'RESULTS.md'}")
     print(update_readme(res))
     return 0

@@ -264,6 +264,8 @@ def measure(inst, seconds: int, requests: int, work: Path, do_udp: bool) -> dict
             res = clients.wrk(inst.http_port, seconds, conns)
         fig[f"keepalive_c{conns}_rps"], fig[f"cpu_keepalive_c{conns}"] = res["rps"], cpu.percent
         fig[f"keepalive_c{conns}_p99_ms"] = res.get("p99_ms")
+        if res.get("rps") and res.get("avg_ms"):
+            fig[f"keepalive_c{conns}_served"] = res["rps"] * res["avg_ms"] / 1000
         note_err(f"keepalive_c{conns}", res)
         mark(f"keepalive_c{conns}")
     # The forwarder's CPU per request (all its processes), µs: its CPU share over the rate.

@@ -86,7 +86,7 @@ def test_a_full_run_rewrites_only_the_summary(tmp_path):
     text = readme.read_text()
     assert text.startswith(f"before\n{report.SUMMARY_BEGIN}\n") and text.endswith(f"{report.SUMMARY_END}\nafter\n")
     assert "OLD TABLE" not in text
-    assert "| TCP host→container, Gbit/s | 10.00 | 15.00 (socat) | 0.67× behind | 16.00 |" in text
+    assert "| TCP host→container, Gbit/s | 10.00 | 15.00 (socat) | 0.67× behind, 0/1 rounds | 16.00 |" in text
 
 
 def test_the_rootless_row_is_summed_up_against_the_best_peer_and_rootlesskit():
@@ -95,7 +95,7 @@ def test_the_rootless_row_is_summed_up_against_the_best_peer_and_rootlesskit():
               "rootlesskit-builtin": [{"tcp_up_gbps": 6.0}], "pasta": [{"tcp_up_gbps": 12.0}]}
     text = report.summary({"rounds": rounds})
     assert "| ours (builtin) |" in text and "rootful" in text
-    assert "| TCP host→container, Gbit/s | 9.00 | 10.00 | 12.00 (pasta) | 0.75× behind | 6.00 | 1.50× ahead |" in text
+    assert "| TCP host→container, Gbit/s | 9.00 | 10.00 | 12.00 (pasta) | 0.75× behind, 0/1 rounds | 6.00 | 1.50× ahead, 1/1 rounds |" in text
     assert "did not see" not in text
     del rounds["ours-rootless"]
     assert "ours rootless" not in report.summary({"rounds": rounds}).lower()
