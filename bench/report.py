@@ -511,7 +511,9 @@ def _notes(rounds: dict, res: dict) -> str:
     if short:
         lines.append("- Keep-alive with 1,000 connections: wrk's rate × its mean latency is the "
                      "number of connections that were being served (Little's law); under 1,000 "
-                     "means the rest waited unanswered, and the p99 describes only those served: "
+                     "means the rest waited unanswered, and the p99 describes only those served "
+                     "(over 1,000: wrk's correction for coordinated omission, samples it adds for "
+                     "very long latencies, raised the mean): "
                      + ", ".join(short) + ".")
     for n, rs in rounds.items():
         fresh, after = med(rs, "tcp_up_gbps"), med(rs, "tcp_up_after_1k_gbps")
