@@ -161,17 +161,21 @@ def verdict(ours: float, peer: float, higher: bool) -> str:
     return f"{r:.2f}× {word}"
 
 
-def rounds_won(ours: list[dict], peer: list[dict], key: str) -> str:
-    """"k/n": the rounds in which ours did at least as well as `peer` in the same round (the
-    rounds are interleaved: round i of every forwarder ran minutes apart). A median ahead by
-    less than the noise says little alone; ahead in most rounds says more."""
+def rounds_met(ours: list[dict], other: list[dict], key: str, factor: float = 1.0) -> tuple[int, int]:
+    """(k, n): in k of the n rounds that gave both a figure, ours was at least `factor` × the
+    other's of the same round (at most, for a figure where lower is better). The rounds are
+    interleaved: round i of every forwarder ran minutes apart."""
     higher = FIGURES[key][2]
-    pairs = [(a[key], b[key]) for a, b in zip(ours, peer, strict=False)  # a cut-short run: the rounds both have
+    pairs = [(a[key], b[key] * factor) for a, b in zip(ours, other, strict=False)  # a cut-short run: the rounds both have
              if a.get(key) is not None and b.get(key) is not None]
-    if not pairs:
-        return ""
-    won = sum(1 for a, b in pairs if (a >= b if higher else a <= b))
-    return f", {won}/{len(pairs)} rounds"
+    return sum(1 for a, b in pairs if (a >= b if higher else a <= b)), len(pairs)
+
+
+def rounds_won(ours: list[dict], peer: list[dict], key: str) -> str:
+    """", k/n rounds" for a summary cell: a median ahead by less than the noise says little
+    alone; ahead in most rounds says more."""
+    won, n = rounds_met(ours, peer, key)
+    return f", {won}/{n} rounds" if n else ""
 
 
 def summary(res: dict) -> str:
@@ -429,13 +433,10 @@ def _targets(rounds: dict, hs: dict | None) -> str:
             return
         goal = b * factor
         ok = a >= goal if higher else a <= goal
-        # the same comparison round by round (round i of both ran minutes apart)
-        pairs = [(x[key], y[key]) for x, y in zip(mine, rounds[other], strict=False)
-                 if x.get(key) is not None and y.get(key) is not None]
-        met = sum(1 for x, y in pairs if (x >= y * factor if higher else x <= y * factor))
+        met, n = rounds_met(mine, rounds[other], key, factor)
         lines.append(f"- {label}: {_num(a)} vs goal {_num(goal)} → {_verdict(ok)} "
                      f"({a / b:.2f}× {other}; {100 * (a - goal) / goal:+.0f}% against the goal; "
-                     f"met in {met}/{len(pairs)} rounds)")
+                     f"met in {met}/{n} rounds)")
 
     for key, d in (("tcp_up_gbps", "host→ctr"), ("tcp_down_gbps", "ctr→host")):
         cmp(f"TCP {d} ≥ 1.0 × rootlesskit builtin", key, REF, 1.0, True)

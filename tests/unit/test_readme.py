@@ -107,3 +107,31 @@ def test_the_summary_says_when_the_service_did_not_see_the_client():
                                 {"tcp_up_gbps": 9.0, "service_sees_client": True}]}
     text = " ".join(report.summary({"rounds": rounds}).split())
     assert "Ours rootless: the service did not see the client's own address and port in 1 of 2 rounds" in text
+
+
+def test_rounds_are_compared_round_by_round():
+    """k/n counts the rounds in which ours did at least as well as the other in the same round
+    (times `factor`; at most, where lower is better), over the rounds that gave both figures."""
+    ours = [{"tcp_up_gbps": 10.0, "newconn_p99_ms": 5.0}, {"tcp_up_gbps": 8.0, "newconn_p99_ms": 9.0},
+            {"tcp_up_gbps": 12.0}, {"tcp_up_gbps": None}]
+    peer = [{"tcp_up_gbps": 9.0, "newconn_p99_ms": 6.0}, {"tcp_up_gbps": 9.0, "newconn_p99_ms": 8.0},
+            {"tcp_up_gbps": 12.0, "newconn_p99_ms": 1.0}, {"tcp_up_gbps": 1.0}]
+    assert report.rounds_met(ours, peer, "tcp_up_gbps") == (2, 3)
+    assert report.rounds_met(ours, peer, "tcp_up_gbps", factor=1.2) == (0, 3)
+    assert report.rounds_met(ours, peer, "newconn_p99_ms") == (1, 2)
+    assert report.rounds_won(ours, peer, "tcp_up_gbps") == ", 2/3 rounds"
+    assert report.rounds_won(ours, peer, "udp_mbps") == ""
+
+
+def test_a_re_render_keeps_the_container_cost_section_and_a_copy_leaves_the_readme_alone(tmp_path, capsys):
+    res = json.loads((REPO / "bench" / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    section = "<!-- container-cost: bench/container_cost.py -->\n## What each container pays\n\n| x |\n<!-- /container-cost -->\n"
+    (tmp_path / "RESULTS.md").write_text("# old render\n\n" + section)
+    readme_before = README.read_text()
+    assert report.main([str(tmp_path / "results.json")]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "# old render" not in text and report.summary(res) in text
+    assert text.endswith("\n\n" + section)
+    assert README.read_text() == readme_before
+    assert "summary" not in capsys.readouterr().out
