@@ -40,6 +40,7 @@ from e2ekit.hookenv import HookEnv, reap_leftovers  # noqa: E402
 from e2ekit.rootfs import build_rootfs  # noqa: E402
 from e2ekit.runtimes import make_runtime  # noqa: E402
 from infra import Cleanup, Netns, free_port, pss_kib, run, run_timed, start, tree, wait_for  # noqa: E402
+from report import CONTAINER_COST_BEGIN, CONTAINER_COST_END  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
 RUNTIME_TIMEOUT = 60
@@ -329,14 +330,13 @@ def main() -> int:
     return 0
 
 
-MARK_BEGIN, MARK_END = "<!-- container-cost: bench/container_cost.py -->", "<!-- /container-cost -->"
 
 
 def update_results_md(path: Path, results: dict, table: str) -> None:
     """Put the section into RESULTS.md (replacing an earlier one; after bench/run.py's)."""
     load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
     section = (
-        f"{MARK_BEGIN}\n## What each container pays (issue 12)\n\n"
+        f"{CONTAINER_COST_BEGIN}\n## What each container pays (issue 12)\n\n"
         f"`bench/container_cost.py` on {results['date']}: {results['runs']} interleaved runs per runtime of "
         "`RUNTIME run -d` and `RUNTIME delete -f` (poststop runs in the delete) of a container with one "
         "published TCP port, against the same container with `/bin/true` as its prestart and poststop "
@@ -347,12 +347,12 @@ def update_results_md(path: Path, results: dict, table: str) -> None:
         f"each added with rootlessctl). Load average before / after: {load} on {os.cpu_count()} CPUs. "
         "bench/run.py's hook-start figures of runs before 2026-11-27 were rounded up to 50 ms steps "
         "(subprocess's polling wait; both now use a pidfd).\n\n"
-        f"{table}{MARK_END}\n"
+        f"{table}{CONTAINER_COST_END}\n"
     )
     text = path.read_text() if path.exists() else ""
-    if MARK_BEGIN in text and MARK_END in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        _, _, tail = rest.partition(MARK_END + "\n")
+    if CONTAINER_COST_BEGIN in text and CONTAINER_COST_END in text:
+        head, _, rest = text.partition(CONTAINER_COST_BEGIN)
+        _, _, tail = rest.partition(CONTAINER_COST_END + "\n")
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -93,6 +93,8 @@ SUMMARY_ROWS = [
 ]
 # Within this factor ours and the best peer are "even": the noise of a shared 2-core machine.
 EVEN = 0.15
+# bench/container_cost.py's section of RESULTS.md (its own run, after this one's)
+CONTAINER_COST_BEGIN, CONTAINER_COST_END = "<!-- container-cost: bench/container_cost.py -->", "<!-- /container-cost -->"
 SUMMARY_BEGIN = "<!-- SUMMARY BEGIN: written by `make bench` (bench/report.py) from bench/results.json -->"
 SUMMARY_END = "<!-- SUMMARY END -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -424,8 +426,8 @@ def _targets(rounds: dict, hs: dict | None) -> str:
     if ours is None:
         return "ours-builtin was not measured in this run."
 
-    def cmp(label: str, key: str, other: str | None, factor: float, higher: bool,
-            mine: list[dict] = ours) -> None:
+    def cmp(label: str, key: str, other: str | None, factor: float, mine: list[dict] = ours) -> None:
+        higher = FIGURES[key][2]  # as rounds_met reads it
         a = med(mine, key)
         b = med(rounds[other], key) if other and other in rounds else None
         if a is None or b is None:
@@ -439,26 +441,26 @@ def _targets(rounds: dict, hs: dict | None) -> str:
                      f"met in {met}/{n} rounds)")
 
     for key, d in (("tcp_up_gbps", "host→ctr"), ("tcp_down_gbps", "ctr→host")):
-        cmp(f"TCP {d} ≥ 1.0 × rootlesskit builtin", key, REF, 1.0, True)
-        cmp(f"TCP {d} ≥ 0.6 × direct loopback", key, BASE, 0.6, True)
-    cmp("new-connection rate (ab) ≥ 1.0 × rootlesskit builtin", "newconn_rps", REF, 1.0, True)
+        cmp(f"TCP {d} ≥ 1.0 × rootlesskit builtin", key, REF, 1.0)
+        cmp(f"TCP {d} ≥ 0.6 × direct loopback", key, BASE, 0.6)
+    cmp("new-connection rate (ab) ≥ 1.0 × rootlesskit builtin", "newconn_rps", REF, 1.0)
     cmp("new-connection rate (wrk) ≥ 1.0 × rootlesskit builtin (same target, client not ab-bound)",
-        "newconn_wrk_rps", REF, 1.0, True)
+        "newconn_wrk_rps", REF, 1.0)
     # source_address: `client` (ours-builtin, the default) against `loopback`, same run.
     for key, what in (("tcp_up_gbps", "TCP host→ctr"), ("tcp_down_gbps", "TCP ctr→host"),
                       ("newconn_rps", "new-connection rate (ab)"),
                       ("newconn_wrk_rps", "new-connection rate (wrk)")):
-        cmp(f"{what}, source_address client ≥ 0.95 × loopback", key, OURS_LOOPBACK, 0.95, True)
-    cmp("p99 latency (ab) ≤ rootlesskit's", "newconn_p99_ms", REF, 1.0, False)
-    cmp("p99 latency (wrk, new connections) ≤ rootlesskit's", "newconn_wrk_p99_ms", REF, 1.0, False)
+        cmp(f"{what}, source_address client ≥ 0.95 × loopback", key, OURS_LOOPBACK, 0.95)
+    cmp("p99 latency (ab) ≤ rootlesskit's", "newconn_p99_ms", REF, 1.0)
+    cmp("p99 latency (wrk, new connections) ≤ rootlesskit's", "newconn_wrk_p99_ms", REF, 1.0)
     rootless = rounds.get(OURS_ROOTLESS)
     if rootless:
-        for key, what, higher in (("tcp_up_gbps", "TCP host→ctr", True), ("tcp_down_gbps", "TCP ctr→host", True),
-                                  ("newconn_rps", "new-connection rate (ab)", True),
-                                  ("newconn_wrk_rps", "new-connection rate (wrk)", True),
-                                  ("keepalive_rps", "keep-alive rate", True),
-                                  ("newconn_p99_ms", "p99 latency (ab)", False)):
-            cmp(f"rootless: {what} {'≥' if higher else '≤'} rootlesskit builtin's", key, REF, 1.0, higher,
+        for key, what in (("tcp_up_gbps", "TCP host→ctr"), ("tcp_down_gbps", "TCP ctr→host"),
+                          ("newconn_rps", "new-connection rate (ab)"),
+                          ("newconn_wrk_rps", "new-connection rate (wrk)"),
+                          ("keepalive_rps", "keep-alive rate"),
+                          ("newconn_p99_ms", "p99 latency (ab)")):
+            cmp(f"rootless: {what} {'≥' if FIGURES[key][2] else '≤'} rootlesskit builtin's", key, REF, 1.0,
                 mine=rootless)
     for key, limit, label in (("core_rss_idle_mb", 20, "core RSS idle ≤ 20 MB"),
                               ("core_rss_1k_mb", 40, "core RSS with 1,000 connections ≤ 40 MB")):
@@ -554,9 +556,9 @@ def main(argv: list[str]) -> int:
     res = json.loads(src.read_text())
     out = src.parent / "RESULTS.md"
     text = render(res)
-    # bench/container_cost.py's section (its own run, appended after this one's): kept
-    old = re.search(r"<!-- container-cost: .*?<!-- /container-cost -->\n", out.read_text(), re.S) \
-        if out.exists() else None
+    # bench/container_cost.py's section: kept
+    section = re.escape(CONTAINER_COST_BEGIN) + ".*?" + re.escape(CONTAINER_COST_END) + "\n"
+    old = re.search(section, out.read_text(), re.S) if out.exists() else None
     if old:
         text = text.rstrip("\n") + "\n\n" + old.group(0)
     out.write_text(text)
