@@ -44,11 +44,11 @@ def run_core(
     sandbox: CoreSandbox | None = None,
 ) -> int:
     """Serve until signalled, or until `until_readable` (a driver program's pidfd) fires."""
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
     if until_readable is None:
-        prctl.set_name("portfwd-core")
-    prctl.set_dumpable(False)
+        procctl.set_name("portfwd-core")
+    procctl.set_dumpable(False)
     _raise_fd_limit(log)
 
     deadline = time.monotonic() + plan.ready_timeout

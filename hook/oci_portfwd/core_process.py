@@ -31,10 +31,10 @@ def _run(handover_fd: int) -> int:
     from .ports import PortMapping  # noqa: PLC0415
 
     given = handover.read(handover_fd, (Plan, PortMapping, BindTarget))
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
     # As fork_child's children: gone with the supervisor, and at once if it already went.
-    prctl.set_pdeathsig(SIGKILL)
+    procctl.set_pdeathsig(SIGKILL)
     if os.getppid() != given["supervisor"]:
         return 1
     # The supervisor's installation (its sys.prefix: where the native dialer is), which -S

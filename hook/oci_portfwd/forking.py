@@ -26,9 +26,9 @@ def fork_child(body: Callable[[], int], *, die_with_parent: bool = True) -> int:
 
     def child() -> int:
         if die_with_parent:
-            import prctl  # noqa: PLC0415
+            from . import procctl  # noqa: PLC0415
 
-            prctl.set_pdeathsig(SIGKILL)
+            procctl.set_pdeathsig(SIGKILL)
             if os.getppid() != parent:
                 return 1
         return body()

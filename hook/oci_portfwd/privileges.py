@@ -98,21 +98,21 @@ def core_identity(user: str) -> tuple[int, int] | None:
 
 def limit_supervisor(driver: str) -> None:
     """Keep only what starting the core (and the driver's program) again needs."""
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
     keep = SUPERVISOR_CAPS if driver == "builtin" else EXTERNAL_DRIVER_CAPS
     _limit_bounding_set(keep)
     _limit_capabilities(keep)
-    prctl.set_no_new_privs(1)
+    procctl.set_no_new_privs()
 
 
 def drop_core(identity: tuple[int, int] | None) -> None:
     """Everything: no capabilities, no way back to them, rootful another user."""
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
     if _has_setpcap():
         # uid 0 (rootless podman's) gets no capabilities back from exec or a setuid(0).
-        prctl.set_securebits(prctl.get_securebits() | SECBITS_NOROOT_LOCKED)
+        procctl.set_securebits(procctl.get_securebits() | SECBITS_NOROOT_LOCKED)
     _limit_bounding_set(frozenset())
     if identity is not None:
         uid, gid = identity
@@ -121,20 +121,20 @@ def drop_core(identity: tuple[int, int] | None) -> None:
         os.setuid(uid)  # clears the permitted and effective sets (no keep-caps)
         # A change of credentials clears the parent-death signal: set it again, and go if
         # the supervisor died meanwhile (fork_child's reasoning).
-        prctl.set_pdeathsig(SIGKILL)
+        procctl.set_pdeathsig(SIGKILL)
         if os.getppid() == 1:
             os._exit(1)
     _limit_capabilities(frozenset())
-    prctl.set_no_new_privs(1)
+    procctl.set_no_new_privs()
 
 
 def drop_dialer() -> None:
     """Inside the container's namespaces: keep CAP_NET_ADMIN only."""
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
     _limit_bounding_set(DIALER_CAPS)
     _limit_capabilities(DIALER_CAPS)
-    prctl.set_no_new_privs(1)
+    procctl.set_no_new_privs()
 
 
 # <linux/prctl.h>: python-prctl 1.8.1 has no ambient capabilities.
@@ -149,11 +149,11 @@ def keep_net_admin_across_exec() -> None:
     capability). The native dialer clears both again at once (hook/native/portfwd-dialer.c)."""
     import ctypes  # noqa: PLC0415 - only in the dialer, right before its exec
 
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
-    if not prctl.cap_permitted.net_admin:
+    if not procctl.has_cap(CAP_NET_ADMIN, procctl.PERMITTED):
         return
-    prctl.set_caps(([CAP_NET_ADMIN], prctl.CAP_INHERITABLE, True))
+    procctl.set_caps((procctl.INHERITABLE, [CAP_NET_ADMIN], True))
     # CDLL(None): libc is loaded already; the arguments are unsigned long in prctl(2).
     libc = ctypes.CDLL(None, use_errno=True)
     arg = ctypes.c_ulong
@@ -175,34 +175,35 @@ def _last_cap() -> int:
 
 
 def _has_setpcap() -> bool:
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
-    return bool(prctl.cap_effective.setpcap)
+    return procctl.has_cap(CAP_SETPCAP, procctl.EFFECTIVE)
 
 
 def _limit_bounding_set(keep: frozenset[int]) -> None:
     """Drop every other capability from the bounding set; needs CAP_SETPCAP (rootless in
     the host's user namespace there is none: the set stays, and grants nothing)."""
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
     if not _has_setpcap():
         return
     for cap in range(_last_cap() + 1):
-        if cap not in keep and prctl.capbset_read(cap):
-            prctl.capbset_drop(cap)
+        if cap not in keep and procctl.in_bounding_set(cap):
+            procctl.drop_from_bounding_set(cap)
 
 
 def _limit_capabilities(keep: frozenset[int]) -> None:
     """Permitted and effective to `keep` (what we have of it), inheritable and with it the
     ambient set to nothing."""
-    import prctl  # noqa: PLC0415
+    from . import procctl  # noqa: PLC0415
 
-    every = prctl.ALL_CAPS  # the ones python-prctl knows (it refuses others)
-    held = {cap for cap in keep if prctl.get_caps((cap, prctl.CAP_PERMITTED))[prctl.CAP_PERMITTED][cap]}
-    prctl.set_caps(
-        ([cap for cap in every if cap not in held], prctl.CAP_PERMITTED, False),
-        ([cap for cap in every if cap not in held], prctl.CAP_EFFECTIVE, False),
-        (list(every), prctl.CAP_INHERITABLE, False),
+    every = procctl.ALL_CAPS  # the ones python-prctl knows (it refuses others)
+    held = {cap for cap in keep if procctl.has_cap(cap, procctl.PERMITTED)}
+    dropped = [cap for cap in every if cap not in held]
+    procctl.set_caps(
+        (procctl.PERMITTED, dropped, False),
+        (procctl.EFFECTIVE, dropped, False),
+        (procctl.INHERITABLE, every, False),
     )
     if held:
-        prctl.set_caps((sorted(held), prctl.CAP_EFFECTIVE, True))
+        procctl.set_caps((procctl.EFFECTIVE, sorted(held), True))

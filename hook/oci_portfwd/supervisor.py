@@ -191,7 +191,7 @@ class Supervisor:
 
     def run(self) -> int:
         cid = self.plan.container_id
-        # PR_SET_NAME, without importing prctl (~2 ms) before the hook may return.
+        # PR_SET_NAME, without loading python-prctl's C module before the hook may return.
         with open("/proc/self/comm", "w") as comm:
             comm.write(f"portfwd:{cid[:7]}")
         me = os.getpid()
@@ -272,7 +272,7 @@ class Supervisor:
         self.report.ready()
         self.report.close()
         # A delete right after the start (short-lived containers) must not wait for what
-        # follows: prctl, the core's imports, ~20-30 ms of CPU. Nothing runs yet but
+        # follows: the core's imports, ~20-30 ms of CPU. Nothing runs yet but
         # this process; the kernel closes the listeners with it.
         self.quick_stop = True
         if self.stop_reason is not None:
@@ -288,11 +288,11 @@ class Supervisor:
     def _settle(self) -> None:
         """What the supervisor is for its long life, before it starts a core: the reaper of
         the core's orphans, not dumpable, and only the privileges that restarting the core
-        needs (privileges.py). Builtin: after the hook has returned (prctl's import ~2 ms)."""
-        import prctl  # noqa: PLC0415
+        needs (privileges.py). Builtin: after the hook has returned."""
+        from . import procctl  # noqa: PLC0415
 
-        prctl.set_child_subreaper(True)
-        prctl.set_dumpable(False)
+        procctl.set_child_subreaper()
+        procctl.set_dumpable(False)
         limit_supervisor(self.plan.driver)
 
     def _write_first_record(self, me: int, start_time: int) -> None:

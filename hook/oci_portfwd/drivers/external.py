@@ -81,9 +81,9 @@ def spawn(argv: Sequence[str], pass_fds: Sequence[int], log: HookLog) -> subproc
     """Start the program; it dies with this process (PDEATHSIG), output to our stderr (the log)."""
 
     def die_with_parent() -> None:
-        import prctl  # noqa: PLC0415
+        from .. import procctl  # noqa: PLC0415
 
-        prctl.set_pdeathsig(signal.SIGTERM)
+        procctl.set_pdeathsig(signal.SIGTERM)
 
     log.info("starting %s", " ".join(argv))
     return subprocess.Popen(

@@ -55,9 +55,9 @@ class PastaDriver(Driver):
         log: HookLog,
         sandbox: object = None,  # not used: this process restarts the program (README "Privileges")
     ) -> int:
-        import prctl  # noqa: PLC0415
+        from .. import procctl  # noqa: PLC0415
 
-        prctl.set_name("portfwd-pasta")
+        procctl.set_name("portfwd-pasta")
         program = find_program("pasta", "passt")
         options = supported_options(program)
         namespaces = ContainerNamespaces(plan, status, log)

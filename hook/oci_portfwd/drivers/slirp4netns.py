@@ -64,9 +64,9 @@ class Slirp4netnsDriver(Driver):
         log: HookLog,
         sandbox: object = None,  # not used: this process restarts the program (README "Privileges")
     ) -> int:
-        import prctl  # noqa: PLC0415
+        from .. import procctl  # noqa: PLC0415
 
-        prctl.set_name("portfwd-slirp")
+        procctl.set_name("portfwd-slirp")
         namespaces = ContainerNamespaces(plan, status, log)
         api_dir = Path(tempfile.mkdtemp(prefix="portfwd-slirp-"))
         api_socket = api_dir / "api.sock"
