@@ -10,7 +10,7 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 PYTEST := $(VENV)/bin/pytest
 PYTEST_ARGS ?=
-# The dialer's loop in C (hook/native/portfwd-dialer.c; dialer.py execs it from
+# The dialer's loop in C (hook/native/portfwd-dialer.c; dialer_process.py execs it from
 # sys.prefix/libexec/oci-portfwd-hook/, so the venv gets it where the packages put it in /usr).
 NATIVE_DIALER_SRC := hook/native/portfwd-dialer.c
 NATIVE_DIALER := $(VENV)/libexec/oci-portfwd-hook/portfwd-dialer

@@ -1,4 +1,4 @@
-/* portfwd-dialer: the dialer's long-lived loop (hook/oci_portfwd/dialer.py), without an
+/* portfwd-dialer: the dialer's long-lived loop (hook/oci_portfwd/dialer_process.py), without an
  * interpreter: ~0.2 MB instead of a forked CPython's ~6 MB per container (issue 12).
  *
  * The Python dialer joins the container's user and network namespaces, says hello, brings

@@ -32,9 +32,9 @@ from _signal import SIGKILL
 
 from .errors import loads_strict
 from .forking import fork_child
+from .jsontext import to_json
 from .netns_setup import reachable
 from .polling import wait_readable
-from .statefile import to_json  # json's, without the json package and its re (issue 12)
 
 TABLE = 7071
 MARK = 0x7071
@@ -71,10 +71,10 @@ def set_up(udp_ports: list[PortRange]) -> tuple[dict[int, bool], list[str]]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
 
     def child() -> int:
-        import prctl  # noqa: PLC0415 - only in the child
+        from . import procctl  # noqa: PLC0415 - only in the child
 
         # A name of its own: it lives ~0.1 s, and `ps` or a test must not take it for the dialer.
-        prctl.set_name(ROUTING_COMM)
+        procctl.set_name(ROUTING_COMM)
         os.close(read_fd)
         ready, notes = _set_up(udp_ports)
         report = {"ready": {FAMILY_KEY[f]: ok for f, ok in ready.items()}, "notes": notes}

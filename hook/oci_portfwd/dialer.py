@@ -22,8 +22,9 @@ Protocol (one datagram each):
   core → dialer  kind + b" " + count                                   please make sockets
 kind is b"t4", b"t6", b"u4" or b"u6".
 
-The loop that answers requests (`_serve`, after the hello, the client-address routing and
-the privilege drop) is a small C program when it is installed, NATIVE_DIALER (built from
+What runs in the dialer's process, from the fork on, is dialer_process.py's. The loop that
+answers requests (`serve`, after the hello, the client-address routing and the privilege
+drop) is a small C program when it is installed, NATIVE_DIALER (built from
 hook/native/portfwd-dialer.c by `make venv` and the packages): the dialer execs it with its
 end of the socketpair, and a forked CPython's ~6 MB per container become ~0.2 MB (issue 12).
 Without it (a pip install), the same loop runs in Python; the core logs that once.
@@ -37,18 +38,11 @@ import sys
 import time
 from _signal import SIGKILL
 
-from .client_routing import MARK, make_transparent
-from .errors import ContainerGone, NamespaceError, StartError, loads_strict
-from .fdpass import recv_fds, send_fds
+from .errors import ContainerGone, StartError, loads_strict
+from .fdpass import recv_fds
 from .forking import fork_child
-from .listeners import LINGER_RESET
-from .namespaces import join_container, same_file
-from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
-from .privileges import drop_dialer, keep_net_admin_across_exec
 from .procfs import close_fds_except
-from .seccomp_filter import export_native_dialer, sandbox_dialer
 from .source_address import ReplyRoutes, Routing
-from .statefile import to_json  # json's, without the json package and its re (issue 12)
 
 # _socket, _signal and _collections, not socket, signal and collections: their enums,
 # selectors and namedtuples would be memory of every forwarded container (issue 12).
@@ -103,146 +97,14 @@ def start_dialer(
         # Keep nothing of the core's: above all not the host listeners, which must never
         # be reachable from inside the container's namespaces.
         close_fds_except({dialer_end.fileno()})
-        _dialer_main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports, native)
+        from .dialer_process import main  # noqa: PLC0415 - the child's: none of it in the core (issue 12)
+
+        main(dialer_end, container_pid, want_addresses, deadline, client_udp_ports, native)
         return 1
 
     pid = fork_child(child)
     dialer_end.close()
     return pid, core_end
-
-
-def _dialer_main(
-    sock: _socket.socket,
-    container_pid: int,
-    want_addresses: bool,
-    deadline: float,
-    client_udp_ports: list[tuple[int, int]] | None,
-    native: str | None,
-) -> None:
-    import prctl  # noqa: PLC0415 - only in the child
-
-    prctl.set_name("portfwd-dialer")
-    # Not dumpable: a process in the container's user namespace cannot ptrace or read us.
-    prctl.set_dumpable(False)
-    try:
-        def tell_waiting() -> None:
-            sock.send(b"W")
-
-        ours = os.stat("/proc/self/ns/net")
-        join_container(container_pid, deadline, on_wait=tell_waiting)
-        if same_file(os.stat("/proc/self/ns/net"), ours):
-            # The hook checks this before anything starts; this is the safety net: a
-            # socket made here would dial the core's own listeners, each connection
-            # making the next until no descriptor is left.
-            raise NamespaceError(
-                f"container pid {container_pid} shares the forwarder's network namespace "
-                "(host network): refusing to forward into it"
-            )
-        if not loopback_is_up():
-            bring_loopback_up()
-        addresses = container_addresses() if want_addresses else {}
-    except NamespaceError as e:
-        sock.send((b"G" if isinstance(e, ContainerGone) else b"E") + str(e).encode())
-        return
-    except Exception as e:  # noqa: BLE001 - reported to the core, which logs it
-        sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
-        return
-    hello = {"addresses": {str(4 if f == _socket.AF_INET else 6): a for f, a in addresses.items()}}
-    try:
-        _serve(sock, hello, client_udp_ports, native)
-    except (BrokenPipeError, ConnectionResetError):
-        # The core is gone (stopped or crashed while we set up): nobody to make sockets for.
-        os._exit(0)
-
-
-def _serve(
-    sock: _socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None, native: str | None
-) -> None:
-    sock.send(b"K" + to_json(hello).encode())
-    # After the hello: the container's start does not wait for this (~130 ms, mostly the
-    # pyroute2 import); connections do, since no socket leaves before it.
-    transparent = _set_up_client_routing(sock, client_udp_ports) if client_udp_ports is not None else {}
-    # Least privilege from here on (privileges.py, seccomp_filter.py): CAP_NET_ADMIN only and
-    # the allow-list. After the hello, so that the hook need not wait for it: requests queue
-    # meanwhile. Whatever else the dialer sets up in the container goes above.
-    drop_dialer()
-    if native is not None:
-        try:
-            _exec_native(native, sock, transparent)
-        except Exception as e:  # noqa: BLE001 - logged; the Python loop serves instead
-            # Found by the core, not runnable here (e.g. a rootless user who may not enter
-            # its directory): the loop in Python serves as well.
-            reason = e.strerror if isinstance(e, OSError) else repr(e)
-            print(
-                f"portfwd-dialer pid {os.getpid()}: cannot run {native} ({reason}); "
-                "the dialer's loop runs in Python",
-                file=sys.stderr,
-                flush=True,
-            )
-            drop_dialer()  # the inheritable and ambient sets again
-    sandbox_dialer()
-    while True:
-        request = sock.recv(64)
-        if not request:
-            os._exit(0)
-        kind, _, count_text = request.partition(b" ")
-        family, kind_type = KINDS[kind]
-        count = max(1, min(MAX_BATCH, int(count_text or b"1")))
-        made = [_socket.socket(family, kind_type | _socket.SOCK_NONBLOCK | _socket.SOCK_CLOEXEC) for _ in range(count)]
-        if transparent.get(family):
-            try:
-                for s in made:
-                    make_transparent(s)
-            except OSError:
-                # Not expected once the routing is set up; the core's bind of such a socket
-                # then fails and it dials from loopback.
-                transparent[family] = False
-        if kind_type == _socket.SOCK_STREAM:
-            # Reset, not FIN, if the core dies holding the connection (see tcp_relay):
-            # set here, so that it costs the core nothing per connection.
-            for s in made:
-                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
-                # No Nagle in the relay (see listeners._bind_one).
-                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
-        for s in made:
-            s.close()
-
-
-def _exec_native(path: str, sock: _socket.socket, transparent: dict[int, bool]) -> None:
-    """Replace this process with the native loop (hook/native/portfwd-dialer.c): same
-    protocol, same allow-list's purpose (built here, loaded there), same capabilities."""
-    filter_r, filter_w = os.pipe()
-    try:
-        # The filter is a few hundred bytes: the pipe holds it without a reader.
-        export_native_dialer(filter_w)
-        os.set_inheritable(filter_r, True)
-        os.set_inheritable(sock.fileno(), True)
-        keep_net_admin_across_exec()
-        families = [str(4 if f == _socket.AF_INET else 6) for f in FAMILIES if transparent.get(f)]
-        # Descriptors: 0-2 (/dev/null, the log), the socketpair and the filter; everything
-        # else the dialer holds is close-on-exec.
-        os.execv(path, ["portfwd-dialer", str(sock.fileno()), str(filter_r), str(MARK), *families])
-    finally:
-        os.close(filter_r)
-
-
-def _set_up_client_routing(sock: _socket.socket, udp_ports: list[tuple[int, int]]) -> dict[int, bool]:
-    from .client_routing import set_up  # noqa: PLC0415 - source_address client only
-
-    started = time.monotonic()
-    ready, notes = set_up(udp_ports)
-    report = {
-        "ready": {"4" if f == _socket.AF_INET else "6": ok for f, ok in ready.items()},
-        "notes": notes,
-        "ms": round((time.monotonic() - started) * 1000),
-    }
-    routes = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _socket.NETLINK_ROUTE)
-    try:
-        send_fds(sock, [b"T" + to_json(report).encode()], [routes.fileno()])
-    finally:
-        routes.close()
-    return ready
 
 
 Addresses = dict[int, list[str]]

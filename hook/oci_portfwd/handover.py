@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .errors import loads_strict
-from .statefile import to_json
+from .jsontext import to_json
 from .values import Value
 
 TYPE_CHECKING = False

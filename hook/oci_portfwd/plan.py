@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from .config import Config
 from .errors import ConfigError, StateError, quoted
 from .ports import PortMapping, parse_port_specs
-from .state import ContainerState
 from .values import Value
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the core unpickles a Plan: not its parsers' modules (issue 12)
     from collections.abc import Mapping
+
+    from .config import Config
+    from .state import ContainerState
 
 ANNOTATION_PREFIX = "io.oci-portfwd."
 PORTS_ANNOTATION = ANNOTATION_PREFIX + "ports"

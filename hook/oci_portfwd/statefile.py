@@ -6,12 +6,12 @@ supervisor's start time so that a reused pid is never signalled.
 
 from __future__ import annotations
 
-import _json
 import errno
 import os
 import stat
 
 from .errors import StateDirError, loads_strict
+from .jsontext import to_json
 from .procfs import process_start_time
 from .regularfile import read_regular
 from .stats import as_dict, read_file
@@ -225,28 +225,6 @@ def write_record(state_dir: str, record: Record) -> None:
             os.close(fd)
         _unlink(tmp)
         raise
-
-
-def to_json(value: object) -> str:
-    """json.dumps for a record's values (str, int, float, None, bool, lists, dicts), without
-    the json package (re and enum: ~5 ms on the start path, issue 12)."""
-    if isinstance(value, str):
-        return str(_json.encode_basestring_ascii(value))
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return int.__repr__(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{value!r} is not JSON")
-        return float.__repr__(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(to_json(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{\n" + ",\n".join(f" {to_json(str(k))}: {to_json(v)}" for k, v in value.items()) + "\n}"
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def read_record(state_dir: str, container_id: str) -> Record | None:

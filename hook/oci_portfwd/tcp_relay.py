@@ -62,12 +62,9 @@ EPOLLOUT = select.EPOLLOUT
 # Input events after which a short read is not the end: EOF or an error is pending.
 END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
-# Small messages go through this buffer (one process, one thread: one buffer for every
-# connection; what a destination does not take at once is kept by its way). A read that
-# fills it means bulk: the way splices from there.
+# Small messages go through a buffer of this size (PipePool.copy_buffer). A read that fills
+# it means bulk: the way splices from there.
 COPY_SIZE = 1 << 16
-_BUFFER = bytearray(COPY_SIZE)
-_VIEW = memoryview(_BUFFER)
 # Errors of a relayed socket that end the connection with a reset both ways.
 RESET_ERRNOS = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNREFUSED, errno.EHOSTUNREACH}
@@ -100,12 +97,23 @@ def reset(sock: _socket.socket) -> None:
 
 
 class PipePool:
-    """Empty pipes to lend to directions that have bytes in flight."""
+    """Empty pipes to lend to directions that have bytes in flight, and the buffer their
+    small messages are copied through."""
 
     KEEP = 64  # idle pipes kept for reuse; more are closed
 
     def __init__(self) -> None:
         self.idle: list[tuple[int, int]] = []
+        self.buffer: tuple[bytearray, memoryview] | None = None
+
+    def copy_buffer(self) -> tuple[bytearray, memoryview]:
+        """One buffer for every connection (one process, one thread; what a destination does
+        not take at once is kept by its way). Made for the first connection relayed here:
+        with the C relay threads, never (64 KiB of every core's memory otherwise)."""
+        if self.buffer is None:
+            data = bytearray(COPY_SIZE)
+            self.buffer = (data, memoryview(data))
+        return self.buffer
 
     def take(self) -> tuple[int, int]:
         if self.idle:
@@ -127,12 +135,13 @@ class PipePool:
 
 
 class Direction:
-    """One way of a connection, src → dst. Small messages: recv_into the shared buffer and
+    """One way of a connection, src → dst. Small messages: recv_into the pool's buffer and
     send (what dst does not take is held here). Bulk: src → pipe → dst with splice, no bytes
     through Python."""
 
     __slots__ = (
-        "src", "dst", "src_sock", "dst_sock", "recv_into", "send", "pipes", "pipe", "buffered", "held", "bulk",
+        "src", "dst", "src_sock", "dst_sock", "recv_into", "send", "buffer", "view", "pipes", "pipe", "buffered",
+        "held", "bulk",
         "eof", "done", "counts", "slot", "watch_out",
     )
 
@@ -151,6 +160,7 @@ class Direction:
         self.dst_sock = dst
         self.recv_into = src.recv_into  # bound once: two calls per message
         self.send = dst.send
+        self.buffer, self.view = pipes.copy_buffer()
         self.pipes = pipes
         self.pipe: tuple[int, int] | None = None
         self.buffered = 0  # bytes in the pipe
@@ -180,7 +190,7 @@ class Direction:
             raise
 
     def _copy(self, drain: int) -> None:
-        counts, slot, recv_into, send = self.counts, self.slot, self.recv_into, self.send
+        counts, slot, recv_into, send, view = self.counts, self.slot, self.recv_into, self.send, self.view
         while True:
             if self.held:
                 try:
@@ -201,19 +211,19 @@ class Direction:
                 self.done = True
                 return
             try:
-                n = recv_into(_BUFFER)
+                n = recv_into(self.buffer)
             except BlockingIOError:
                 return
             if not n:
                 self.eof = True
                 continue
             try:
-                sent = send(_VIEW[:n])
+                sent = send(view[:n])
             except BlockingIOError:
                 sent = 0
             counts[slot] += sent
             if sent < n:
-                self.held = bytes(_VIEW[sent:n])
+                self.held = bytes(view[sent:n])
                 self.watch_out()
                 return
             if n == COPY_SIZE:

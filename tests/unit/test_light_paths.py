@@ -323,7 +323,8 @@ def test_format_exception_is_traceback_s_without_source_lines():
 # of every container's memory (issue 12). The C modules under them (_socket, _signal,
 # _collections) are what the core uses instead.
 CORE_FORBIDDEN = ("socket", "selectors", "enum", "signal", "ipaddress", "collections", "collections.abc",
-                  "functools", "re", "typing", "dataclasses", "logging")
+                  "functools", "re", "typing", "dataclasses", "logging",
+                  "prctl", "heapq")  # python-prctl's prctl.py (procctl.py: _prctl alone), heapq.py (_heapq)
 # Imports inside functions of those processes' modules that run elsewhere or on no serving path.
 NOT_IN_THE_CORE = {
     "pyroute2", "pyroute2.netlink.exceptions",  # forked children that exit (netns_setup, client_routing)
