@@ -25,7 +25,6 @@ from .source_address import SourceBinder
 from .stats import new_counters
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
-from .udp_relay import UdpListener
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
 
     from .logs import HookLog
     from .stats import Counters
+    from .udp_relay import UdpListener
 
 
 def run_core(
@@ -123,6 +123,9 @@ def run_core(
         if t.proto == "tcp":
             server = TcpListener(loop, pool, pipes, listener.sock, targets, counts, log, t.mapping.proxy, source)
         else:
+            # Here, not at the top: a TCP-only container's core keeps none of it (issue 12).
+            from .udp_relay import UdpListener  # noqa: PLC0415
+
             server = UdpListener(loop, pool, listener.sock, targets, plan.udp_idle_timeout, counts, log, source)
         server.start()
         servers.append((listener, server))
@@ -157,7 +160,7 @@ def run_core(
 def _native_data_path(servers: Sequence[tuple[Listener, TcpListener | UdpListener]], log: HookLog) -> NativeRelay | None:
     """The relay threads to start for the TCP listeners; the UDP listeners get the batch."""
     tcp = any(isinstance(server, TcpListener) for _, server in servers)
-    udp = [server for _, server in servers if isinstance(server, UdpListener)]
+    udp = [server for _, server in servers if not isinstance(server, TcpListener)]
     module, why_not = load_native_relay()
     if module is None:
         log.info("%s relayed by the Python loop: %s", "TCP and UDP are" if tcp and udp else "TCP is" if tcp else "UDP is", why_not)
