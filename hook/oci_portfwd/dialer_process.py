@@ -22,6 +22,7 @@ from .listeners import LINGER_RESET
 from .namespaces import join_container, same_file
 from .netns_setup import bring_loopback_up, container_addresses, loopback_is_up
 from .privileges import drop_dialer, keep_net_admin_across_exec
+from .procctl import set_dumpable, set_name
 from .seccomp_filter import export_native_dialer, sandbox_dialer
 
 
@@ -33,11 +34,9 @@ def main(
     client_udp_ports: list[tuple[int, int]] | None,
     native: str | None,
 ) -> None:
-    from . import procctl  # noqa: PLC0415 - only in the child
-
-    procctl.set_name("portfwd-dialer")
+    set_name("portfwd-dialer")
     # Not dumpable: a process in the container's user namespace cannot ptrace or read us.
-    procctl.set_dumpable(False)
+    set_dumpable(False)
     try:
         def tell_waiting() -> None:
             sock.send(b"W")
