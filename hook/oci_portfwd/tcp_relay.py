@@ -104,15 +104,14 @@ class PipePool:
 
     def __init__(self) -> None:
         self.idle: list[tuple[int, int]] = []
-        self.buffer: tuple[bytearray, memoryview] | None = None
+        self.buffer: memoryview | None = None
 
-    def copy_buffer(self) -> tuple[bytearray, memoryview]:
+    def copy_buffer(self) -> memoryview:
         """One buffer for every connection (one process, one thread; what a destination does
         not take at once is kept by its way). Made for the first connection relayed here:
         with the C relay threads, never (64 KiB of every core's memory otherwise)."""
         if self.buffer is None:
-            data = bytearray(COPY_SIZE)
-            self.buffer = (data, memoryview(data))
+            self.buffer = memoryview(bytearray(COPY_SIZE))
         return self.buffer
 
     def take(self) -> tuple[int, int]:
@@ -140,9 +139,8 @@ class Direction:
     through Python."""
 
     __slots__ = (
-        "src", "dst", "src_sock", "dst_sock", "recv_into", "send", "buffer", "view", "pipes", "pipe", "buffered",
-        "held", "bulk",
-        "eof", "done", "counts", "slot", "watch_out",
+        "src", "dst", "src_sock", "dst_sock", "recv_into", "send", "view", "pipes", "pipe", "buffered", "held",
+        "bulk", "eof", "done", "counts", "slot", "watch_out",
     )
 
     def __init__(
@@ -160,7 +158,7 @@ class Direction:
         self.dst_sock = dst
         self.recv_into = src.recv_into  # bound once: two calls per message
         self.send = dst.send
-        self.buffer, self.view = pipes.copy_buffer()
+        self.view = pipes.copy_buffer()
         self.pipes = pipes
         self.pipe: tuple[int, int] | None = None
         self.buffered = 0  # bytes in the pipe
@@ -211,7 +209,7 @@ class Direction:
                 self.done = True
                 return
             try:
-                n = recv_into(self.buffer)
+                n = recv_into(view)
             except BlockingIOError:
                 return
             if not n:
