@@ -40,7 +40,7 @@ from e2ekit.hookenv import HookEnv, reap_leftovers  # noqa: E402
 from e2ekit.rootfs import build_rootfs  # noqa: E402
 from e2ekit.runtimes import make_runtime  # noqa: E402
 from infra import Cleanup, Netns, free_port, pss_kib, run, run_timed, start, tree, wait_for  # noqa: E402
-from report import CONTAINER_COST_BEGIN, CONTAINER_COST_END  # noqa: E402
+from report import CONTAINER_COST_BEGIN, CONTAINER_COST_END, container_cost_section  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
 RUNTIME_TIMEOUT = 60
@@ -330,8 +330,6 @@ def main() -> int:
     return 0
 
 
-
-
 def update_results_md(path: Path, results: dict, table: str) -> None:
     """Put the section into RESULTS.md (replacing an earlier one; after bench/run.py's)."""
     load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
@@ -350,10 +348,9 @@ def update_results_md(path: Path, results: dict, table: str) -> None:
         f"{table}{CONTAINER_COST_END}\n"
     )
     text = path.read_text() if path.exists() else ""
-    if CONTAINER_COST_BEGIN in text and CONTAINER_COST_END in text:
-        head, _, rest = text.partition(CONTAINER_COST_BEGIN)
-        _, _, tail = rest.partition(CONTAINER_COST_END + "\n")
-        text = head + section + tail
+    old = container_cost_section(text)
+    if old:
+        text = text.replace(old, section)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

@@ -95,6 +95,13 @@ SUMMARY_ROWS = [
 EVEN = 0.15
 # bench/container_cost.py's section of RESULTS.md (its own run, after this one's)
 CONTAINER_COST_BEGIN, CONTAINER_COST_END = "<!-- container-cost: bench/container_cost.py -->", "<!-- /container-cost -->"
+
+
+def container_cost_section(text: str) -> str | None:
+    """That section as it stands in `text` (markers and final newline included), or None."""
+    m = re.search(re.escape(CONTAINER_COST_BEGIN) + ".*?" + re.escape(CONTAINER_COST_END) + "\n", text, re.S)
+    return m.group(0) if m else None
+
 SUMMARY_BEGIN = "<!-- SUMMARY BEGIN: written by `make bench` (bench/report.py) from bench/results.json -->"
 SUMMARY_END = "<!-- SUMMARY END -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -556,11 +563,9 @@ def main(argv: list[str]) -> int:
     res = json.loads(src.read_text())
     out = src.parent / "RESULTS.md"
     text = render(res)
-    # bench/container_cost.py's section: kept
-    section = re.escape(CONTAINER_COST_BEGIN) + ".*?" + re.escape(CONTAINER_COST_END) + "\n"
-    old = re.search(section, out.read_text(), re.S) if out.exists() else None
-    if old:
-        text = text.rstrip("\n") + "\n\n" + old.group(0)
+    old = container_cost_section(out.read_text()) if out.exists() else None
+    if old:  # bench/container_cost.py's section: kept
+        text = text.rstrip("\n") + "\n\n" + old
     out.write_text(text)
     print(f"wrote {src.parent / 'RESULTS.md'}")
     if src.parent == Path(__file__).resolve().parent:  # a copy elsewhere leaves README alone
