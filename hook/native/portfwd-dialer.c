@@ -6,7 +6,7 @@
  * builds this loop's seccomp filter with libseccomp (seccomp_filter.export_native_dialer)
  * and execs
  *
- *     portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6]
+ *     portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6] [cc=NAME]
  *
  *   SOCKET_FD  its end of the SOCK_SEQPACKET socketpair with the core (the only other
  *              descriptors are 0, 1, 2: /dev/null and the container's log)
@@ -14,6 +14,8 @@
  *   MARK       SO_MARK of transparent sockets (client_routing.MARK)
  *   4, 6       the families whose client-address routing is ready: their sockets get
  *              IP_TRANSPARENT / IPV6_TRANSPARENT and the mark
+ *   cc=NAME    TCP sockets get this congestion control, not the netns's default, which paces
+ *              (hook/oci_portfwd/congestion_control.py: the dialer chose NAME and checked it)
  *
  * Not dumpable, from the exec on: the file is installed execute-only (mode 0111), which the
  * dialer (no CAP_DAC_*) cannot read, so the kernel (would_dump) execs it non-dumpable and gives
@@ -25,7 +27,7 @@
  * Here: PR_SET_DUMPABLE 0 all the same (a warning if the file was readable), no capability
  * but CAP_NET_ADMIN, the filter, then the protocol of dialer.py: request `kind " " count` (kind t4 t6 u4 u6), reply
  * "S" kind with count non-blocking, close-on-exec sockets as SCM_RIGHTS, TCP ones with
- * SO_LINGER {1, 0} and TCP_NODELAY. Exits 0 when the core closes its end; on an error one line on stderr
+ * SO_LINGER {1, 0}, TCP_NODELAY and cc=NAME's congestion control. Exits 0 when the core closes its end; on an error one line on stderr
  * (the container's log) and exit 1, after which the core exits and the supervisor restarts
  * both. Nothing is allocated once the filter is loaded: no mmap, no brk.
  */
@@ -295,6 +297,9 @@ static void send_sockets(int sock, struct kind *kind, const int *fds, int count)
     }
 }
 
+/* congestion_control.py's choice ("" to keep the netns's default); TCP_CA_NAME_MAX is 16 */
+static char congestion[16];
+
 static void serve(int sock, int mark)
 {
     static const int linger_reset[2] = {1, 0}; /* struct linger {l_onoff 1, l_linger 0} */
@@ -338,6 +343,14 @@ static void serve(int sock, int mark)
                     fail("SO_LINGER", errno);
                 if (setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &on, sizeof on) != 0)
                     fail("TCP_NODELAY", errno);
+                if (congestion[0] &&
+                    setsockopt(fds[i], IPPROTO_TCP, TCP_CONGESTION, congestion, strlen(congestion)) != 0) {
+                    /* The dialer set it on a socket of this netns before the exec: not
+                     * expected. The connections still work, paced. */
+                    say("TCP sockets keep the netns's congestion control: %s cannot be set (%s)",
+                        congestion, strerror(errno));
+                    congestion[0] = '\0';
+                }
             }
         }
         send_sockets(sock, kind, fds, count);
@@ -356,14 +369,16 @@ int main(int argc, char **argv)
     long sock, filter, mark;
     if (argc < 4 || parse_int(argv[1], 3, 1 << 20, &sock) || parse_int(argv[2], 3, 1 << 20, &filter) ||
         parse_int(argv[3], 0, 0xffffffffL, &mark))
-        fail("usage: portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6] (started by the core's dialer)", 0);
+        fail("usage: portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6] [cc=NAME] (started by the core's dialer)", 0);
     for (int i = 4; i < argc; i++) {
         if (strcmp(argv[i], "4") == 0)
             set_transparent(AF_INET, 1);
         else if (strcmp(argv[i], "6") == 0)
             set_transparent(AF_INET6, 1);
+        else if (strncmp(argv[i], "cc=", 3) == 0 && argv[i][3] && strlen(argv[i] + 3) < sizeof congestion)
+            strcpy(congestion, argv[i] + 3);
         else
-            fail("usage: portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6] (started by the core's dialer)", 0);
+            fail("usage: portfwd-dialer SOCKET_FD FILTER_FD MARK [4] [6] [cc=NAME] (started by the core's dialer)", 0);
     }
     limit_capabilities();
     if (dumpable == 1)

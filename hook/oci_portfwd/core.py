@@ -13,7 +13,7 @@ import time
 from _socket import AF_INET  # not socket: its enums are memory of every container (issue 12)
 
 from .addressing import Target, dial_targets
-from .dialer import Addresses, SocketPool, await_hello, kind_of, native_dialer, start_dialer
+from .dialer import Addresses, Hello, SocketPool, await_hello, kind_of, native_dialer, start_dialer
 from .eventloop import EventLoop
 from .listeners import Listener
 from .native_relay import NativeRelay, UdpBatch
@@ -63,9 +63,11 @@ def run_core(
         native,
     )
     log.debug("dialer started, pid %d (%s)", dialer_pid, native or "Python")
-    addresses = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
-    if addresses is None:
+    hello = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
+    if hello is None:
         log.info("the container has not exec'd yet (rootless crun); connections wait until the dialer joins it")
+    elif hello.congestion_note():
+        log.info("%s", hello.congestion_note())
 
     loop = EventLoop()
     servers: list[tuple[Listener, TcpListener | UdpListener]] = []
@@ -74,10 +76,12 @@ def run_core(
         t = listener.target
         return dial_targets(plan.loopback, t.family, t.address, t.mapping.container_port, found)
 
-    def on_hello(found: Addresses) -> None:
+    def on_hello(found: Hello) -> None:
         log.info("the dialer joined the container's namespaces")
+        if found.congestion_note():
+            log.info("%s", found.congestion_note())
         for listener, server in servers:
-            server.targets = targets_for(listener, found)
+            server.targets = targets_for(listener, found.addresses)
 
     def on_error(message: str) -> None:
         log.error("%s", message)
@@ -116,7 +120,7 @@ def run_core(
     kinds: set[bytes] = set()
     for listener in listeners:
         t = listener.target
-        targets = targets_for(listener, addresses or {})
+        targets = targets_for(listener, hello.addresses if hello else {})
         kinds.update(kind_of(target.family, t.proto) for target in targets)
         server: TcpListener | UdpListener
         source = SourceBinder(str(t), pool.routing, log) if plan.source_address == "client" else None

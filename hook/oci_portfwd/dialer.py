@@ -9,6 +9,8 @@ Protocol (one datagram each):
   dialer → core  b"W"                                                  waiting: the container
                                                                        has not exec'd yet
                  b"K" + JSON {"addresses": {"4": [...], "6": [...]}}   joined, ready
+                       and, where the netns's default congestion control paces,
+                       "congestion_control": {"default": ..., "used": ...}
                  b"E" + message                                        failed, exiting
                  b"G" + message                                        the container exited
                                                                        first: nothing failed
@@ -110,7 +112,25 @@ def start_dialer(
 Addresses = dict[int, list[str]]
 
 
-def await_hello(sock: _socket.socket, timeout: float) -> Addresses | None:
+class Hello:
+    """What the dialer found in the container's netns: its addresses, and the congestion
+    control its TCP sockets get instead of the netns's default, which paces (congestion_control.py)."""
+
+    __slots__ = ("addresses", "congestion")
+
+    def __init__(self, addresses: Addresses, congestion: tuple[str, str] | None) -> None:
+        self.addresses = addresses
+        self.congestion = congestion  # (the default, the one used)
+
+    def congestion_note(self) -> str | None:
+        if self.congestion is None:
+            return None
+        default, used = self.congestion
+        return (f"container-side connections use {used}: the container's default congestion control, "
+                f"{default}, paces every segment, which a connection inside this machine does not need")
+
+
+def await_hello(sock: _socket.socket, timeout: float) -> Hello | None:
     """Wait for the dialer to join the container's namespaces. None: it is waiting for
     the container to exec (rootless crun), and its hello will come through the pool."""
     sock.settimeout(timeout)
@@ -131,12 +151,14 @@ def await_hello(sock: _socket.socket, timeout: float) -> Addresses | None:
     raise StartError("the dialer exited before it joined the container's namespaces")
 
 
-def decode_hello(message: bytes) -> Addresses:
+def decode_hello(message: bytes) -> Hello:
     hello = loads_strict(message[1:])
-    return {
+    addresses = {
         _socket.AF_INET if key == "4" else _socket.AF_INET6: list(addrs)
         for key, addrs in hello.get("addresses", {}).items()
     }
+    cc = hello.get("congestion_control")
+    return Hello(addresses, (str(cc.get("default")), str(cc.get("used"))) if isinstance(cc, dict) else None)
 
 
 if TYPE_CHECKING:
@@ -152,7 +174,7 @@ class SocketPool:
     def __init__(
         self,
         sock: _socket.socket,
-        on_hello: Callable[[Addresses], None],
+        on_hello: Callable[[Hello], None],
         on_error: Callable[[str], None],
         on_gone: Callable[[str], None] | None = None,
     ) -> None:

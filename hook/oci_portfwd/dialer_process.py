@@ -14,6 +14,8 @@ import sys
 import time
 
 from .client_routing import MARK, make_transparent
+from .congestion_control import set_on as set_congestion_control
+from .congestion_control import unpaced_choice
 from .dialer import FAMILIES, KINDS, MAX_BATCH
 from .errors import ContainerGone, NamespaceError
 from .fdpass import send_fds
@@ -54,23 +56,32 @@ def main(
         if not loopback_is_up():
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}
+        default_cc, congestion = unpaced_choice()
     except NamespaceError as e:
         sock.send((b"G" if isinstance(e, ContainerGone) else b"E") + str(e).encode())
         return
     except Exception as e:  # noqa: BLE001 - reported to the core, which logs it
         sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
         return
-    hello = {"addresses": {str(4 if f == _socket.AF_INET else 6): a for f, a in addresses.items()}}
+    hello: dict = {"addresses": {str(4 if f == _socket.AF_INET else 6): a for f, a in addresses.items()}}
+    if congestion is not None:
+        hello["congestion_control"] = {"default": default_cc, "used": congestion}
     try:
-        serve(sock, hello, client_udp_ports, native)
+        serve(sock, hello, client_udp_ports, native, congestion)
     except (BrokenPipeError, ConnectionResetError):
         # The core is gone (stopped or crashed while we set up): nobody to make sockets for.
         os._exit(0)
 
 
 def serve(
-    sock: _socket.socket, hello: dict, client_udp_ports: list[tuple[int, int]] | None, native: str | None
+    sock: _socket.socket,
+    hello: dict,
+    client_udp_ports: list[tuple[int, int]] | None,
+    native: str | None,
+    congestion: str | None = None,
 ) -> None:
+    """`congestion`: the algorithm TCP sockets get instead of the netns's default, which paces
+    (congestion_control.py), or None."""
     sock.send(b"K" + to_json(hello).encode())
     # After the hello: the container's start does not wait for this (~130 ms, mostly the
     # pyroute2 import); connections do, since no socket leaves before it.
@@ -81,7 +92,7 @@ def serve(
     drop_dialer()
     if native is not None:
         try:
-            exec_native(native, sock, transparent)
+            exec_native(native, sock, transparent, congestion)
         except Exception as e:  # noqa: BLE001 - logged; the Python loop serves instead
             # Found by the core, not runnable here (e.g. a rootless user who may not enter
             # its directory): the loop in Python serves as well.
@@ -117,12 +128,17 @@ def serve(
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
                 # No Nagle in the relay (see listeners._bind_one).
                 s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                if congestion is not None:
+                    try:
+                        set_congestion_control(s, congestion)
+                    except OSError:
+                        congestion = None  # as it was at the start: not expected to change
         send_fds(sock, [b"S" + kind], [s.fileno() for s in made])
         for s in made:
             s.close()
 
 
-def exec_native(path: str, sock: _socket.socket, transparent: dict[int, bool]) -> None:
+def exec_native(path: str, sock: _socket.socket, transparent: dict[int, bool], congestion: str | None = None) -> None:
     """Replace this process with the native loop (hook/native/portfwd-dialer.c): same
     protocol, same allow-list's purpose (built here, loaded there), same capabilities."""
     filter_r, filter_w = os.pipe()
@@ -135,7 +151,8 @@ def exec_native(path: str, sock: _socket.socket, transparent: dict[int, bool]) -
         families = [str(4 if f == _socket.AF_INET else 6) for f in FAMILIES if transparent.get(f)]
         # Descriptors: 0-2 (/dev/null, the log), the socketpair and the filter; everything
         # else the dialer holds is close-on-exec.
-        os.execv(path, ["portfwd-dialer", str(sock.fileno()), str(filter_r), str(MARK), *families])
+        options = [f"cc={congestion}"] if congestion else []
+        os.execv(path, ["portfwd-dialer", str(sock.fileno()), str(filter_r), str(MARK), *families, *options])
     finally:
         os.close(filter_r)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from oci_portfwd.client_routing import IP_TRANSPARENT, IPV6_TRANSPARENT, MARK
+from oci_portfwd.congestion_control import current
 from oci_portfwd.dialer import KINDS, MAX_BATCH, NATIVE_DIALER
 from oci_portfwd.privileges import drop_dialer, keep_net_admin_across_exec
 
@@ -128,6 +129,56 @@ def test_sockets_are_what_the_python_loop_made(native, binding):
 
 def test_the_export_is_the_same_with_both_bindings(e2e_host):
     assert exported_filter("pyseccomp") == exported_filter("python3-seccomp")
+
+
+def available_congestion_control() -> list[str]:
+    return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+
+
+@pytest.mark.parametrize("name", ["reno", "cubic"])
+def test_cc_gives_tcp_sockets_that_congestion_control(native, name):
+    """congestion_control.py's choice, passed as cc=NAME: every TCP socket gets it (reno is
+    always allowed; cubic may need the CAP_NET_ADMIN the dialer keeps), UDP sockets are plain."""
+    if name not in available_congestion_control():
+        pytest.skip(f"this kernel has no {name} congestion control")
+    d = Dialer(native, ("4", f"cc={name}"))
+    try:
+        for request in (b"t4 3", b"t6 2", b"t4"):
+            _, socks = d.request(request)
+            assert [current(s) for s in socks] == [name] * len(socks), request
+            for s in socks:
+                s.close()
+        _, socks = d.request(b"u4 2")
+        assert len(socks) == 2
+        for s in socks:
+            s.close()
+    finally:
+        code, err = d.finish()
+    assert (code, err) == (0, "")
+
+
+def test_a_congestion_control_that_cannot_be_set_is_one_line_not_an_exit(native):
+    d = Dialer(native, ("4", "cc=nosuch"))
+    try:
+        with socket.socket() as plain:
+            default = current(plain)
+        for _ in range(2):
+            _, socks = d.request(b"t4 2")
+            assert [current(s) for s in socks] == [default, default]
+            for s in socks:
+                s.close()
+    finally:
+        code, err = d.finish()
+    assert code == 0, (code, err)
+    assert err.count("\n") == 1 and err.endswith(
+        ": TCP sockets keep the netns's congestion control: nosuch cannot be set (No such file or directory)\n"), err
+
+
+@pytest.mark.parametrize("arg", ["cc=", "cc=" + "x" * 16, "cc"])
+def test_a_bad_cc_argument_is_the_usage_line(native, arg):
+    d = Dialer(native, ("4", arg))
+    code, err = d.finish()
+    assert code == 1 and err.count("\n") == 1 and "usage: portfwd-dialer" in err and "[cc=NAME]" in err, (code, err)
 
 
 def test_a_bad_request_is_one_line_and_exit_1(native):

@@ -1,0 +1,159 @@
+"""Container-side connections are not paced (congestion_control.py): where the container's netns
+defaults to BBR, the dialer's TCP sockets get cubic (or reno where cubic is not allowed); any
+other default stays, and the service's own sockets and the client-facing ones keep theirs.
+Rootful runc with the container joined to a netns of the test's own, whose default the test
+sets (the host's stays untouched); rootless crun and runc in the netns the runtime makes, which
+copies the host's default; and the choice itself, with and without CAP_NET_ADMIN."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from e2ekit.container import ContainerFactory
+from e2ekit.hookenv import HookEnv, reap_leftovers
+from e2ekit.runtimes import RuntimeUnavailable, make_runtime
+from e2ekit.services import Services
+from e2ekit.wait import wait_until
+from oci_portfwd.dialer import PYTHON_DIALER_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+SYSCTL = Path("/proc/sys/net/ipv4")
+NOTE = "container-side connections use {used}: the container's default congestion control, {default}, paces"
+
+
+def available() -> list[str]:
+    return (SYSCTL / "tcp_available_congestion_control").read_text().split()
+
+
+def require(name: str) -> None:
+    if name not in available():
+        subprocess.run(["modprobe", f"tcp_{name}"], capture_output=True, timeout=30, check=False)
+    if name not in available():
+        pytest.skip(f"this kernel has no {name} congestion control (tcp_{name} cannot be loaded)")
+
+
+def expected_choice(default: str, net_admin: bool = True) -> str | None:
+    """What congestion_control.unpaced_choice should pick in a netns with this default."""
+    if not default.startswith("bbr"):
+        return None
+    allowed = (SYSCTL / "tcp_allowed_congestion_control").read_text().split()
+    return "cubic" if "cubic" in available() and (net_admin or "cubic" in allowed) else "reno"
+
+
+def algorithms(netns_argv: list[str], port: int) -> tuple[list[str], list[str]]:
+    """In the container's netns: the congestion control of the established connections to
+    `port` (the dialer's side) and of those from it (the service's side)."""
+    def listed(direction: str) -> list[str]:
+        r = subprocess.run([*netns_argv, "ss", "-tinH", "state", "established", f"( {direction} = :{port} )"],
+                           capture_output=True, text=True, timeout=10, check=True)
+        lines = r.stdout.splitlines()
+        # One line per socket and one of details under it, which starts with the algorithm.
+        return sorted(line.split()[0] for line in lines if line.startswith(("\t", " ")) and "wscale" in line)
+    return listed("dport"), listed("sport")
+
+
+def connect_both_families(port: int, netns_argv: list[str], want: int = 2):
+    clients = [socket.create_connection((host, port), timeout=5) for host in ("127.0.0.1", "::1")]
+    for c in clients:
+        c.sendall(b"x")
+    found = wait_until(lambda: (lambda a: a if len(a[0]) == want else None)(algorithms(netns_argv, 80)),
+                       timeout=10, what="the container-side connections")
+    return clients, found
+
+
+@pytest.fixture(scope="module")
+def runc(e2e_tmp):
+    try:
+        return make_runtime("runc", e2e_tmp)
+    except RuntimeUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def factory(runc, rootfs, tmp_path):
+    f = ContainerFactory(runc, rootfs, tmp_path / "bundles")
+    yield f
+    f.cleanup()
+
+
+@pytest.fixture(params=["native-dialer", "python-dialer"])
+def hook(hook_command, tmp_path, request):
+    # The dialer's loop in C (portfwd-dialer's cc=NAME) and in Python (dialer_process.serve).
+    env = [f"{PYTHON_DIALER_ENV}=1"] if request.param == "python-dialer" else []
+    h = HookEnv(hook_command, tmp_path / "hook", extra_env=env)
+    yield h
+    reap_leftovers(h)
+
+
+@pytest.mark.parametrize("default", ["bbr", "cubic", "reno"])
+def test_container_side_connections_of_a_netns_with_this_default(factory, hook, port_alloc, netns_factory, default):
+    require(default)
+    require("cubic")
+    ns = netns_factory()
+    ns.run(["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={default}"])
+    port = port_alloc.take()
+    services = Services().sink(80)
+    c = factory.new(services.argv(), hook=hook, ports=f"{port}:80", host_network=str(ns.path))
+    services.wait_ready(c.start())
+    clients, (ours, service) = connect_both_families(port, ns.prefix())
+    try:
+        used = expected_choice(default) or default
+        assert ours == [used, used], hook.log_text(c.id)
+        # The service's accepted sockets are its own: the netns's default.
+        assert service == [default, default]
+        # The client-facing half (accepted by the core in the host's netns) keeps the host's.
+        host_default = (SYSCTL / "tcp_congestion_control").read_text().strip()
+        for client in clients:
+            client_port = client.getsockname()[1]
+            r = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{client_port} )"],
+                               capture_output=True, text=True, timeout=10, check=True)
+            assert r.stdout.split("\n", 1)[1].split()[0] == host_default, r.stdout
+    finally:
+        for client in clients:
+            client.close()
+    log = hook.log_text(c.id)
+    if default == "bbr":
+        assert NOTE.format(used=used, default="bbr") in log, log
+    else:
+        assert "congestion control" not in log, log
+
+
+def test_rootless_container_side_connections(rootless_containers, rootless_hook_env, port_alloc):
+    """The rootless dialer holds CAP_NET_ADMIN in the container's user namespace, which owns
+    its netns: cubic is its to set. The netns copied the host's default."""
+    require("cubic")
+    port = port_alloc.take()
+    services = Services().sink(80)
+    c = rootless_containers.new(services.argv(), hook=rootless_hook_env, ports=f"{port}:80")
+    pid = c.start()
+    services.wait_ready(pid)
+    netns = ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    clients, (ours, service) = connect_both_families(port, netns)
+    try:
+        default = service[0]
+        used = expected_choice(default) or default
+        assert ours == [used, used], rootless_hook_env.log_text(c.id)
+    finally:
+        for client in clients:
+            client.close()
+    assert c.stop().ok
+
+
+@pytest.mark.parametrize("net_admin", [True, False], ids=["net_admin", "no-net_admin"])
+@pytest.mark.parametrize("default", ["bbr", "cubic"])
+def test_the_choice_in_a_netns_of_its_own(e2e_host, default, net_admin):
+    """Without CAP_NET_ADMIN (as where the dialer is denied it), cubic only if the host allows
+    it to everyone (tcp_allowed_congestion_control), reno otherwise."""
+    require(default)
+    require("cubic")
+    code = ("import sys; from oci_portfwd.congestion_control import unpaced_choice; "
+            "print(*unpaced_choice())")
+    drop = [] if net_admin else ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
+    r = subprocess.run(
+        ["unshare", "--net", "sh", "-c", f"sysctl -qw net.ipv4.tcp_congestion_control={default} && exec \"$@\"",
+         "sh", *drop, sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(REPO / "hook")}, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [default, str(expected_choice(default, net_admin))], r.stdout
