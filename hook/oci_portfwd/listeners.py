@@ -15,6 +15,7 @@ import _socket
 import errno
 import sys
 
+from .congestion_control import is_loopback, unpace
 from .errors import BindError
 from .netns_setup import reachable
 from .values import Value
@@ -47,11 +48,14 @@ class BindTarget(Value):
 
 
 class Listener:
-    __slots__ = ("target", "sock")
+    __slots__ = ("target", "sock", "unpaced")
 
-    def __init__(self, target: BindTarget, sock: _socket.socket) -> None:
+    def __init__(self, target: BindTarget, sock: _socket.socket, unpaced: tuple[str, str] | None = None) -> None:
         self.target = target
         self.sock = sock  # non-blocking (SOCK_NONBLOCK): its timeout is 0, as the core wants it
+        # (the host's congestion control, the one this loopback listener's connections get
+        # instead: congestion_control.py), or None
+        self.unpaced = unpaced
 
     def close(self) -> None:
         self.sock.close()
@@ -89,7 +93,7 @@ def bind_all(targets: Iterable[BindTarget]) -> list[Listener]:
     bound: list[Listener] = []
     try:
         for target in targets:
-            bound.append(Listener(target, _bind_one(target)))
+            bound.append(Listener(target, *_bind_one(target)))
     except BaseException:
         for listener in bound:
             listener.close()
@@ -97,7 +101,8 @@ def bind_all(targets: Iterable[BindTarget]) -> list[Listener]:
     return bound
 
 
-def _bind_one(t: BindTarget) -> _socket.socket:
+def _bind_one(t: BindTarget) -> tuple[_socket.socket, tuple[str, str] | None]:
+    unpaced = None
     kind = _socket.SOCK_STREAM if t.proto == "tcp" else _socket.SOCK_DGRAM
     try:
         sock = _socket.socket(t.family, kind | _socket.SOCK_NONBLOCK | _socket.SOCK_CLOEXEC)
@@ -120,6 +125,10 @@ def _bind_one(t: BindTarget) -> _socket.socket:
             # (~40 ms each). The dialer sets both on the container side.
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            # Clients of a loopback address are on this machine: no pacing where the host's
+            # default paces (congestion_control.py), inherited by every accepted socket.
+            if is_loopback(t.family, t.address):
+                unpaced = unpace(sock)
         # UDP keeps the kernel's default receive buffer (net.core.rmem_default). A 4 MiB one
         # (tried) queued tens of milliseconds of datagrams while the relay was busy and
         # delivered them late: after a client had gone, its stale datagrams reached a service
@@ -134,7 +143,7 @@ def _bind_one(t: BindTarget) -> _socket.socket:
     except OSError as e:
         sock.close()
         raise BindError(_explain(t, e)) from None
-    return sock
+    return sock, unpaced
 
 
 class NoSuchInterface(OSError):

@@ -72,6 +72,13 @@ def _prestart(
             # with a clear error, that it is free before anything starts.
             listener.close()
     listeners = [listener for listener in listeners if listener.target.proto in held]
+    for listener in listeners:
+        if listener.unpaced is not None:
+            log.info(
+                "connections to %s use %s: the host's default congestion control, %s, paces every "
+                "segment, which a client on this machine does not need",
+                listener.target, listener.unpaced[1], listener.unpaced[0],
+            )
     try:
         started = launch(
             Context(

@@ -1,9 +1,11 @@
-"""Container-side connections are not paced (congestion_control.py): where the container's netns
-defaults to BBR, the dialer's TCP sockets get cubic (or reno where cubic is not allowed); any
-other default stays, and the service's own sockets and the client-facing ones keep theirs.
-Rootful runc with the container joined to a netns of the test's own, whose default the test
-sets (the host's stays untouched); rootless crun and runc in the netns the runtime makes, which
-copies the host's default; and the choice itself, with and without CAP_NET_ADMIN."""
+"""Connections that stay on this machine are not paced (congestion_control.py). Where the
+container's netns defaults to BBR, the dialer's TCP sockets get cubic (or reno where cubic is
+not allowed); where the host's does, so do the sockets a listener on a loopback address
+accepts. Any other default stays, and so do the service's own sockets and those a listener on
+every address accepts. Rootful runc with the container joined to a netns of the test's own
+whose default the test sets (the host's stays untouched); the runtime and hook in such a netns;
+rootless crun and runc in the netns the runtime makes, which copies the host's default; and
+the choice itself, with and without CAP_NET_ADMIN."""
 
 import socket
 import subprocess
@@ -157,3 +159,54 @@ def test_the_choice_in_a_netns_of_its_own(e2e_host, default, net_admin):
         capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(REPO / "hook")}, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [default, str(expected_choice(default, net_admin))], r.stdout
+
+
+CLIENT = """
+import socket, sys, time
+conns = []
+for arg in sys.argv[1:]:
+    host, port = arg.rsplit(":", 1)
+    conns.append(socket.create_connection((host.strip("[]"), int(port)), timeout=5))
+for c in conns:
+    c.sendall(b"x")
+print("connected", flush=True)
+time.sleep(30)
+"""
+
+
+def test_loopback_listeners_give_their_connections_no_pacing(containers, hook_env, netns_factory, port_alloc):
+    """The runtime, and so the hook, in a test netns whose default is bbr: what the listeners on
+    127.0.0.1 and ::1 accept gets cubic (their clients are on this machine; the hook, root here,
+    may set it), what the listener on every address accepts keeps bbr, and the log names the
+    loopback ones."""
+    require("bbr")
+    require("cubic")
+    ns = netns_factory()
+    ns.run(["sysctl", "-qw", "net.ipv4.tcp_congestion_control=bbr"])
+    local, anywhere = port_alloc.take(), port_alloc.take()
+    services = Services().sink(80)
+    c = containers.new(services.argv(), hook=hook_env, netns=ns,
+                       ports=f"127.0.0.1:{local}:80,[::1]:{local}:80,0.0.0.0:{anywhere}:80")
+    services.wait_ready(c.start())
+    client = subprocess.Popen(
+        [*ns.prefix(), sys.executable, "-c", CLIENT, f"127.0.0.1:{local}", f"[::1]:{local}", f"127.0.0.1:{anywhere}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "connected", client.stderr.read() if client.poll() is not None else ""
+
+        def accepted(port: int) -> list[str] | None:
+            r = ns.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True)
+            found = sorted(line.split()[0] for line in r.stdout.splitlines()
+                           if line.startswith(("\t", " ")) and "wscale" in line)
+            return found or None
+
+        assert wait_until(lambda: accepted(local), 10, "the loopback listeners' connections") == ["cubic", "cubic"]
+        assert wait_until(lambda: accepted(anywhere), 10, "the other listener's connection") == ["bbr"]
+    finally:
+        client.kill()
+        client.wait()
+    log = hook_env.log_text(c.id)
+    note = "use cubic: the host's default congestion control, bbr, paces every segment"
+    assert f"connections to 127.0.0.1:{local}/tcp {note}" in log, log
+    assert f"connections to [::1]:{local}/tcp {note}" in log, log
+    assert f":{anywhere}/tcp use" not in log, log
