@@ -94,6 +94,23 @@ def containers(runtime, rootfs, tmp_path):
         warnings.warn(note, stacklevel=2)
 
 
+@pytest.fixture(scope="module")
+def runc(e2e_tmp):
+    try:
+        return make_runtime("runc", e2e_tmp)
+    except RuntimeUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def runc_containers(runc, rootfs, tmp_path):
+    """Rootful runc only: for what one runtime shows as well as both (e.g. a spec that joins
+    another container's netns by path)."""
+    f = ContainerFactory(runc, rootfs, tmp_path / "bundles")
+    yield f
+    f.cleanup()
+
+
 @pytest.fixture
 def netns_factory(e2e_host):
     """Makes test netns and deletes them after the test. Containers started in one are still

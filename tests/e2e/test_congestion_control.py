@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2ekit.container import ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
-from e2ekit.runtimes import RuntimeUnavailable, make_runtime
 from e2ekit.services import Services
 from e2ekit.wait import wait_until
 from oci_portfwd.dialer import PYTHON_DIALER_ENV
@@ -65,21 +63,6 @@ def connect_both_families(port: int, netns_argv: list[str], want: int = 2):
     return clients, found
 
 
-@pytest.fixture(scope="module")
-def runc(e2e_tmp):
-    try:
-        return make_runtime("runc", e2e_tmp)
-    except RuntimeUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-def factory(runc, rootfs, tmp_path):
-    f = ContainerFactory(runc, rootfs, tmp_path / "bundles")
-    yield f
-    f.cleanup()
-
-
 @pytest.fixture(params=["native-dialer", "python-dialer"])
 def hook(hook_command, tmp_path, request):
     # The dialer's loop in C (portfwd-dialer's cc=NAME) and in Python (dialer_process.serve).
@@ -90,14 +73,14 @@ def hook(hook_command, tmp_path, request):
 
 
 @pytest.mark.parametrize("default", ["bbr", "cubic", "reno"])
-def test_container_side_connections_of_a_netns_with_this_default(factory, hook, port_alloc, netns_factory, default):
+def test_container_side_connections_of_a_netns_with_this_default(runc_containers, hook, port_alloc, netns_factory, default):
     require(default)
     require("cubic")
     ns = netns_factory()
     ns.run(["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={default}"])
     port = port_alloc.take()
     services = Services().sink(80)
-    c = factory.new(services.argv(), hook=hook, ports=f"{port}:80", host_network=str(ns.path))
+    c = runc_containers.new(services.argv(), hook=hook, ports=f"{port}:80", host_network=str(ns.path))
     services.wait_ready(c.start())
     clients, (ours, service) = connect_both_families(port, ns.prefix())
     try:

@@ -13,9 +13,7 @@ import time
 import pytest
 from e2ekit import clients
 from e2ekit.clientaddrs import V4_CLIENT, V6_CLIENT, on_loopback
-from e2ekit.container import ContainerFactory
 from e2ekit.hookenv import HookEnv, reap_leftovers
-from e2ekit.runtimes import RuntimeUnavailable, make_runtime
 from e2ekit.services import Services
 from e2ekit.wait import wait_until
 
@@ -26,21 +24,6 @@ TABLE, MARK = 7071, 0x7071
 def addresses(e2e_host):
     with on_loopback(V4_CLIENT, V6_CLIENT):
         yield
-
-
-@pytest.fixture(scope="module")
-def runc(e2e_tmp):
-    try:
-        return make_runtime("runc", e2e_tmp)
-    except RuntimeUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-def factory(runc, rootfs, tmp_path):
-    f = ContainerFactory(runc, rootfs, tmp_path / "bundles")
-    yield f
-    f.cleanup()
 
 
 @pytest.fixture
@@ -70,13 +53,13 @@ def _sees_client(port_tcp: int, port_udp: int, log: str) -> None:
         assert got is not None and (got[0], got[1]) == (source, got[2]), f"{got}\n{log}"
 
 
-def test_pod_routing_set_up_once_and_kept_for_the_remaining_container(addresses, factory, hook, port_alloc):
+def test_pod_routing_set_up_once_and_kept_for_the_remaining_container(addresses, runc_containers, hook, port_alloc):
     port = {name: port_alloc.take() for name in ("a", "ua", "b", "ub")}
     first = Services().peer(80).udp_peer(53)
-    a = factory.new(first.argv(), hook=hook, ports=f"{port['a']}:80,{port['ua']}:53/udp")
+    a = runc_containers.new(first.argv(), hook=hook, ports=f"{port['a']}:80,{port['ua']}:53/udp")
     first.wait_ready(a.start())
     second = Services().peer(81).udp_peer(54)
-    b = factory.new(second.argv(), hook=hook, ports=f"{port['b']}:81,{port['ub']}:54/udp")
+    b = runc_containers.new(second.argv(), hook=hook, ports=f"{port['b']}:81,{port['ub']}:54/udp")
     # The second container joins the first one's netns, as a pod's containers do.
     b.config["linux"]["namespaces"] = [
         ns if ns["type"] != "network" else {"type": "network", "path": a.netns_path}
@@ -107,10 +90,10 @@ def peer_netns(netns_factory):
 
 
 def test_default_route_tcp_keeps_client_udp_falls_back_outbound_unchanged(
-        addresses, factory, hook, port_alloc, peer_netns):
+        addresses, runc_containers, hook, port_alloc, peer_netns):
     port = {name: port_alloc.take() for name in ("t", "u")}
     services = Services().peer(80).udp_peer(53)
-    c = factory.new(services.argv(), hook=hook, ports=f"{port['t']}:80,{port['u']}:53/udp")
+    c = runc_containers.new(services.argv(), hook=hook, ports=f"{port['t']}:80,{port['u']}:53/udp")
     pid = c.start()
     services.wait_ready(pid)
     clients.tcp_peer(V4_CLIENT, "127.0.0.1", port["t"])  # routing ready before the veth comes
@@ -168,10 +151,10 @@ def test_default_route_tcp_keeps_client_udp_falls_back_outbound_unchanged(
 
 
 @pytest.mark.timeout(180)
-def test_1000_udp_clients_each_answered_on_its_own_port(addresses, factory, hook, port_alloc):
+def test_1000_udp_clients_each_answered_on_its_own_port(addresses, runc_containers, hook, port_alloc):
     port = port_alloc.take()
     services = Services().udp_peer(53)
-    c = factory.new(services.argv(), hook=hook, ports=f"{port}:53/udp")
+    c = runc_containers.new(services.argv(), hook=hook, ports=f"{port}:53/udp")
     services.wait_ready(c.start())
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
