@@ -54,21 +54,19 @@ def unpace(sock: _socket.socket) -> tuple[str, str] | None:
     return None
 
 
-def unpaced_choice() -> tuple[str, str | None]:
-    """(this netns's default, the algorithm container-side sockets get instead, or None to
-    keep the default)."""
+def unpaced_choice() -> tuple[str, str] | None:
+    """What `unpace` does to a TCP socket of this netns: (its default, what the dialer's TCP
+    sockets get instead), or None to keep the default."""
     for family in (_socket.AF_INET, _socket.AF_INET6):
         try:
             probe = _socket.socket(family, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         except OSError:
             continue  # a family the kernel was built or booted without
         try:
-            default = current(probe)
-            changed = unpace(probe)
-            return default, changed[1] if changed else None
+            return unpace(probe)
         finally:
             probe.close()
-    return "", None
+    return None
 
 
 def is_loopback(family: int, address: str) -> bool:

@@ -66,8 +66,8 @@ def run_core(
     hello = await_hello(dialer_sock, max(0.1, deadline - time.monotonic()))
     if hello is None:
         log.info("the container has not exec'd yet (rootless crun); connections wait until the dialer joins it")
-    elif hello.congestion_note():
-        log.info("%s", hello.congestion_note())
+    elif note := hello.congestion_note():
+        log.info("%s", note)
 
     loop = EventLoop()
     servers: list[tuple[Listener, TcpListener | UdpListener]] = []
@@ -78,8 +78,8 @@ def run_core(
 
     def on_hello(found: Hello) -> None:
         log.info("the dialer joined the container's namespaces")
-        if found.congestion_note():
-            log.info("%s", found.congestion_note())
+        if note := found.congestion_note():
+            log.info("%s", note)
         for listener, server in servers:
             server.targets = targets_for(listener, found.addresses)
 

@@ -56,7 +56,7 @@ def main(
         if not loopback_is_up():
             bring_loopback_up()
         addresses = container_addresses() if want_addresses else {}
-        default_cc, congestion = unpaced_choice()
+        unpaced = unpaced_choice()
     except NamespaceError as e:
         sock.send((b"G" if isinstance(e, ContainerGone) else b"E") + str(e).encode())
         return
@@ -64,10 +64,10 @@ def main(
         sock.send(b"E" + f"setting up the container's network namespace failed: {e!r}".encode())
         return
     hello: dict = {"addresses": {str(4 if f == _socket.AF_INET else 6): a for f, a in addresses.items()}}
-    if congestion is not None:
-        hello["congestion_control"] = {"default": default_cc, "used": congestion}
+    if unpaced is not None:
+        hello["congestion_control"] = {"default": unpaced[0], "used": unpaced[1]}
     try:
-        serve(sock, hello, client_udp_ports, native, congestion)
+        serve(sock, hello, client_udp_ports, native, unpaced[1] if unpaced else None)
     except (BrokenPipeError, ConnectionResetError):
         # The core is gone (stopped or crashed while we set up): nobody to make sockets for.
         os._exit(0)

@@ -133,8 +133,8 @@ def test_the_choice_in_a_netns_of_its_own(e2e_host, default, net_admin):
     it to everyone (tcp_allowed_congestion_control), reno otherwise."""
     require(default)
     require("cubic")
-    code = ("import sys; from oci_portfwd.congestion_control import unpaced_choice; "
-            "print(*unpaced_choice())")
+    code = ("from oci_portfwd.congestion_control import current, unpaced_choice; import socket; "
+            "print(current(socket.socket()), *(unpaced_choice() or ('kept', 'None'))[1:])")
     drop = [] if net_admin else ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
     r = subprocess.run(
         ["unshare", "--net", "sh", "-c", f"sysctl -qw net.ipv4.tcp_congestion_control={default} && exec \"$@\"",
