@@ -6,7 +6,7 @@ the host's, and where that is BBR every segment is paced: an hrtimer per socket,
 from a softirq on whichever CPU it fires, out of order with those the sending thread puts on lo
 itself (spurious retransmissions). There is no link to pace for on lo. On a 2-CPU VM whose host
 default is bbr (docs/data-path.md), iperf3 through the relay gave 16-18 Gbit/s with BBR on this
-half and 31-37 with cubic or reno everywhere; direct loopback 21 with BBR.
+half and 25-37 with cubic or reno everywhere; direct loopback 20-23 with BBR.
 
 So where the default paces (BBR, v1 to v3, is the only one in mainline that asks for pacing):
   - the dialer gives the TCP sockets it makes cubic, or reno where cubic is not available to it
