@@ -42,25 +42,28 @@ def expected_choice(default: str, net_admin: bool = True) -> str | None:
     return "cubic" if "cubic" in available() and (net_admin or "cubic" in allowed) else "reno"
 
 
-def algorithms(netns_argv: list[str], port: int) -> tuple[list[str], list[str]]:
-    """In the container's netns: the congestion control of the established connections to
-    `port` (the dialer's side) and of those from it (the service's side)."""
-    def listed(direction: str) -> list[str]:
-        r = subprocess.run([*netns_argv, "ss", "-tinH", "state", "established", f"( {direction} = :{port} )"],
-                           capture_output=True, text=True, timeout=10, check=True)
-        lines = r.stdout.splitlines()
-        # One line per socket and one of details under it, which starts with the algorithm.
-        return sorted(line.split()[0] for line in lines if line.startswith(("\t", " ")) and "wscale" in line)
-    return listed("dport"), listed("sport")
+def congestion_of(netns_argv: list[str], selector: str) -> list[str]:
+    """The congestion control of each established TCP socket `ss` selects (`dport = :80`) in
+    the netns `netns_argv` enters ([] for this one), sorted."""
+    r = subprocess.run([*netns_argv, "ss", "-tinH", "state", "established", f"( {selector} )"],
+                       capture_output=True, text=True, timeout=10, check=True)
+    # One line per socket and one of details under it, which starts with the algorithm.
+    return sorted(line.split()[0] for line in r.stdout.splitlines()
+                  if line.startswith(("\t", " ")) and "wscale" in line)
 
 
-def connect_both_families(port: int, netns_argv: list[str], want: int = 2):
+def connect_both_families(port: int, netns_argv: list[str]):
+    """Connections from 127.0.0.1 and ::1, and once both reached the service, the algorithms
+    of the dialer's sockets (to port 80) and of the service's (from it)."""
     clients = [socket.create_connection((host, port), timeout=5) for host in ("127.0.0.1", "::1")]
     for c in clients:
         c.sendall(b"x")
-    found = wait_until(lambda: (lambda a: a if len(a[0]) == want else None)(algorithms(netns_argv, 80)),
-                       timeout=10, what="the container-side connections")
-    return clients, found
+
+    def both() -> tuple[list[str], list[str]] | None:
+        ours = congestion_of(netns_argv, "dport = :80")
+        return (ours, congestion_of(netns_argv, "sport = :80")) if len(ours) == 2 else None
+
+    return clients, wait_until(both, timeout=10, what="the container-side connections")
 
 
 @pytest.fixture(params=["native-dialer", "python-dialer"])
@@ -91,10 +94,7 @@ def test_container_side_connections_of_a_netns_with_this_default(runc_containers
         # The client-facing half (accepted by the core in the host's netns) keeps the host's.
         host_default = (SYSCTL / "tcp_congestion_control").read_text().strip()
         for client in clients:
-            client_port = client.getsockname()[1]
-            r = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{client_port} )"],
-                               capture_output=True, text=True, timeout=10, check=True)
-            assert r.stdout.split("\n", 1)[1].split()[0] == host_default, r.stdout
+            assert congestion_of([], f"dport = :{client.getsockname()[1]}") == [host_default]
     finally:
         for client in clients:
             client.close()
@@ -176,12 +176,8 @@ def test_loopback_listeners_give_their_connections_no_pacing(containers, hook_en
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "connected", client.stderr.read() if client.poll() is not None else ""
-
-        def accepted(port: int) -> list[str] | None:
-            r = ns.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True)
-            found = sorted(line.split()[0] for line in r.stdout.splitlines()
-                           if line.startswith(("\t", " ")) and "wscale" in line)
-            return found or None
+        def accepted(port: int) -> list[str]:
+            return congestion_of(ns.prefix(), f"sport = :{port}")
 
         assert wait_until(lambda: accepted(local), 10, "the loopback listeners' connections") == ["cubic", "cubic"]
         assert wait_until(lambda: accepted(anywhere), 10, "the other listener's connection") == ["bbr"]
