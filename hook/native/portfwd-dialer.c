@@ -27,7 +27,8 @@
  * Here: PR_SET_DUMPABLE 0 all the same (a warning if the file was readable), no capability
  * but CAP_NET_ADMIN, the filter, then the protocol of dialer.py: request `kind " " count` (kind t4 t6 u4 u6), reply
  * "S" kind with count non-blocking, close-on-exec sockets as SCM_RIGHTS, TCP ones with
- * SO_LINGER {1, 0}, TCP_NODELAY and cc=NAME's congestion control. Exits 0 when the core closes its end; on an error one line on stderr
+ * SO_LINGER {1, 0}, TCP_NODELAY, cc=NAME's congestion control and, transparent ones,
+ * SO_REUSEADDR. Exits 0 when the core closes its end; on an error one line on stderr
  * (the container's log) and exit 1, after which the core exits and the supervisor restarts
  * both. Nothing is allocated once the filter is loaded: no mmap, no brk.
  */
@@ -343,6 +344,12 @@ static void serve(int sock, int mark)
                     fail("SO_LINGER", errno);
                 if (setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &on, sizeof on) != 0)
                     fail("TCP_NODELAY", errno);
+                /* The core binds a transparent one to the client's address and port, which
+                 * our last connection from that client may hold in TIME_WAIT: connect() then
+                 * tells whether the 4-tuple is free (source_address.py). Set here, it costs
+                 * the core's loop nothing per connection. */
+                if (kind->transparent && setsockopt(fds[i], SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) != 0)
+                    fail("SO_REUSEADDR", errno);
                 if (congestion[0] &&
                     setsockopt(fds[i], IPPROTO_TCP, TCP_CONGESTION, congestion, strlen(congestion)) != 0) {
                     /* The dialer set it on a socket of this netns before the exec: not

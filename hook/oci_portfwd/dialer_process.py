@@ -128,6 +128,11 @@ def serve(
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, LINGER_RESET)
                 # No Nagle in the relay (see listeners._bind_one).
                 s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                if transparent.get(family):
+                    # The core binds it to the client's address and port, which our last
+                    # connection from that client may hold in TIME_WAIT: connect() then tells
+                    # whether the 4-tuple is free (source_address.SourceBinder.bind).
+                    s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
                 if congestion is not None:
                     try:
                         set_congestion_control(s, congestion)

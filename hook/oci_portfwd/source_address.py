@@ -135,10 +135,9 @@ class SourceBinder:
         if sock.type == _socket.SOCK_DGRAM and not self._udp_reply_is_local(target_family, source[0], service_port):
             return False
         try:
-            if sock.type == _socket.SOCK_STREAM:
-                # The client may reuse its port while our last connection from it is in
-                # TIME_WAIT here; connect() then tells whether the 4-tuple is free.
-                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            # A TCP socket has SO_REUSEADDR from the dialer (it made it transparent): the
+            # client may reuse its port while our last connection from it is in TIME_WAIT
+            # here, and connect() then tells whether the 4-tuple is free.
             sock.bind(source)
         except OSError as e:
             if e.errno not in BIND_FALLBACK_ERRNOS:

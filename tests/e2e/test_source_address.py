@@ -20,9 +20,9 @@ from e2ekit.services import Services
 from oci_portfwd.dialer import PYTHON_DIALER_ENV
 
 # Ports inside the container: the peer services, per family they listen on.
-PEER, PEER4, PEER6, PEER_DUAL, UPEER, UPEER4, UPEER6 = 80, 81, 82, 83, 53, 54, 55
+PEER, PEER4, PEER6, PEER_DUAL, UPEER, UPEER4, UPEER6, SINK = 80, 81, 82, 83, 53, 54, 55, 90
 SOURCE_ANNOTATION = "io.oci-portfwd.source-address"
-NAMES = ["peer", "peer4", "peer6", "dual", "upeer", "upeer4", "upeer6"]
+NAMES = ["peer", "peer4", "peer6", "dual", "upeer", "upeer4", "upeer6", "sink"]
 
 
 def nat64(v4: str) -> str:
@@ -32,14 +32,14 @@ def nat64(v4: str) -> str:
 def peer_services() -> Services:
     return (Services().peer(PEER).peer(PEER4, family="4").peer(PEER6, family="6")
             .peer(PEER_DUAL, family="dual").udp_peer(UPEER).udp_peer(UPEER4, family="4")
-            .udp_peer(UPEER6, family="6"))
+            .udp_peer(UPEER6, family="6").sink(SINK))
 
 
 def peer_spec(port: dict[str, int]) -> str:
     return ",".join([
         f"{port['peer']}:{PEER}", f"{port['peer4']}:{PEER4}", f"{port['peer6']}:{PEER6}",
         f"{port['dual']}:{PEER_DUAL}", f"{port['upeer']}:{UPEER}/udp",
-        f"{port['upeer4']}:{UPEER4}/udp", f"{port['upeer6']}:{UPEER6}/udp",
+        f"{port['upeer4']}:{UPEER4}/udp", f"{port['upeer6']}:{UPEER6}/udp", f"{port['sink']}:{SINK}",
     ])
 
 
@@ -174,3 +174,31 @@ def test_client_reusing_its_port_at_once_is_answered_every_time(pub):
             sock.connect(("127.0.0.1", pub.port["peer"]))
             answer = clients.read_to_eof(sock).decode().split()
         assert answer[0] in (V4_CLIENT, "127.0.0.1"), (i, answer)
+
+
+def test_client_port_our_last_dial_holds_in_time_wait_is_the_source_again(pub):
+    # The client closes first: our container-side socket sends the first FIN and waits in
+    # TIME_WAIT in the container, bound to the client's address and port. The client's next
+    # connection from that address and port (to another service: another 4-tuple) is dialled
+    # from it again, because both sockets have SO_REUSEADDR (the dialer sets it on every
+    # transparent TCP socket); without it the bind fails and the service sees loopback.
+    with socket.socket() as probe:
+        probe.bind((V4_CLIENT, 0))
+        port = probe.getsockname()[1]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(5)
+        sock.bind((V4_CLIENT, port))
+        sock.connect(("127.0.0.1", pub.port["sink"]))
+        sock.shutdown(socket.SHUT_WR)
+        assert len(clients.read_to_eof(sock).split()[0]) == 64  # the sink's sha256: both ends closed
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(5)
+        sock.bind((V4_CLIENT, port))
+        sock.connect(("127.0.0.1", pub.port["peer"]))
+        seen, seen_port = clients.read_to_eof(sock).decode().split()
+    if pub.mode == "client":
+        assert (seen, int(seen_port)) == (V4_CLIENT, port), pub.hook.log_text(pub.container.id)
+    else:
+        assert seen == "127.0.0.1"
