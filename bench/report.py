@@ -148,10 +148,26 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
+def survived_only(peer_rounds: list[dict], key: str) -> bool:
+    """A figure in fewer than half of the peer's rounds (the tool gave up in the others, e.g.
+    ab on a connection unanswered for 5 s): its median is of the rounds it survived, not of the
+    run, and is not compared as the best peer's (sparse_peers names it)."""
+    return 0 < 2 * len(values(peer_rounds, key)) < len(peer_rounds)
+
+
+def sparse_peers(rounds: dict[str, list[dict]], key: str) -> list[str]:
+    """Peers left out of best_peer for `key`, as 'name: median in k of n rounds'."""
+    fmt = FIGURES[key][1]
+    return [f"{PEERS[n]} {fmt.format(med(rounds[n], key))} in {len(values(rounds[n], key))} of "
+            f"{len(rounds[n])} rounds" for n in PEERS if n in rounds and survived_only(rounds[n], key)]
+
+
 def best_peer(rounds: dict[str, list[dict]], key: str) -> tuple[str, float] | None:
-    """The peer with the best median of `key` (highest rate, lowest latency or memory)."""
+    """The peer with the best median of `key` (highest rate, lowest latency or memory), among
+    those with a figure in at least half of their rounds."""
     higher = FIGURES[key][2]
-    found = [(m, n) for n in PEERS if n in rounds and (m := med(rounds[n], key)) is not None]
+    found = [(m, n) for n in PEERS
+             if n in rounds and not survived_only(rounds[n], key) and (m := med(rounds[n], key)) is not None]
     if not found:
         return None
     m, n = (max if higher else min)(found, key=lambda f: f[0])
@@ -213,6 +229,10 @@ def summary(res: dict) -> str:
                    f"{ratio_cell} | {fmt.format(loop) if loop is not None else '—'} |")
     missing = {PEERS[p] for p in PEERS if p in rounds and med(rounds[p], "udp_mbps") is None}
     notes = []
+    for key, title in SUMMARY_ROWS:
+        if sparse := sparse_peers(rounds, key):
+            notes.append(f"{title}: not compared with {'; '.join(sparse)} (no figure in the others: "
+                         "the tool gave up, see the notes of RESULTS.md).")
     if missing:
         notes.append(f"UDP: no figure for {', '.join(sorted(missing))} (no reply datagram reached "
                      "the client).")
