@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py [--rounds 3] [--seconds 3] [--requests 20000]
                                   [--only ours-builtin,rootlesskit-builtin,loopback] [--out bench]
 
-Rounds are interleaved (A B C … A B C …): each forwarder gets a fresh instance per round and
+Rounds are interleaved (A B C, B C A, C A B, …): each forwarder gets a fresh instance per round and
 only one forwarder exists at a time. Writes bench/RESULTS.md (and bench/results.json, the raw
 figures of every round) and, after a run of every forwarder, README.md's performance table.
 Everything made is undone on exit, failures and signals included.
@@ -418,7 +418,11 @@ def main() -> int:
         results["hook_start"] = hook_start(env, args.hookstart_runs, drivers)
 
         for rnd in range(args.rounds):
-            for name in names:
+            # Each round starts one forwarder further on (A B C, B C A, C A B, …): whatever the
+            # one before leaves behind (TIME_WAIT sockets, a busy page cache, a CPU's frequency)
+            # falls on every forwarder in turn, not always on the same neighbour.
+            shift = rnd % len(names)
+            for name in names[shift:] + names[:shift]:
                 log(f"round {rnd + 1}/{args.rounds}: {name}")
                 t0 = time.monotonic()
                 fig: dict = {"errors": {}, "t": {}}
