@@ -156,7 +156,7 @@ def survived_only(peer_rounds: list[dict], key: str) -> bool:
 
 
 def sparse_peers(rounds: dict[str, list[dict]], key: str) -> list[str]:
-    """Peers left out of best_peer for `key`, as 'name: median in k of n rounds'."""
+    """Peers left out of best_peer for `key`, as 'name median in k of n rounds'."""
     fmt = FIGURES[key][1]
     return [f"{PEERS[n]} {fmt.format(med(rounds[n], key))} in {len(values(rounds[n], key))} of "
             f"{len(rounds[n])} rounds" for n in PEERS if n in rounds and survived_only(rounds[n], key)]
