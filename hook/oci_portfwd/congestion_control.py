@@ -67,10 +67,3 @@ def unpaced_choice() -> tuple[str, str] | None:
         finally:
             probe.close()
     return None
-
-
-def is_loopback(family: int, address: str) -> bool:
-    """A listener's address that only this machine's clients can reach."""
-    if family == _socket.AF_INET:
-        return address.startswith("127.")
-    return address == "::1"

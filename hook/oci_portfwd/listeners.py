@@ -15,8 +15,9 @@ import _socket
 import errno
 import sys
 
-from .congestion_control import is_loopback, unpace
+from .congestion_control import unpace
 from .errors import BindError
+from .inet import is_loopback
 from .netns_setup import reachable
 from .values import Value
 
@@ -127,7 +128,7 @@ def _bind_one(t: BindTarget) -> tuple[_socket.socket, tuple[str, str] | None]:
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             # Clients of a loopback address are on this machine: no pacing where the host's
             # default paces (congestion_control.py), inherited by every accepted socket.
-            if is_loopback(t.family, t.address):
+            if is_loopback(t.address):
                 unpaced = unpace(sock)
         # UDP keeps the kernel's default receive buffer (net.core.rmem_default). A 4 MiB one
         # (tried) queued tens of milliseconds of datagrams while the relay was busy and
