@@ -348,9 +348,12 @@ def setup_rootlesskit(env: Env, port_driver: str) -> Instance:
 def crun_config(env: Env, args: list[str], annotations: dict[str, str], hooks: bool,
                 hook_path: str | None = None, rootless: RootlessCrun | None = None) -> dict:
     hook_config = rootless.hook_config if rootless else env.hook_config
+    # The hook's test switches (OCI_PORTFWD_TEST_*, e.g. the Python relay) pass through from
+    # the bench's own environment, for trying one side of a change with bench/probe.py.
+    switches = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OCI_PORTFWD_TEST_")]
     hook_entry = lambda stage: {  # noqa: E731
         "path": hook_path or str(env.hook), "args": ["oci-portfwd-hook", stage],
-        "env": [f"PATH={SYS_PATH}", f"OCI_PORTFWD_CONFIG={hook_config}"], "timeout": 30}
+        "env": [f"PATH={SYS_PATH}", f"OCI_PORTFWD_CONFIG={hook_config}", *switches], "timeout": 30}
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     config = {
         "ociVersion": "1.0.2-dev",
