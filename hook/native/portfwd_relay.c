@@ -1,9 +1,13 @@
-/* portfwd_relay: the established TCP pairs of a core, relayed by a thread in C (issue 15).
+/* portfwd_relay: the TCP connections of a core, accepted, dialled and relayed by threads in
+ * C (issue 15).
  *
- * The core's Python loop accepts, dials, writes a PROXY header if asked, and then hands
- * the pair over: add() puts both sockets into a thread's epoll set and the loop forgets
- * them (the thread shares the process's descriptor table; no message, no wake-up for the
- * hand-over itself). From there, that thread alone relays:
+ * Two ways in. The threads accept on the listeners listen() gives them and dial the
+ * container themselves ("accepting" below: a new connection crosses one thread). For the
+ * rest (PROXY headers, fallbacks, an empty pool) the core's Python loop accepts, dials,
+ * writes a PROXY header if asked, and then hands the pair over: add() puts both sockets into
+ * a thread's epoll set and the loop forgets them (the thread shares the process's descriptor
+ * table; no message, no wake-up for the hand-over itself). From there, that thread alone
+ * relays:
  *
  *     client ◀──▶ this thread's epoll ◀──▶ container-side socket
  *       input on a socket feeds the way it is the source of (tcp_relay.py's Direction):
@@ -32,6 +36,8 @@
  * threads only (atomic adds; Python relays nothing once they run) and closes in a slot of
  * their own (stats.RELAY_CLOSED), so that Python and C never write the same slot.
  *
+ * Connections the threads accept are counted in a slot of theirs too (stats.RELAY_ACCEPTED).
+ *
  * Least privilege: the thread starts after the core dropped its privileges (it inherits
  * the dropped credentials) and before the core's filter is loaded; it loads its own, the
  * allow-list seccomp_filter.RELAY_SYSCALLS exported as BPF by Python (a forbidden call
@@ -45,6 +51,8 @@
 #include <fcntl.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <pthread.h>
 #include <sched.h>
 #include <semaphore.h>
@@ -70,11 +78,11 @@
 #define CTL_TAG ((void *)1)
 
 /* stats.py's slots */
-enum { TO_CONTAINER = 3, TO_CLIENT = 4, RELAY_CLOSED = 7 };
+enum { TO_CONTAINER = 3, TO_CLIENT = 4, RELAY_CLOSED = 7, RELAY_ACCEPTED = 8 };
 
 struct pair;
 
-struct end {  /* epoll's data: which socket of which pair */
+struct end {  /* epoll's data: which socket of which pair; NULL pair: a listener's */
     struct pair *pair;
     int side;  /* 0 the client, 1 the container side */
 };
@@ -99,7 +107,9 @@ struct pair {
 
 struct relay {
     int epfd, ctl, report;
-    struct pair *free_pairs;  /* add_pair's own: pairs' memory, reused (see new_pair) */
+    struct pair *free_pairs;  /* add()'s own: pairs' memory, reused (see new_pair) */
+    struct pair *own_free;  /* the thread's own, for the connections it accepts */
+    int active;  /* atomic: pairs in this thread's set (the accepting threads balance on it) */
     struct pair *returned;  /* atomic: freed by the thread, taken whole by add_pair */
     struct pair *failed;  /* atomic: pairs add_pair could not arm, freed by the thread */
     int64_t *counts;
@@ -116,29 +126,32 @@ struct relay {
  * shrinking a thread's heap, opens /proc/sys/vm/overcommit_memory, and openat is not on
  * this thread's list. The slabs stay for the process's life: the peak of open connections
  * (~170 bytes each: 5,000 connections, ~0.8 MB). */
-static struct pair *new_pair(struct relay *r)
+static struct pair *new_pair(struct relay *r, struct pair **free_list)
 {
-    if (r->free_pairs == NULL)  /* what the thread gave back since the last time */
-        r->free_pairs = __atomic_exchange_n(&r->returned, NULL, __ATOMIC_ACQUIRE);
-    if (r->free_pairs == NULL) {
+    /* `free_list`: the caller's own (add() in the Python thread, or the relay thread for
+     * what it accepts). Both refill it from what the thread gave back since the last time,
+     * each taking the whole list (an exchange: safe with two takers, no ABA). */
+    if (*free_list == NULL)
+        *free_list = __atomic_exchange_n(&r->returned, NULL, __ATOMIC_ACQUIRE);
+    if (*free_list == NULL) {
         size_t size = 1 << 16, n = size / sizeof(struct pair);
         struct pair *slab = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (slab == MAP_FAILED)
             return NULL;
         for (size_t i = 0; i < n; i++) {
-            slab[i].next_free = r->free_pairs;
-            r->free_pairs = &slab[i];
+            slab[i].next_free = *free_list;
+            *free_list = &slab[i];
         }
     }
-    struct pair *p = r->free_pairs;
-    r->free_pairs = p->next_free;
+    struct pair *p = *free_list;
+    *free_list = p->next_free;
     memset(p, 0, sizeof *p);
     return p;
 }
 
 /* Pushes a chain (first … last) on an atomic list: the thread gives pairs back to add_pair,
- * add_pair gives the thread the pairs it could not arm. Each list has one taker, which takes
- * it whole (exchange): no ABA. */
+ * add_pair gives the thread the pairs it could not arm. Takers take a list whole
+ * (exchange): no ABA. */
 static void push_chain(struct pair **list, struct pair *first, struct pair *last)
 {
     struct pair *head = __atomic_load_n(list, __ATOMIC_RELAXED);
@@ -206,6 +219,7 @@ static void close_pair(struct relay *r, struct pair *p, int graceful)
         close(p->fd[side]);
         return_pipe(r, &p->ways[side]);
     }
+    __atomic_fetch_sub(&r->active, 1, __ATOMIC_RELAXED);
     add_count(r, RELAY_CLOSED, 1);
     p->next_free = r->to_free;  /* events of this batch may still name it */
     r->to_free = p;
@@ -371,11 +385,11 @@ static void on_event(struct relay *r, struct end *e, uint32_t events)
  * a pair that could not be armed (its sockets reset and closed) goes to the thread, which
  * frees it after the batch its events may be in. 0, or an errno (the pair is then reset
  * and counted). */
-static int add_pair(struct relay *r, int client, int upstream)
+static int add_pair(struct relay *r, struct pair **free_list, int client, int upstream)
 {
     static const struct linger reset = {1, 0};
     int fds[2] = {client, upstream}, err = 0;
-    struct pair *p = new_pair(r);
+    struct pair *p = new_pair(r, free_list);
     if (p == NULL) {
         err = ENOMEM;
     } else {
@@ -405,6 +419,8 @@ static int add_pair(struct relay *r, int client, int upstream)
         }
         if (err)
             p->closed = 1;  /* an event of its first socket may be out already: ignored */
+        else
+            __atomic_fetch_add(&r->active, 1, __ATOMIC_RELAXED);
     }
     if (err) {
         for (int side = 0; side < 2; side++) {
@@ -419,6 +435,198 @@ static int add_pair(struct relay *r, int client, int upstream)
             push_chain(&r->failed, p, p);
     }
     return err;
+}
+
+/* --- accepting: a new connection crosses one thread --------------------------------------- */
+
+/* A host listener whose connections the threads accept and dial themselves (listen()): it
+ * is in every thread's epoll set with EPOLLEXCLUSIVE, so a connection wakes one idle thread,
+ * and that thread accepts it, dials the container from a socket of the pool, and relays the
+ * pair: the request, the answer and both closes cross no other thread. Through the Python
+ * loop a new connection crossed two (the loop accepted and dialled, a relay thread relayed)
+ * and its latency spread wider than one thread's (docs/data-path.md: p99 4.1–5.1 ms against
+ * 3.3–3.5 with everything in the one Python thread, at the same rate).
+ *
+ * Only the plain case is done here: the first target, from the pool's socket, bound to the
+ * client's own address where the listener says so (same family, no scope). Anything else
+ * goes to the Python loop whole, by a record on the core's slow pipe — the client's socket,
+ * never a byte read from it — and the loop serves it as it serves every connection: an empty
+ * pool (it waits for the dialer), a refusal or an address taken (the next target, or the
+ * dial from loopback), a dial still in progress, a client of another family (its address is
+ * mapped or not carried, and logged), a listener that writes PROXY headers (never given to
+ * the threads). The loop logs what happened there; the threads never log. */
+
+#define ACCEPT_BATCH 4  /* accepts per wake-up: a connection of a batch waits for the batch's dials */
+#define POOL_MAX 64
+#define POOL_LOW 16  /* fewer ready (with those asked for): ask for POOL_ASK more */
+#define POOL_ASK 16
+
+/* What the threads tell the core's loop on the slow pipe (16 bytes: one atomic write). */
+enum { SLOW_CONNECTION = 0, SLOW_NEED_SOCKETS = 1, SLOW_PAUSED = 2 };
+struct slow_record {
+    int32_t what, a, b, c;
+};
+
+/* Container-side TCP sockets made by the dialer, handed over by the loop (supply()): [0]
+ * IPv4, [1] IPv6. A mutex: taken once per connection by one of a few threads, uncontended
+ * almost always (a futex only when it is). */
+struct socket_pool {
+    pthread_mutex_t lock;
+    int fds[2][POOL_MAX];
+    int ready[2], asked[2];
+};
+
+struct listener {
+    struct end tag;  /* first: epoll's data; tag.pair is NULL */
+    int fd, id, slow;
+    int kind;  /* the pool: 0 IPv4, 1 IPv6 (the target's family) */
+    int bind_client;  /* bind the container side to the client's address (same family) */
+    int paused;  /* atomic: out of every thread's epoll set after an accept error */
+    union {
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } target;
+    socklen_t target_len;
+};
+
+#define MAX_RELAYS 64
+/* The threads this process started (a core starts one per CPU, at most four, once): add()
+ * names one by its index. They live as long as the process, and so do the listeners. */
+static struct relay *relays[MAX_RELAYS];
+static int n_relays;
+static struct socket_pool pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void tell(int slow, int what, int a, int b, int c)
+{
+    struct slow_record rec = {what, a, b, c};
+    if (write(slow, &rec, sizeof rec) != sizeof rec) {
+        /* The pipe is full (the loop is far behind) or gone: for a connection, the caller
+         * resets it; for a request for sockets, the next take asks again. */
+    }
+}
+
+static int tell_connection(struct listener *l, int client, int err)
+{
+    struct slow_record rec = {SLOW_CONNECTION, l->id, client, err};
+    return write(l->slow, &rec, sizeof rec) == sizeof rec;
+}
+
+/* A socket for a dial, or -1 (none ready: the loop serves this connection). Asks the loop
+ * for more below POOL_LOW, once per POOL_ASK. */
+static int pool_take(struct listener *l)
+{
+    int fd = -1, ask = 0, k = l->kind;
+    pthread_mutex_lock(&pool.lock);
+    if (pool.ready[k])
+        fd = pool.fds[k][--pool.ready[k]];
+    if (pool.ready[k] + pool.asked[k] < POOL_LOW) {
+        pool.asked[k] += POOL_ASK;
+        ask = 1;
+    }
+    pthread_mutex_unlock(&pool.lock);
+    if (ask)
+        tell(l->slow, SLOW_NEED_SOCKETS, k, POOL_ASK, 0);
+    return fd;
+}
+
+/* Out of every thread's epoll set (an accept error, e.g. out of descriptors: a level-
+ * triggered listener would wake them for ever); the loop puts it back (resume()) in 100 ms. */
+static void pause_listener(struct listener *l, int err)
+{
+    if (__atomic_exchange_n(&l->paused, 1, __ATOMIC_ACQ_REL))
+        return;  /* another thread did */
+    for (int i = 0; i < n_relays; i++)
+        epoll_ctl(relays[i]->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+    tell(l->slow, SLOW_PAUSED, l->id, err, 0);
+}
+
+/* The thread that relays a pair this one accepted: this one, unless another relays fewer
+ * pairs. A wake-up goes to whichever thread is idle, so the accepting thread is often the one
+ * that already relays the most (two keep-alive connections opened together were accepted by
+ * one thread, and shared its CPU: half the rate of one each). Pairs are plain memory: a pair
+ * from this thread's free list may go to any thread, which gives it back to its own list. */
+static struct relay *least_busy(struct relay *self)
+{
+    struct relay *best = self;
+    int fewest = __atomic_load_n(&self->active, __ATOMIC_RELAXED);
+    for (int i = 0; i < n_relays && fewest > 0; i++) {
+        int n = __atomic_load_n(&relays[i]->active, __ATOMIC_RELAXED);
+        if (n < fewest) {
+            best = relays[i];
+            fewest = n;
+        }
+    }
+    return best;
+}
+
+/* One accepted client: dial the container and relay the pair here, or give it to the loop. */
+static void dial(struct relay *r, struct listener *l, int client, struct sockaddr_storage *peer)
+{
+    static const struct linger reset = {1, 0};
+    int up = pool_take(l), err = 0;
+    if (up < 0)
+        goto slow;  /* err 0: nothing was tried */
+    if (l->bind_client) {
+        int same = 0;
+        if (l->kind == 0 && peer->ss_family == AF_INET) {
+            same = 1;
+        } else if (l->kind == 1 && peer->ss_family == AF_INET6) {
+            struct sockaddr_in6 *p6 = (struct sockaddr_in6 *)peer;
+            p6->sin6_flowinfo = 0;
+            same = p6->sin6_scope_id == 0;  /* a link-local client's scope names a host interface */
+        }
+        if (!same)
+            goto slow_close;  /* mapped, or not carried: the loop's (and its log's) */
+        /* The dialer gave the socket SO_REUSEADDR with IP_TRANSPARENT: the client may reuse
+         * its port while our last connection from it is in TIME_WAIT in the container. */
+        if (bind(up, (struct sockaddr *)peer,
+                 l->kind == 0 ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6)) != 0) {
+            err = errno;
+            goto slow_close;
+        }
+    }
+    int rc = connect(up, (struct sockaddr *)&l->target, l->target_len);
+    if (rc != 0 && errno == EINPROGRESS)
+        /* A container on this host answers inside the connect() that sends the SYN (the
+         * packet is processed in the sender's context): a second connect() says so. */
+        rc = connect(up, (struct sockaddr *)&l->target, l->target_len);
+    if (rc != 0 && errno != EISCONN) {
+        err = errno;  /* refused, taken, or still under way (EALREADY): the loop dials again */
+        goto slow_close;
+    }
+    add_count(r, RELAY_ACCEPTED, 1);  /* add_pair counts a pair it cannot arm as closed */
+    add_pair(least_busy(r), &r->own_free, client, up);
+    return;
+slow_close:
+    close(up);  /* SO_LINGER {1, 0} from the dialer: nothing half-open is left in the container */
+slow:
+    if (!tell_connection(l, client, err)) {
+        /* The loop cannot take it (its pipe is full): a reset, as an overflowing backlog
+         * would give; counted as a connection opened and closed. */
+        setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        close(client);
+        add_count(r, RELAY_ACCEPTED, 1);
+        add_count(r, RELAY_CLOSED, 1);
+    }
+}
+
+static void on_listener(struct relay *r, struct listener *l)
+{
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof peer;
+        int client = accept4(l->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (client < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return;  /* another thread took it, or none left */
+            if (errno == ECONNABORTED || errno == EPROTO)
+                continue;  /* reset while queued: nobody to serve */
+            pause_listener(l, errno);
+            return;
+        }
+        /* SO_LINGER {1, 0} and TCP_NODELAY come from the listener (listeners._bind_one). */
+        dial(r, l, client, &peer);
+    }
 }
 
 static void *relay_main(void *arg)
@@ -454,7 +662,11 @@ static void *relay_main(void *arg)
         for (int i = 0; i < n; i++) {
             if (events[i].data.ptr == CTL_TAG)
                 goto out;  /* the core closed its end (or wrote to it, which nothing does) */
-            on_event(r, events[i].data.ptr, events[i].events);
+            struct end *e = events[i].data.ptr;
+            if (e->pair == NULL)
+                on_listener(r, (struct listener *)e);
+            else
+                on_event(r, e, events[i].events);
         }
         /* Pairs closed in this batch, and those add_pair could not arm, go back to add_pair
          * once no event of this batch can name them (their sockets are closed: no later
@@ -485,12 +697,6 @@ out:
 }
 
 /* --- Python ----------------------------------------------------------------------------- */
-
-/* The threads this process started (a core starts one per CPU, at most four, once): add()
- * names one by its index. They live as long as the process. */
-#define MAX_RELAYS 64
-static struct relay *relays[MAX_RELAYS];
-static int n_relays;
 
 static PyObject *start(PyObject *self, PyObject *args)
 {
@@ -553,6 +759,134 @@ static PyObject *start(PyObject *self, PyObject *args)
     return PyLong_FromLong(n_relays++);
 }
 
+/* Listeners given to the threads, by the handle listen() returned (the loop's thread only). */
+static struct listener **listeners;
+static int n_listeners;
+
+static int watch_listener(struct listener *l)
+{
+    for (int i = 0; i < n_relays; i++) {
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.ptr = &l->tag};
+        if (epoll_ctl(relays[i]->epfd, EPOLL_CTL_ADD, l->fd, &ev) != 0 && errno != EEXIST) {
+            int err = errno;
+            for (int j = 0; j < i; j++)
+                epoll_ctl(relays[j]->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+            return err;
+        }
+    }
+    return 0;
+}
+
+static PyObject *listen_(PyObject *self, PyObject *args)
+{
+    int fd, id, slow, family, port, bind_client;
+    const char *address;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiiisip", &fd, &id, &slow, &family, &address, &port, &bind_client))
+        return NULL;
+    if (n_relays == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no relay thread runs");
+        return NULL;
+    }
+    struct listener *l = calloc(1, sizeof *l);
+    struct listener **grown = realloc(listeners, (size_t)(n_listeners + 1) * sizeof *listeners);
+    if (l == NULL || grown == NULL) {
+        free(l);
+        return PyErr_NoMemory();
+    }
+    listeners = grown;
+    l->fd = fd;
+    l->id = id;
+    l->slow = slow;
+    l->bind_client = bind_client;
+    int ok;
+    if (family == AF_INET) {
+        l->kind = 0;
+        l->target.v4.sin_family = AF_INET;
+        l->target.v4.sin_port = htons((uint16_t)port);
+        ok = inet_pton(AF_INET, address, &l->target.v4.sin_addr);
+        l->target_len = sizeof l->target.v4;
+    } else {
+        l->kind = 1;
+        l->target.v6.sin6_family = AF_INET6;
+        l->target.v6.sin6_port = htons((uint16_t)port);
+        ok = inet_pton(AF_INET6, address, &l->target.v6.sin6_addr);
+        l->target_len = sizeof l->target.v6;
+    }
+    if (ok != 1 || family != (l->kind ? AF_INET6 : AF_INET)) {
+        free(l);
+        PyErr_Format(PyExc_ValueError, "not an address of family %d: %s", family, address);
+        return NULL;
+    }
+    /* Non-blocking (the file's flag, shared with every holder of the listener: the core's
+     * loop has it so too): a thread whose accept another thread won must not wait there. */
+    int flags = fcntl(fd, F_GETFL);
+    int err = flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 ? errno : watch_listener(l);
+    if (err) {
+        free(l);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    listeners[n_listeners] = l;
+    return PyLong_FromLong(n_listeners++);
+}
+
+static PyObject *resume(PyObject *self, PyObject *args)
+{
+    int handle;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &handle))
+        return NULL;
+    if (handle < 0 || handle >= n_listeners) {
+        PyErr_SetString(PyExc_ValueError, "no such listener");
+        return NULL;
+    }
+    struct listener *l = listeners[handle];
+    if (__atomic_load_n(&l->paused, __ATOMIC_ACQUIRE)) {
+        int err = watch_listener(l);
+        if (err) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        __atomic_store_n(&l->paused, 0, __ATOMIC_RELEASE);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *supply(PyObject *self, PyObject *args)
+{
+    int kind, fd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ii", &kind, &fd))
+        return NULL;
+    if (kind < 0 || kind > 1) {
+        PyErr_SetString(PyExc_ValueError, "kind is 0 (IPv4) or 1 (IPv6)");
+        return NULL;
+    }
+    int taken = 0;
+    pthread_mutex_lock(&pool.lock);
+    if (pool.asked[kind] > 0)
+        pool.asked[kind]--;
+    if (pool.ready[kind] < POOL_MAX) {
+        pool.fds[kind][pool.ready[kind]++] = fd;
+        taken = 1;
+    }
+    pthread_mutex_unlock(&pool.lock);
+    if (!taken)
+        close(fd);
+    Py_RETURN_NONE;
+}
+
+static PyObject *pairs(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    PyObject *out = PyList_New(n_relays);
+    for (int i = 0; out != NULL && i < n_relays; i++)
+        PyList_SetItem(out, i, PyLong_FromLong(__atomic_load_n(&relays[i]->active, __ATOMIC_RELAXED)));
+    return out;
+}
+
 static PyObject *add(PyObject *self, PyObject *args)
 {
     int index, client, upstream;
@@ -564,7 +898,7 @@ static PyObject *add(PyObject *self, PyObject *args)
         return NULL;
     }
     /* The GIL stays held: the core has no other Python thread to let run. */
-    int err = add_pair(relays[index], client, upstream);
+    int err = add_pair(relays[index], &relays[index]->free_pairs, client, upstream);
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -579,6 +913,15 @@ static PyMethodDef methods[] = {
     {"add", add, METH_VARARGS,
      "add(index, client_fd, upstream_fd): the thread relays the pair from now on and closes "
      "both; OSError: it could not take them (both were reset)."},
+    {"listen", listen_, METH_VARARGS,
+     "listen(fd, id, slow_fd, family, address, port, bind_client) -> handle: the threads accept "
+     "on this listener and dial the container's address:port themselves; what they cannot serve "
+     "goes to slow_fd as 16-byte records (what, a, b, c)."},
+    {"pairs", pairs, METH_NOARGS, "pairs() -> [n]: how many pairs each thread relays now."},
+    {"resume", resume, METH_VARARGS, "resume(handle): a listener paused after an accept error, watched again."},
+    {"supply", supply, METH_VARARGS,
+     "supply(kind, fd): a container-side TCP socket for the threads' dials (kind 0 IPv4, 1 IPv6); "
+     "theirs from now on."},
     /* UDP (udp_batch.c): the core's own thread, in batches */
     {"udp_batch", udp_batch, METH_NOARGS, "udp_batch() -> a batch: 64 slots of 64 KiB, mapped, untouched until used."},
     {"udp_receive", udp_receive, METH_VARARGS,

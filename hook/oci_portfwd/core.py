@@ -25,6 +25,7 @@ from .source_address import SourceBinder
 from .stats import new_counters
 from .status import StatusWriter
 from .tcp_relay import PipePool, TcpListener
+from .thread_accept import ThreadAccept
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ def run_core(
 
     loop = EventLoop()
     servers: list[tuple[Listener, TcpListener | UdpListener]] = []
+    # The TCP listeners the relay threads accept on themselves, once they run (_start_relay).
+    accepting: list[ThreadAccept] = []
 
     def targets_for(listener: Listener, found: Addresses) -> tuple[Target, ...]:
         t = listener.target
@@ -82,6 +85,9 @@ def run_core(
             log.info("%s", note)
         for listener, server in servers:
             server.targets = targets_for(listener, found.addresses)
+        for threads in accepting:
+            threads.targets_known = True
+            threads.offer()
 
     def on_error(message: str) -> None:
         log.error("%s", message)
@@ -108,6 +114,8 @@ def run_core(
             )
         else:
             log.warning("client addresses unavailable: services see loopback")
+        for threads in accepting:
+            threads.offer()
 
     pool.on_routing = on_routing
 
@@ -157,6 +165,13 @@ def run_core(
             sandbox.enter()
     elif relay is not None:
         _start_relay(relay, b"", counts, loop, servers, log)
+    if relay is not None and relay.ctls:
+        threads = ThreadAccept(
+            relay, loop, pool, [server for _, server in servers], log,
+            targets_known=hello is not None, wants_routing=plan.source_address == "client",
+        )
+        accepting.append(threads)
+        threads.offer()
     loop.run()
     return 3
 

@@ -3,6 +3,9 @@
     core's loop: accept, dial, PROXY header ─▶ NativeRelay.hand_over(client, upstream)
         both sockets go into one thread's epoll set (threads dealt in turn); the socket
         objects are detached, not closed
+    or a listener given to the threads (NativeRelay.listen, thread_accept.py): a thread
+        accepts and dials itself from the sockets supply() gave it; what it cannot serve
+        comes back to the loop as records (NativeRelay.records)
     the thread: relays both ways until both ends closed (tcp_relay.py's rules)
 
 Why (issue 15, bench/RESULTS.md): through the Python loop a keep-alive request cost the core
@@ -14,8 +17,11 @@ PYTHON_RELAY_ENV set, tcp_relay.py relays as before.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import sys
+from _socket import AF_INET
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,6 +55,12 @@ def load() -> tuple[ModuleType | None, str]:
     return module, ""
 
 
+# The threads' records to the loop (portfwd_relay.c's struct slow_record).
+RECORD = struct.Struct("=iiii")
+SLOW_CONNECTION, SLOW_NEED_SOCKETS, SLOW_PAUSED = 0, 1, 2
+F_SETPIPE_SZ = 1031
+SLOW_PIPE_SIZE = 1 << 20
+
 # More threads than this spend a big host's CPUs on one container's traffic.
 MAX_THREADS = 4
 
@@ -70,6 +82,11 @@ class NativeRelay:
         self.indexes: list[int] = []
         self.next = 0
         self.report, self.report_w = os.pipe2(os.O_CLOEXEC)
+        # What the threads give back to the loop from the listeners they accept on (records,
+        # see `records`); made with the first such listener. Non-blocking both ends: a
+        # thread never waits for the loop (a connection it cannot pass on is reset).
+        self.slow: int | None = None
+        self.slow_w = -1
 
     def start(self, counts: Counters, seccomp_bpf: bytes) -> None:
         """Start the threads. `seccomp_bpf`: their allow-list (seccomp_filter.relay_filter()),
@@ -100,6 +117,41 @@ class NativeRelay:
         self.next = (self.next + 1) % len(self.indexes)
         fds = client.detach(), upstream.detach()
         self.module.add(self.indexes[self.next], *fds)
+
+    def listen(self, fd: int, listener_id: int, family: int, address: str, port: int, *, bind_client: bool) -> int:
+        """From now on the threads accept on `fd` and dial address:port (the first target)
+        from the pool's sockets, bound to the client's address if `bind_client`; what they
+        cannot serve comes back as records. Returns the listener's handle (for resume()).
+        The loop must no longer watch `fd`. OSError: not given (the loop keeps it)."""
+        if self.slow is None:
+            self.slow, self.slow_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                fcntl.fcntl(self.slow_w, F_SETPIPE_SZ, SLOW_PIPE_SIZE)
+            except OSError:
+                pass  # the default 64 KiB: 4,096 records
+        return self.module.listen(fd, listener_id, self.slow_w, family, address, port, bind_client)  # type: ignore[no-any-return]
+
+    def resume(self, handle: int) -> None:
+        """A listener the threads paused after an accept error, watched again."""
+        self.module.resume(handle)
+
+    def supply(self, family: int, sock: _socket.socket) -> None:
+        """A container-side TCP socket for the threads' dials; theirs from now on."""
+        self.module.supply(0 if family == AF_INET else 1, sock.detach())
+
+    def records(self) -> list[tuple[int, int, int, int]]:
+        """What the threads passed to the loop since the last call: (what, a, b, c) with
+        what = SLOW_CONNECTION (a: listener id, b: the client's descriptor, c: the errno of
+        the dial they tried, 0 for none), SLOW_NEED_SOCKETS (a: 0 IPv4 / 1 IPv6, b: how
+        many) or SLOW_PAUSED (a: listener id, b: the accept's errno)."""
+        assert self.slow is not None
+        out: list[tuple[int, int, int, int]] = []
+        while True:
+            try:
+                data = os.read(self.slow, 4096 * RECORD.size)
+            except BlockingIOError:
+                return out
+            out.extend(RECORD.iter_unpack(data))  # 16-byte writes: never split
 
     def why_stopped(self) -> str:
         """What a thread said when it stopped (the report descriptor became readable)."""

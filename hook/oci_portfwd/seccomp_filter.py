@@ -94,10 +94,13 @@ NATIVE_DIALER_SYSCALLS = (
 # for what a full destination does not take), the options a relay sets, the report it
 # writes when it stops, and its end. Memory for pairs: mmap, never executable (it does not
 # use malloc); rt_sigprocmask, munmap and madvise for the thread's own exit (glibc blocks
-# signals, frees the stack), futex for the semaphore it posts once started, sched_yield while
-# add() arms a pair whose first socket is already in its set. A forbidden call kills the
-# process (as in the dialer): the core is restarted.
+# signals, frees the stack), futex for the semaphore it posts once started and the socket
+# pool's lock, sched_yield while add() arms a pair whose first socket is already in its set;
+# accept4, bind and connect for the listeners given to the threads (native_relay.listen),
+# whose connections they accept and dial themselves. A forbidden call kills the process (as
+# in the dialer): the core is restarted.
 RELAY_SYSCALLS = (
+    "accept4", "bind", "connect",  # the listeners given to the threads (native_relay.listen)
     "write", "close", "fcntl", "epoll_wait", "epoll_pwait", "epoll_ctl",
     "recvfrom", "sendto", "splice", "pipe2", "shutdown", "setsockopt",
     "rt_sigprocmask", "munmap", "madvise", "futex", "sched_yield",

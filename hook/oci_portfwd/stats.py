@@ -24,11 +24,13 @@ FIELDS = (
     "udp_datagrams",
 )
 TCP_OPEN, TCP_TOTAL, TCP_UNANSWERED, TO_CONTAINER, TO_CLIENT, UDP_SESSIONS, UDP_DATAGRAMS = range(len(FIELDS))
-# Connections the relay thread in C (native_relay.py) has closed: its own slot, so that no
-# slot has two writers (the Python loop counts tcp_open up, the thread this up). tcp_open
-# as shown is the difference.
+# Connections the relay threads in C (native_relay.py) have closed, and those they accepted
+# themselves: slots of their own, so that no slot has two writers (the Python loop counts
+# tcp_open and tcp_total up, the threads these). tcp_open as shown is tcp_open + accepted -
+# closed; tcp_total, tcp_total + accepted.
 RELAY_CLOSED = len(FIELDS)
-SLOTS = len(FIELDS) + 1
+RELAY_ACCEPTED = len(FIELDS) + 1
+SLOTS = len(FIELDS) + 2
 
 Counters = memoryview  # signed 64-bit integers, indexed by the constants above
 
@@ -68,8 +70,17 @@ def read_file(path: str) -> list[int] | None:
     if len(data) != 8 * SLOTS:
         return None
     slots = memoryview(data).cast("q").tolist()
-    slots[TCP_OPEN] -= slots.pop(RELAY_CLOSED)
+    accepted = slots.pop(RELAY_ACCEPTED)
+    slots[TCP_OPEN] += accepted - slots.pop(RELAY_CLOSED)
+    slots[TCP_TOTAL] += accepted
     return slots
+
+
+def forget_open(counts: Counters) -> None:
+    """A dead core's connections are gone: tcp_open shows 0, tcp_total keeps them (the
+    supervisor, before it starts the next core on the same page)."""
+    counts[TCP_TOTAL] += counts[RELAY_ACCEPTED]
+    counts[TCP_OPEN] = counts[RELAY_CLOSED] = counts[RELAY_ACCEPTED] = 0
 
 
 def as_dict(values: list[int]) -> dict[str, int]:

@@ -22,7 +22,7 @@ from .polling import wait_readable
 from .privileges import check_seccomp_binding, core_identity, limit_supervisor
 from .procfs import children, close_fds_except, process_start_time
 from .statefile import Record, counters_path, record_path, remove_record, write_record
-from .stats import RELAY_CLOSED, TCP_OPEN, counters_file
+from .stats import counters_file, forget_open
 from .status import StatusReader, StatusWriter
 
 # The hook imports this module and the supervisor runs in the hook's image until it says
@@ -459,7 +459,7 @@ class Supervisor:
                         backoff = BACKOFF_FIRST
                     delay, backoff = backoff, min(backoff * 2, BACKOFF_MAX)
                     # Its page holds its figures up to its last splice; its connections are gone.
-                    current.counts[TCP_OPEN] = current.counts[RELAY_CLOSED] = 0
+                    forget_open(current.counts)
                     restart_at = time.monotonic() + delay
                     current = None
                 else:

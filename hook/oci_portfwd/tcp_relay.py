@@ -13,7 +13,10 @@
          reset on one side → reset on the other (SO_LINGER 0)
     With the relay threads in C (native_relay.py, hook/native/portfwd_relay.c), steps 3 and
     4 are theirs: once connected (and the PROXY header written), the pair is handed to one
-    of them and this loop forgets it; the threads follow the same rules.
+    of them and this loop forgets it; the threads follow the same rules. On a listener given
+    to them (thread_accept.py) they do steps 1 and 2 too, for the first target and the
+    client's own address; what they cannot do comes back here (TcpListener.adopt) before
+    any byte is read.
 
 Both sockets carry SO_LINGER {1, 0} from the start (the client's inherited from the
 listener, the container side's set by the dialer): when this process dies without closing
@@ -574,6 +577,7 @@ class TcpListener:
         # Client sockets come with SO_LINGER {1, 0} and TCP_NODELAY: accepted sockets inherit
         # them from the listener, which has them from its bind (listeners._bind_one).
         self.connections: set[TcpConnection] = set()
+        self.handle: int | None = None  # the threads accept here (give_to_threads)
 
     def _closed(self, conn: TcpConnection) -> None:
         self.connections.discard(conn)
@@ -584,7 +588,56 @@ class TcpListener:
             self.counts[TCP_UNANSWERED] += 1
 
     def start(self) -> None:
-        self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
+        if self.handle is None:
+            self.loop.register(self.sock.fileno(), select.EPOLLIN, self._on_readable)
+
+    # The relay threads accept and dial themselves (thread_accept.py), for a listener that
+    # needs nothing of this loop's but its slow cases: no PROXY header, the targets known.
+    def give_to_threads(self, listener_id: int) -> bool:
+        """True once the relay threads accept on this listener (now or before)."""
+        if self.handle is not None:
+            return True
+        if self.relay is None or self.proxy or not self.targets:
+            return False
+        target = self.targets[0]
+        bind_client = self.source is not None and bool(self.source.routing.ready.get(target.family))
+        try:
+            self.handle = self.relay.listen(
+                self.sock.fileno(), listener_id, target.family, target.address, target.port, bind_client=bind_client,
+            )
+        except (OSError, ValueError) as e:  # ValueError: an address C cannot read (a scope)
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            self.log.info("the relay threads do not accept on %s (%s): the loop does", self.label, why)
+            return False
+        self.loop.unregister(self.sock.fileno())
+        return True
+
+    def adopt(self, fd: int, err: int) -> None:
+        """A connection the threads accepted and passed on: the pool was empty, the dial
+        failed (`err`: the next target, or the dial from loopback, is the loop's), or its
+        client's address needs the loop's rules (source_address.py)."""
+        client = _socket.socket(self.sock.family, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK, self.sock.proto, fd)
+        try:
+            peer = client.getpeername()
+        except OSError:
+            client.close()  # reset before we could ask its address: nobody to serve
+            return
+        if err:
+            self.log.debug("a relay thread's dial of %s failed (%s); the loop serves the connection",
+                           self.targets[0], os.strerror(err))
+        self._serve(client, peer, b"")
+
+    def paused(self, err: int) -> None:
+        """The threads stopped accepting here after an accept error (out of descriptors)."""
+        assert self.relay is not None and self.handle is not None
+        self.log.warning("accept failed (%s); pausing this listener for 100 ms", os.strerror(err))
+        relay, handle = self.relay, self.handle
+        self.loop.call_later(0.1, lambda: relay.resume(handle))
+
+    @property
+    def label(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     def _on_readable(self, _events: int) -> None:
         for _ in range(self.ACCEPT_BATCH):
@@ -612,11 +665,14 @@ class TcpListener:
             except OSError:
                 client.close()  # reset before we could ask its address: nobody to serve
                 continue
-            conn = TcpConnection(
-                self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed,
-                peer, self.source, preamble, self.relay,
-            )
-            self.connections.add(conn)
-            self.counts[TCP_OPEN] += 1
-            self.counts[TCP_TOTAL] += 1
-            conn.start()
+            self._serve(client, peer, preamble)
+
+    def _serve(self, client: _socket.socket, peer: Address, preamble: bytes) -> None:
+        conn = TcpConnection(
+            self.loop, self.pool, self.pipes, client, self.targets, self.counts, self.log, self._closed,
+            peer, self.source, preamble, self.relay,
+        )
+        self.connections.add(conn)
+        self.counts[TCP_OPEN] += 1
+        self.counts[TCP_TOTAL] += 1
+        conn.start()

@@ -1,5 +1,6 @@
 """The relay threads in C (native_relay.py, hook/native/portfwd_relay.c) in a real container:
 one per CPU (at most four) beside the core's Python thread; pairs dealt over all of them;
+new connections accepted and dialled by the threads themselves;
 the traffic page exact (bytes from the threads, open connections back to zero); a restarted
 core has them again; the test switch keeps every byte in the Python loop.
 
@@ -111,6 +112,28 @@ def test_pairs_are_dealt_over_every_thread_and_counted_exactly(echo):
     assert stats["tcp_total"] == before_stats["tcp_total"] + n
     for key in ("bytes_to_container", "bytes_to_client"):
         assert stats[key] - before_stats[key] == moved, (key, stats, before_stats, moved)
+
+
+def test_new_connections_are_accepted_and_dialled_by_the_threads(echo):
+    """The listener is the threads' (thread_accept.py): a new connection wakes one of them,
+    which accepts, dials and relays it; the core's Python thread wakes only to pass them
+    sockets from the dialer (16 at a time), not once per connection as when it accepted."""
+    hook, c, port = echo
+    line = "the relay threads accept and dial on"
+    wait_until(lambda: line in hook.log_text(c.id), TIMEOUT, lambda: f"{line!r} in {hook.log_text(c.id)}")
+    core = forwarding_of(hook, c.id).core
+    started_relay_tids(core.pid)
+    before_stats = hook.read_stats(c.id)
+    n = 200
+    before = timeslices(core.pid, core.pid)
+    for _ in range(n):  # one at a time: nothing for a loop to batch
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            round_trips([sock], 1, 10)
+    woke = timeslices(core.pid, core.pid) - before
+    assert woke < n / 2, f"the core's Python thread ran {woke} times for {n} connections"
+    stats = wait_until(lambda: (s := hook.read_stats(c.id))["tcp_open"] == before_stats["tcp_open"] and s,
+                       TIMEOUT, "tcp_open back to where it was")
+    assert stats["tcp_total"] == before_stats["tcp_total"] + n
 
 
 def test_a_restarted_core_relays_in_threads_again(echo):

@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 
-from oci_portfwd.native_relay import NativeRelay, load
+from oci_portfwd.native_relay import SLOW_CONNECTION, SLOW_NEED_SOCKETS, SLOW_PAUSED, NativeRelay, load
 from oci_portfwd.seccomp_filter import relay_filter
-from oci_portfwd.stats import RELAY_CLOSED, TO_CLIENT, TO_CONTAINER, new_counters
+from oci_portfwd.stats import RELAY_ACCEPTED, RELAY_CLOSED, TO_CLIENT, TO_CONTAINER, new_counters
 
 BOUND = 20
 LINGER_RESET = struct.pack("ii", 1, 0)
@@ -253,8 +253,212 @@ def add_refused(b: Bench) -> None:
     many_pairs(b)
 
 
+# --- the threads accept and dial themselves (native_relay.listen, thread_accept.py) --------
+
+
+class Accepting:
+    """A host listener given to the threads, and the loop's side of their records."""
+
+    def __init__(self, b: Bench, target: tuple[str, int], listener_id: int, *, bind_client: bool = False) -> None:
+        self.b = b
+        self.sock = b._listener(relayed=True)
+        self.id = listener_id
+        self.handle = b.relay.listen(self.sock.fileno(), listener_id, socket.AF_INET, target[0], target[1],
+                                     bind_client=bind_client)
+        self.connections: list[tuple[int, int]] = []  # (client fd, errno) passed to the loop
+        self.paused: list[int] = []
+        self.asked = 0
+
+    def connect(self, source: tuple[str, int] | None = None) -> socket.socket:
+        client = socket.socket()
+        if source is not None:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            client.bind(source)
+        client.settimeout(BOUND)
+        client.connect(self.sock.getsockname())
+        return client
+
+    def serve_records(self, *, supply: bool = True) -> None:
+        """What the loop does: sockets when asked (`supply`), the rest kept for the scenario."""
+        assert self.b.relay.slow is not None
+        select.select([self.b.relay.slow], [], [], 0.2)
+        for what, a, c, err in self.b.relay.records():
+            if what == SLOW_NEED_SOCKETS:
+                assert a == 0, "asked for IPv6 sockets by an IPv4 listener"
+                self.asked += c
+                if supply:
+                    self.b.supply(c)
+            elif what == SLOW_CONNECTION:
+                assert a == self.id, f"listener {self.id} got a connection of listener {a} (errno {err})"
+                self.connections.append((c, err))
+            elif what == SLOW_PAUSED:
+                assert a == self.id, f"listener {self.id} got the pause of listener {a}"
+                self.paused.append(c)
+
+    def wait(self, condition, what: str) -> None:
+        deadline = time.monotonic() + BOUND
+        while not condition():
+            assert time.monotonic() < deadline, f"no {what}"
+            self.serve_records()
+
+
+def supply(b: Bench, n: int, reuse: bool = False) -> None:
+    for _ in range(n):
+        sock = socket.socket()
+        # What the dialer gives every container-side socket (and SO_REUSEADDR with the client's
+        # address, with which it makes them transparent).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        b.relay.supply(socket.AF_INET, sock)
+
+
+Bench.supply = supply  # type: ignore[attr-defined]
+
+
+def threads_pool_empty(b: Bench) -> None:
+    """No socket supplied yet: the client goes to the loop whole (its own descriptor, nothing
+    tried), and the threads ask for sockets."""
+    a = Accepting(b, b.service.getsockname(), 3)
+    client = a.connect()
+    a.wait(lambda: a.connections and a.asked, "record of the connection and of the request for sockets")
+    (fd, err), = a.connections
+    assert err == 0 and a.asked == 16, (err, a.asked)
+    passed = socket.socket(fileno=fd)
+    assert passed.getpeername() == client.getsockname()
+    passed.close()
+    client.close()
+
+
+def threads_relay(b: Bench) -> None:
+    """50 clients at once, each accepted, dialled and relayed by the threads; all counted."""
+    a = Accepting(b, b.service.getsockname(), 4)
+    b.supply(64 - 16)  # (16 asked for in threads_pool_empty)
+    accepted, closed = b.counts[RELAY_ACCEPTED], b.closed()
+    clients = [a.connect() for _ in range(50)]
+    services = []
+    for i, client in enumerate(clients):
+        client.sendall(b"%02d" % i)
+    by_id = {}
+    for _ in clients:
+        a.serve_records()
+        service, _ = b.service.accept()
+        service.settimeout(BOUND)
+        by_id[int(read_exactly(service, 2))] = service
+        services.append(service)
+    for i, client in enumerate(clients):
+        by_id[i].sendall(b"answer %02d" % i)
+        assert read_exactly(client, 9) == b"answer %02d" % i
+        client.close()
+        assert read_to_eof(by_id[i]) == b""
+        by_id[i].close()
+    b.wait_closed(closed + 50)
+    assert b.counts[RELAY_ACCEPTED] == accepted + 50, b.counts[RELAY_ACCEPTED] - accepted
+    a.serve_records()
+    assert not a.connections, f"{len(a.connections)} connections went to the loop"
+    assert b.relay.module.pairs() == [0, 0]
+
+
+def threads_spread(b: Bench) -> None:
+    """Two connections opened together are relayed by the two threads, whichever accepted."""
+    a = Accepting(b, b.service.getsockname(), 5)
+    clients = [a.connect() for _ in range(2)]
+    services = [b.service.accept()[0] for _ in clients]
+    a.serve_records()
+    assert b.relay.module.pairs() == [1, 1], b.relay.module.pairs()
+    for sock in clients + services:
+        sock.close()
+    b.wait_closed(b.closed() + 0)
+
+
+def threads_refused(b: Bench) -> None:
+    """A refused dial: the client goes to the loop with the errno (the loop tries the next
+    target), the container-side socket is closed by the threads."""
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))
+    port = gone.getsockname()[1]
+    gone.close()
+    a = Accepting(b, ("127.0.0.1", port), 6)
+    client = a.connect()
+    a.wait(lambda: a.connections, "record of the refused connection")
+    (fd, err), = a.connections
+    assert err == errno.ECONNREFUSED, os.strerror(err)
+    passed = socket.socket(fileno=fd)
+    assert passed.getpeername() == client.getsockname()
+    passed.close()
+    client.close()
+
+
+def threads_bind_client(b: Bench) -> None:
+    """bind_client: the service sees the client's own address and port; a port the threads
+    cannot bind goes to the loop with the errno."""
+    a = Accepting(b, b.service.getsockname(), 7, bind_client=True)
+    b.supply(4, reuse=True)
+    client = a.connect(("127.0.0.3", 0))  # SO_REUSEADDR on both: the same address:port twice
+    service, peer = b.service.accept()
+    assert peer == client.getsockname(), (peer, client.getsockname())
+    client.sendall(b"x")
+    service.settimeout(BOUND)
+    assert service.recv(1) == b"x"
+    client.close()
+    service.close()
+    # Without SO_REUSEADDR on the client's socket, its address:port cannot be bound twice here.
+    taken = socket.socket()
+    taken.bind(("127.0.0.4", 0))
+    taken.settimeout(BOUND)
+    taken.connect(a.sock.getsockname())
+    a.wait(lambda: a.connections, "record of the connection whose address is taken")
+    (fd, err), = a.connections
+    assert err == errno.EADDRINUSE, os.strerror(err)
+    os.close(fd)
+    taken.close()
+
+
+def threads_paused(b: Bench) -> None:
+    """Out of descriptors: the threads stop accepting on the listener and say so; resumed,
+    the waiting connection is served."""
+    import resource
+
+    a = Accepting(b, b.service.getsockname(), 8)
+    a.serve_records()
+    client = socket.socket()
+    client.settimeout(BOUND)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    fillers = []
+    try:
+        while True:  # every free number below the limit taken: the next accept has none
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as e:
+                assert e.errno == errno.EMFILE, e
+                break
+        client.connect(a.sock.getsockname())  # no descriptor of its own: the backlog takes it
+        deadline = time.monotonic() + BOUND
+        while not a.paused:
+            assert time.monotonic() < deadline, "no record of the pause"
+            a.serve_records(supply=False)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert a.paused == [errno.EMFILE], a.paused
+    b.relay.resume(a.handle)
+    service, _ = b.service.accept()
+    client.sendall(b"late")
+    service.settimeout(BOUND)
+    assert read_exactly(service, 4) == b"late"
+    client.close()
+    service.close()
+
+
 SCENARIOS = {f.__name__: f for f in (small_messages, half_close_both_ways, slow_reader, reset_both_ways,
-                                     service_speaks_first, many_pairs, ended_before_hand_over, add_refused)}
+                                     service_speaks_first, many_pairs, ended_before_hand_over, add_refused,
+                                     threads_pool_empty, threads_relay, threads_spread, threads_refused,
+                                     threads_bind_client, threads_paused)}
 
 
 def main(argv: list[str]) -> int:
