@@ -613,6 +613,11 @@ slow:
 static void on_listener(struct relay *r, struct listener *l)
 {
     for (int i = 0; i < ACCEPT_BATCH; i++) {
+        /* Paused or stopped (stop_accepting: the core is ending) since this batch began: a
+         * connection left in the backlog waits for the next core, one accepted here would
+         * be reset by this one's end. */
+        if (__atomic_load_n(&l->paused, __ATOMIC_ACQUIRE))
+            return;
         struct sockaddr_storage peer;
         socklen_t len = sizeof peer;
         int client = accept4(l->fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -762,6 +767,7 @@ static PyObject *start(PyObject *self, PyObject *args)
 /* Listeners given to the threads, by the handle listen() returned (the loop's thread only). */
 static struct listener **listeners;
 static int n_listeners;
+static int accepting_stopped;  /* stop_accepting() was called: resume() is a no-op */
 
 static int watch_listener(struct listener *l)
 {
@@ -842,13 +848,27 @@ static PyObject *resume(PyObject *self, PyObject *args)
         return NULL;
     }
     struct listener *l = listeners[handle];
-    if (__atomic_load_n(&l->paused, __ATOMIC_ACQUIRE)) {
+    if (!accepting_stopped && __atomic_load_n(&l->paused, __ATOMIC_ACQUIRE)) {
         int err = watch_listener(l);
         if (err) {
             errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
         __atomic_store_n(&l->paused, 0, __ATOMIC_RELEASE);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *stop_accepting(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    accepting_stopped = 1;
+    for (int i = 0; i < n_listeners; i++) {
+        struct listener *l = listeners[i];
+        if (!__atomic_exchange_n(&l->paused, 1, __ATOMIC_ACQ_REL))
+            for (int j = 0; j < n_relays; j++)
+                epoll_ctl(relays[j]->epfd, EPOLL_CTL_DEL, l->fd, NULL);
     }
     Py_RETURN_NONE;
 }
@@ -918,6 +938,9 @@ static PyMethodDef methods[] = {
      "on this listener and dial the container's address:port themselves; what they cannot serve "
      "goes to slow_fd as 16-byte records (what, a, b, c)."},
     {"pairs", pairs, METH_NOARGS, "pairs() -> [n]: how many pairs each thread relays now."},
+    {"stop_accepting", stop_accepting, METH_NOARGS,
+     "stop_accepting(): the threads accept on no listener from now on (the core is ending: "
+     "what is left in the backlogs waits for the next core); resume() does not undo it."},
     {"resume", resume, METH_VARARGS, "resume(handle): a listener paused after an accept error, watched again."},
     {"supply", supply, METH_VARARGS,
      "supply(kind, fd): a container-side TCP socket for the threads' dials (kind 0 IPv4, 1 IPv6); "

@@ -173,6 +173,8 @@ def run_core(
         accepting.append(threads)
         threads.offer()
     loop.run()
+    for threads in accepting:
+        threads.stop()  # what the backlogs hold now is the next core's
     return 3
 
 

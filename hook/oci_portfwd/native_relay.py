@@ -135,6 +135,11 @@ class NativeRelay:
         """A listener the threads paused after an accept error, watched again."""
         self.module.resume(handle)
 
+    def stop_accepting(self) -> None:
+        """The threads accept on no listener from now on (the core is ending: what waits in
+        the backlogs is the next core's; one accepted now would be reset by this one's end)."""
+        self.module.stop_accepting()
+
     def supply(self, family: int, sock: _socket.socket) -> None:
         """A container-side TCP socket for the threads' dials; theirs from now on."""
         self.module.supply(0 if family == AF_INET else 1, sock.detach())

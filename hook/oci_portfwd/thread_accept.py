@@ -77,6 +77,11 @@ class ThreadAccept:
             self.log.info("the relay threads accept and dial on %d TCP listener(s)", given)
             self.given = given
 
+    def stop(self) -> None:
+        """The core is ending: no more accepts by the threads (see NativeRelay.stop_accepting)."""
+        if self.given:
+            self.relay.stop_accepting()
+
     def _on_records(self, _events: int) -> None:
         for what, a, b, c in self.relay.records():
             if what == SLOW_CONNECTION:

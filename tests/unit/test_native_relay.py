@@ -6,7 +6,7 @@ before the hand-over, 200 pairs over two threads, 2,000 pairs that end before th
 given to the threads (native_relay.listen): an empty pool, a refused dial and an address taken
 go to the loop as records; 50 clients accepted, dialled and relayed by the threads; two
 connections opened together go to both threads; bound to the client's address; paused when
-out of descriptors, and resumed. With the threads'
+out of descriptors, and resumed; stopped (the core ending), the backlog keeps a new connection. With the threads'
 seccomp filter (seccomp_filter.RELAY_SYSCALLS) and without: a call missing from the list
 kills the process (SIGSYS), which fails here. The containers' view: tests/e2e/test_relay_threads.py."""
 
@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).with_name("native_relay_scenarios.py")
 SCENARIOS = ["small_messages", "half_close_both_ways", "slow_reader", "reset_both_ways",
              "service_speaks_first", "many_pairs", "ended_before_hand_over", "add_refused",
              "threads_pool_empty", "threads_relay", "threads_spread", "threads_refused", "threads_bind_client",
-             "threads_paused"]
+             "threads_paused", "threads_stopped"]
 
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["no-filter", "relay-filter"])
