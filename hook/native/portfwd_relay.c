@@ -496,19 +496,12 @@ static struct relay *relays[MAX_RELAYS];
 static int n_relays;
 static struct socket_pool pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-static void tell(int slow, int what, int a, int b, int c)
+/* 1 once the loop has the record; 0 when its pipe is full (the loop is far behind) or gone:
+ * for a connection the caller resets it, a request for sockets is made again later. */
+static int tell(int slow, int what, int a, int b, int c)
 {
     struct slow_record rec = {what, a, b, c};
-    if (write(slow, &rec, sizeof rec) != sizeof rec) {
-        /* The pipe is full (the loop is far behind) or gone: for a connection, the caller
-         * resets it; for a request for sockets, the next take asks again. */
-    }
-}
-
-static int tell_connection(struct listener *l, int client, int err)
-{
-    struct slow_record rec = {SLOW_CONNECTION, l->id, client, err};
-    return write(l->slow, &rec, sizeof rec) == sizeof rec;
+    return write(slow, &rec, sizeof rec) == sizeof rec;
 }
 
 /* A socket for a dial, or -1 (none ready: the loop serves this connection). Asks the loop
@@ -524,20 +517,30 @@ static int pool_take(struct listener *l)
         ask = 1;
     }
     pthread_mutex_unlock(&pool.lock);
-    if (ask)
-        tell(l->slow, SLOW_NEED_SOCKETS, k, POOL_ASK, 0);
+    if (ask && !tell(l->slow, SLOW_NEED_SOCKETS, k, POOL_ASK, 0)) {
+        pthread_mutex_lock(&pool.lock);  /* not asked after all: the next take asks again */
+        pool.asked[k] -= POOL_ASK;
+        pthread_mutex_unlock(&pool.lock);
+    }
     return fd;
 }
 
-/* Out of every thread's epoll set (an accept error, e.g. out of descriptors: a level-
- * triggered listener would wake them for ever); the loop puts it back (resume()) in 100 ms. */
-static void pause_listener(struct listener *l, int err)
+/* Out of every thread's epoll set; 1 if this call took it out (0: already out). For an
+ * accept error (e.g. out of descriptors: a level-triggered listener would wake them for
+ * ever; the loop puts it back, resume(), in 100 ms) and for the core's end (stop_accepting). */
+static int unwatch_listener(struct listener *l)
 {
     if (__atomic_exchange_n(&l->paused, 1, __ATOMIC_ACQ_REL))
-        return;  /* another thread did */
+        return 0;  /* another thread did */
     for (int i = 0; i < n_relays; i++)
         epoll_ctl(relays[i]->epfd, EPOLL_CTL_DEL, l->fd, NULL);
-    tell(l->slow, SLOW_PAUSED, l->id, err, 0);
+    return 1;
+}
+
+static void pause_listener(struct listener *l, int err)
+{
+    if (unwatch_listener(l))
+        tell(l->slow, SLOW_PAUSED, l->id, err, 0);
 }
 
 /* The thread that relays a pair this one accepted: this one, unless another relays fewer
@@ -600,7 +603,7 @@ static void dial(struct relay *r, struct listener *l, int client, struct sockadd
 slow_close:
     close(up);  /* SO_LINGER {1, 0} from the dialer: nothing half-open is left in the container */
 slow:
-    if (!tell_connection(l, client, err)) {
+    if (!tell(l->slow, SLOW_CONNECTION, l->id, client, err)) {
         /* The loop cannot take it (its pipe is full): a reset, as an overflowing backlog
          * would give; counted as a connection opened and closed. */
         setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
@@ -864,12 +867,8 @@ static PyObject *stop_accepting(PyObject *self, PyObject *noargs)
     (void)self;
     (void)noargs;
     accepting_stopped = 1;
-    for (int i = 0; i < n_listeners; i++) {
-        struct listener *l = listeners[i];
-        if (!__atomic_exchange_n(&l->paused, 1, __ATOMIC_ACQ_REL))
-            for (int j = 0; j < n_relays; j++)
-                epoll_ctl(relays[j]->epfd, EPOLL_CTL_DEL, l->fd, NULL);
-    }
+    for (int i = 0; i < n_listeners; i++)
+        unwatch_listener(listeners[i]);
     Py_RETURN_NONE;
 }
 
