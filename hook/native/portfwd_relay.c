@@ -797,13 +797,13 @@ static PyObject *listen_(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "no relay thread runs");
         return NULL;
     }
-    struct listener *l = calloc(1, sizeof *l);
     struct listener **grown = realloc(listeners, (size_t)(n_listeners + 1) * sizeof *listeners);
-    if (l == NULL || grown == NULL) {
-        free(l);
+    if (grown == NULL)
         return PyErr_NoMemory();
-    }
-    listeners = grown;
+    listeners = grown;  /* the old block is gone once realloc succeeded */
+    struct listener *l = calloc(1, sizeof *l);
+    if (l == NULL)
+        return PyErr_NoMemory();
     l->fd = fd;
     l->id = id;
     l->slow = slow;
