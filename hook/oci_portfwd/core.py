@@ -73,7 +73,7 @@ def run_core(
     loop = EventLoop()
     servers: list[tuple[Listener, TcpListener | UdpListener]] = []
     # The TCP listeners the relay threads accept on themselves, once they run (_start_relay).
-    accepting: list[ThreadAccept] = []
+    accepting: ThreadAccept | None = None
 
     def targets_for(listener: Listener, found: Addresses) -> tuple[Target, ...]:
         t = listener.target
@@ -85,9 +85,9 @@ def run_core(
             log.info("%s", note)
         for listener, server in servers:
             server.targets = targets_for(listener, found.addresses)
-        for threads in accepting:
-            threads.targets_known = True
-            threads.offer()
+        if accepting is not None:
+            accepting.targets_known = True
+            accepting.offer()
 
     def on_error(message: str) -> None:
         log.error("%s", message)
@@ -114,8 +114,8 @@ def run_core(
             )
         else:
             log.warning("client addresses unavailable: services see loopback")
-        for threads in accepting:
-            threads.offer()
+        if accepting is not None:
+            accepting.offer()
 
     pool.on_routing = on_routing
 
@@ -166,15 +166,14 @@ def run_core(
     elif relay is not None:
         _start_relay(relay, b"", counts, loop, servers, log)
     if relay is not None and relay.ctls:
-        threads = ThreadAccept(
+        accepting = ThreadAccept(
             relay, loop, pool, [server for _, server in servers], log,
             targets_known=hello is not None, wants_routing=plan.source_address == "client",
         )
-        accepting.append(threads)
-        threads.offer()
+        accepting.offer()
     loop.run()
-    for threads in accepting:
-        threads.stop()  # what the backlogs hold now is the next core's
+    if accepting is not None:
+        accepting.stop()  # what the backlogs hold now is the next core's
     return 3
 
 

@@ -637,7 +637,7 @@ class TcpListener:
     @property
     def label(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return str(Target(self.sock.family, host, port))
 
     def _on_readable(self, _events: int) -> None:
         for _ in range(self.ACCEPT_BATCH):

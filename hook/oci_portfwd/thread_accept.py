@@ -56,8 +56,7 @@ class ThreadAccept:
         self.log = log
         self.targets_known = targets_known  # False until a deferred hello (rootless crun)
         self.wants_routing = wants_routing  # source_address client: wait for the routing report
-        self.watching = False
-        self.given = 0
+        self.given = 0  # listeners the threads accept on
 
     def offer(self) -> None:
         """Give the threads every TCP listener they can take now (again after the hello and
@@ -70,9 +69,8 @@ class ThreadAccept:
             1 for i, server in enumerate(self.servers)
             if isinstance(server, TcpListener) and server.give_to_threads(i)
         )
-        if given and not self.watching and self.relay.slow is not None:
+        if given and not self.given and self.relay.slow is not None:  # the first: their records
             self.loop.register(self.relay.slow, select.EPOLLIN, self._on_records)
-            self.watching = True
         if given > self.given:
             self.log.info("the relay threads accept and dial on %d TCP listener(s)", given)
             self.given = given
