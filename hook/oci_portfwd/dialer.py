@@ -163,6 +163,7 @@ def decode_hello(message: bytes) -> Hello:
 
 if TYPE_CHECKING:
     Waiter = Callable[[_socket.socket | None], None]
+    BatchWaiter = Callable[[list[int] | None], None]  # None: the dialer is gone
 
 
 class SocketPool:
@@ -185,6 +186,9 @@ class SocketPool:
         self.ready: dict[bytes, deque[_socket.socket]] = {k: deque() for k in KINDS}
         self.waiters: dict[bytes, deque[Waiter]] = {k: deque() for k in KINDS}
         self.pending: dict[bytes, int] = {k: 0 for k in KINDS}
+        # Whose each awaited reply is, per kind, in the order asked (the dialer answers each
+        # request with one reply, in order): None for this pool, else a batch's callback.
+        self.owners: dict[bytes, deque[BatchWaiter | None]] = {k: deque() for k in KINDS}
         self.broken = False
         self.routing = Routing()
         self.on_routing: Callable[[list[str], int], None] | None = None
@@ -206,6 +210,15 @@ class SocketPool:
         self.waiters[kind].append(callback)
         self._refill(kind)
 
+    def get_batch(self, kind: bytes, count: int, callback: BatchWaiter) -> None:
+        """`count` (at most MAX_BATCH) new sockets, as descriptors, all to `callback` when the
+        dialer's reply comes, past this pool (the relay threads' pool, thread_accept.py: no
+        socket object per connection, ~8 µs of this thread each at 20k connections/s)."""
+        if not self.broken and self._ask(kind, min(count, MAX_BATCH)):
+            self.owners[kind].append(callback)
+        else:
+            callback(None)
+
     def on_readable(self) -> bool:
         """Take every reply; False once the dialer is gone."""
         while True:
@@ -222,6 +235,11 @@ class SocketPool:
                 self._on_control(data, fds)
                 continue
             kind = data[1:3]
+            owners = self.owners[kind]
+            owner = owners.popleft() if owners else None
+            if owner is not None:
+                owner(fds)
+                continue
             self.pending[kind] = max(0, self.pending[kind] - len(fds))
             family, kind_type = KINDS[kind]
             for fd in fds:
@@ -262,18 +280,28 @@ class SocketPool:
         if have >= self.LOW or self.broken:
             return
         count = min(MAX_BATCH, self.TARGET - have)
+        if self._ask(kind, count):
+            self.owners[kind].append(None)
+            self.pending[kind] += count
+
+    def _ask(self, kind: bytes, count: int) -> bool:
         try:
             self.sock.send(kind + b" " + str(count).encode())
         except OSError:
             self.broken = True
-            return
-        self.pending[kind] += count
+            return False
+        return True
 
     def _fail_waiters(self) -> None:
         self.broken = True
         for waiters in self.waiters.values():
             while waiters:
                 waiters.popleft()(None)
+        for owners in self.owners.values():
+            while owners:
+                owner = owners.popleft()
+                if owner is not None:
+                    owner(None)
 
     def close(self) -> None:
         for ready in self.ready.values():

@@ -140,9 +140,10 @@ class NativeRelay:
         the backlogs is the next core's; one accepted now would be reset by this one's end)."""
         self.module.stop_accepting()
 
-    def supply(self, family: int, sock: _socket.socket) -> None:
-        """A container-side TCP socket for the threads' dials; theirs from now on."""
-        self.module.supply(0 if family == AF_INET else 1, sock.detach())
+    def supply(self, family: int, fds: list[int]) -> None:
+        """Container-side TCP sockets (descriptors, as the dialer sent them: non-blocking)
+        for the threads' dials; theirs from now on."""
+        self.module.supply(0 if family == AF_INET else 1, fds)
 
     def records(self) -> list[tuple[int, int, int, int]]:
         """What the threads passed to the loop since the last call: (what, a, b, c) with

@@ -27,7 +27,6 @@ from .tcp_relay import TcpListener
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import _socket
     from collections.abc import Sequence
 
     from .dialer import SocketPool
@@ -96,10 +95,8 @@ class ThreadAccept:
     def _supply(self, family: int, count: int) -> None:
         relay = self.relay
 
-        def give(sock: _socket.socket | None) -> None:
-            if sock is not None:  # None: the dialer is gone, and the core with it
-                relay.supply(family, sock)
+        def give(fds: list[int] | None) -> None:
+            if fds:  # None: the dialer is gone, and the core with it
+                relay.supply(family, fds)
 
-        kind = kind_of(family, "tcp")
-        for _ in range(count):
-            self.pool.get(kind, give)
+        self.pool.get_batch(kind_of(family, "tcp"), count, give)

@@ -305,6 +305,11 @@ class Accepting:
                 else:
                     self.connections.append((c, err))
             elif what == SLOW_PAUSED:
+                if a < self.id and c == errno.EMFILE:
+                    # An earlier scenario's listener, woken with a stale event while
+                    # threads_paused holds every descriptor: accept4 takes a descriptor number
+                    # before it looks at the backlog, so it pauses too (1 run in 5).
+                    continue
                 assert a == self.id, f"listener {self.id} got the pause of listener {a}"
                 self.paused.append(c)
 
@@ -325,7 +330,7 @@ def supply(b: Bench, n: int, reuse: bool = False) -> None:
         if reuse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setblocking(False)
-        b.relay.supply(socket.AF_INET, sock)
+        b.relay.supply(socket.AF_INET, [sock.detach()])
 
 
 Bench.supply = supply  # type: ignore[attr-defined]
@@ -338,7 +343,7 @@ def threads_pool_empty(b: Bench) -> None:
     client = a.connect()
     a.wait(lambda: a.connections and a.asked, "record of the connection and of the request for sockets")
     (fd, err), = a.connections
-    assert err == 0 and a.asked == 16, (err, a.asked)
+    assert err == 0 and a.asked == b.relay.module.POOL_ASK, (err, a.asked)
     passed = socket.socket(fileno=fd)
     assert passed.getpeername() == client.getsockname()
     passed.close()
@@ -348,7 +353,7 @@ def threads_pool_empty(b: Bench) -> None:
 def threads_relay(b: Bench) -> None:
     """50 clients at once, each accepted, dialled and relayed by the threads; all counted."""
     a = Accepting(b, b.service.getsockname(), 4)
-    b.supply(64 - 16)  # (16 asked for in threads_pool_empty)
+    b.supply(b.relay.module.POOL_MAX - b.relay.module.POOL_ASK)  # (asked for in threads_pool_empty)
     accepted, closed = b.counts[RELAY_ACCEPTED], b.closed()
     clients = [a.connect() for _ in range(50)]
     services = []
