@@ -27,6 +27,7 @@ USAGE = """usage: oci-portfwd-hook prestart|createRuntime|poststop|auto   (OCI s
        oci-portfwd-hook COMMAND --help
        oci-portfwd-hook --version"""
 MAX_STDIN = (1 << 20) + 1
+MAX_DRAIN = 64 << 20  # read past an over-large state at most (a writer that never stops)
 STAGE_HELP = """usage: oci-portfwd-hook {stage}   (OCI state JSON on stdin)
 Run by an OCI runtime (config.json hooks, or a hooks.d file), not by people.
   prestart, createRuntime: bind the ports of the annotation io.oci-portfwd.ports and
@@ -146,7 +147,15 @@ def stage_from_status(raw: bytes) -> str:
 def _read_stdin(command: str) -> bytes:
     if sys.stdin is None or sys.stdin.isatty():
         raise PortfwdError(f"{command} expects the OCI state JSON on stdin (it is run by an OCI runtime)")
-    return sys.stdin.buffer.read(MAX_STDIN)
+    raw = sys.stdin.buffer.read(MAX_STDIN)
+    if len(raw) == MAX_STDIN:
+        # Too large (decode_state says so): read the rest anyway. A runtime that writes the
+        # state after we stopped reading gets SIGPIPE, and crun before 1.17 dies of it (crun
+        # issue 1551): a failed `delete` with no word of why, instead of our message.
+        drained = 0
+        while drained < MAX_DRAIN and (chunk := os.read(0, 1 << 16)):
+            drained += len(chunk)
+    return raw
 
 
 def _say(message: str) -> None:

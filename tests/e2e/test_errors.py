@@ -182,3 +182,20 @@ def test_bad_annotation_fails_the_container(containers, hook_env, port_alloc):
     assert "Traceback" not in text, text
     assert c.status() in (None, "stopped"), c.status()
     assert_nothing_left(c.id, hook_env, [("127.0.0.1", good, "tcp")])
+
+
+def test_a_state_too_large_is_refused_without_killing_the_runtime(containers, hook_env, port_alloc):
+    """A state over the 1 MiB the hook reads (a huge annotation): the hook says so and reads
+    the rest anyway. Left unread, the runtime's write of the state fails, and crun before 1.17
+    dies of the SIGPIPE (crun issue 1551): `run` and `delete` killed, no word of why."""
+    port = port_alloc.take()
+    c = containers.new(Services().whoami(81).argv(), hook=hook_env, ports=f"127.0.0.1:{port}:81",
+                       annotations={"example.com/huge": "x" * (3 << 20)})
+    result = c.create()
+    assert result.returncode > 0, f"run: exit {result.returncode} (negative: killed by a signal)\n{result.stderr}"
+    if c.runtime.name == "runc":  # crun drops a hook's stderr, and no log names a container it cannot read
+        assert "state on stdin is larger than" in result.stderr, result.stderr
+    deleted = c.delete()
+    assert deleted.returncode >= 0, f"delete: killed by signal {-deleted.returncode}\n{deleted.stderr}"
+    assert c.status() is None
+    assert_nothing_left(c.id, hook_env, [("127.0.0.1", port, "tcp")])
