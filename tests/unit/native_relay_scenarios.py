@@ -308,7 +308,7 @@ class Accepting:
                 if a < self.id and c == errno.EMFILE:
                     # An earlier scenario's listener, woken with a stale event while
                     # threads_paused holds every descriptor: accept4 takes a descriptor number
-                    # before it looks at the backlog, so it pauses too (1 run in 5).
+                    # before it looks at the backlog, so it pauses too (seen once in ~6 runs).
                     continue
                 assert a == self.id, f"listener {self.id} got the pause of listener {a}"
                 self.paused.append(c)
