@@ -457,12 +457,16 @@ static int add_pair(struct relay *r, struct pair **free_list, int client, int up
  * the threads). The loop logs what happened there; the threads never log. */
 
 #define ACCEPT_BATCH 4  /* accepts per wake-up: a connection of a batch waits for the batch's dials */
-/* The pool: fewer than POOL_LOW ready (with those asked for), ask for POOL_ASK more (the
+/* The pool: fewer than its low mark ready (with those asked for), ask for POOL_ASK more (the
  * dialer's MAX_BATCH). A request's way back (the loop, the dialer, the loop) takes a few ms
  * on a loaded machine: at 24k new connections/s a low mark of 16 or 32 left the pool empty
- * for 1 to 20 % of the connections (which the loop then served), 64 for under 1 %. */
-#define POOL_MAX 128
+ * for 1 to 20 % of the connections (which the loop then served), 64 for 0.6 to 2 % (the
+ * slowest of them the p99: docs/data-path.md), 192 for none. The mark starts at POOL_LOW
+ * and doubles, up to POOL_LOW_MAX, each time a take finds the pool empty after a supply:
+ * a container that never has such a burst keeps the fewer sockets waiting. */
+#define POOL_MAX 256
 #define POOL_LOW 64
+#define POOL_LOW_MAX 192
 #define POOL_ASK 32
 
 /* What the threads tell the core's loop on the slow pipe (16 bytes: one atomic write). */
@@ -478,6 +482,8 @@ struct socket_pool {
     pthread_mutex_t lock;
     int fds[2][POOL_MAX];
     int ready[2], asked[2];
+    int low[2];  /* the low mark (see POOL_LOW) */
+    int supplied[2];  /* a supply came: an empty pool from now on is a shortfall */
 };
 
 struct listener {
@@ -498,7 +504,7 @@ struct listener {
  * names one by its index. They live as long as the process, and so do the listeners. */
 static struct relay *relays[MAX_RELAYS];
 static int n_relays;
-static struct socket_pool pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static struct socket_pool pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .low = {POOL_LOW, POOL_LOW}};
 
 /* 1 once the loop has the record; 0 when its pipe is full (the loop is far behind) or gone:
  * for a connection the caller resets it, a request for sockets is made again later. */
@@ -509,14 +515,16 @@ static int tell(int slow, int what, int a, int b, int c)
 }
 
 /* A socket for a dial, or -1 (none ready: the loop serves this connection). Asks the loop
- * for more below POOL_LOW, once per POOL_ASK. */
+ * for more below the low mark, once per POOL_ASK; raises the mark when the pool ran dry. */
 static int pool_take(struct listener *l)
 {
     int fd = -1, ask = 0, k = l->kind;
     pthread_mutex_lock(&pool.lock);
     if (pool.ready[k])
         fd = pool.fds[k][--pool.ready[k]];
-    if (pool.ready[k] + pool.asked[k] < POOL_LOW) {
+    else if (pool.supplied[k] && pool.low[k] < POOL_LOW_MAX)
+        pool.low[k] = pool.low[k] * 2 < POOL_LOW_MAX ? pool.low[k] * 2 : POOL_LOW_MAX;
+    if (pool.ready[k] + pool.asked[k] < pool.low[k]) {
         pool.asked[k] += POOL_ASK;
         ask = 1;
     }
@@ -904,16 +912,33 @@ static PyObject *supply(PyObject *self, PyObject *args)
         fds[i] = (int)fd;
     }
     /* Those the pool has no room for are closed (not expected: the threads ask for
-     * POOL_ASK only while fewer than POOL_LOW are ready or asked for). */
+     * POOL_ASK only while fewer than the low mark are ready or asked for). */
     int taken = 0;
     pthread_mutex_lock(&pool.lock);
     pool.asked[kind] = pool.asked[kind] > n ? pool.asked[kind] - (int)n : 0;
+    pool.supplied[kind] = 1;
     while (taken < n && pool.ready[kind] < POOL_MAX)
         pool.fds[kind][pool.ready[kind]++] = fds[taken++];
     pthread_mutex_unlock(&pool.lock);
     for (Py_ssize_t i = taken; i < n; i++)
         close(fds[i]);
     Py_RETURN_NONE;
+}
+
+static PyObject *pool_state(PyObject *self, PyObject *args)
+{
+    int kind;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &kind))
+        return NULL;
+    if (kind < 0 || kind > 1) {
+        PyErr_SetString(PyExc_ValueError, "kind is 0 (IPv4) or 1 (IPv6)");
+        return NULL;
+    }
+    pthread_mutex_lock(&pool.lock);
+    int ready = pool.ready[kind], asked = pool.asked[kind], low = pool.low[kind];
+    pthread_mutex_unlock(&pool.lock);
+    return Py_BuildValue("(iii)", ready, asked, low);
 }
 
 static PyObject *pairs(PyObject *self, PyObject *noargs)
@@ -964,6 +989,8 @@ static PyMethodDef methods[] = {
     {"supply", supply, METH_VARARGS,
      "supply(kind, fds): container-side TCP sockets for the threads' dials (kind 0 IPv4, 1 IPv6); "
      "theirs from now on."},
+    {"pool_state", pool_state, METH_VARARGS,
+     "pool_state(kind) -> (ready, asked, low mark): the threads' socket pool (for the tests)."},
     /* UDP (udp_batch.c): the core's own thread, in batches */
     {"udp_batch", udp_batch, METH_NOARGS, "udp_batch() -> a batch: 64 slots of 64 KiB, mapped, untouched until used."},
     {"udp_receive", udp_receive, METH_VARARGS,
@@ -987,6 +1014,8 @@ PyMODINIT_FUNC PyInit_portfwd_relay(void)
     PyObject *m = PyModule_Create(&module);
     /* For the tests, which fill the pool */
     if (m != NULL && (PyModule_AddIntConstant(m, "POOL_MAX", POOL_MAX) < 0
+                      || PyModule_AddIntConstant(m, "POOL_LOW", POOL_LOW) < 0
+                      || PyModule_AddIntConstant(m, "POOL_LOW_MAX", POOL_LOW_MAX) < 0
                       || PyModule_AddIntConstant(m, "POOL_ASK", POOL_ASK) < 0)) {
         Py_DECREF(m);
         return NULL;

@@ -449,6 +449,36 @@ def threads_bind_client(b: Bench) -> None:
     taken.close()
 
 
+def threads_pool_grows(b: Bench) -> None:
+    """A take that finds the pool empty after a supply doubles its low mark: from then on the
+    threads keep more sockets ready (asked for sooner) for a burst like the last one."""
+    m = b.relay.module
+    ready, _asked, low = m.pool_state(0)
+    assert low == m.POOL_LOW and ready > 0, m.pool_state(0)  # no shortfall in the scenarios before
+    a = Accepting(b, b.service.getsockname(), 10)
+    pairs = []
+    for _ in range(ready):  # each takes one; what the threads ask for is not supplied yet
+        client = a.connect()
+        pairs += [client, b.service.accept()[0]]
+    assert m.pool_state(0)[0] == 0, m.pool_state(0)
+    assert m.pool_state(0)[2] == low, "an empty pool after the last take is no shortfall yet"
+    late = a.connect()
+    deadline = time.monotonic() + BOUND
+    while not a.connections:
+        assert time.monotonic() < deadline, "no record of the connection the empty pool could not serve"
+        a.serve_records(supply=False)
+    (fd, err), = a.connections
+    assert err == 0, os.strerror(err)  # nothing tried: no socket
+    os.close(fd)
+    late.close()
+    ready, asked, grown = m.pool_state(0)
+    assert grown == min(2 * low, m.POOL_LOW_MAX), (ready, asked, grown)
+    assert asked >= grown - m.POOL_ASK, (asked, grown)  # asked for up to the new mark
+    b.supply(asked)  # what was asked for: the pool is full again for the scenarios after
+    for sock in pairs:
+        sock.close()
+
+
 def threads_paused(b: Bench) -> None:
     """Out of descriptors: the threads stop accepting on the listener and say so; resumed,
     the waiting connection is served."""
@@ -511,7 +541,7 @@ def threads_stopped(b: Bench) -> None:
 SCENARIOS = {f.__name__: f for f in (small_messages, half_close_both_ways, slow_reader, reset_both_ways,
                                      service_speaks_first, many_pairs, ended_before_hand_over, add_refused,
                                      threads_pool_empty, threads_relay, threads_spread, threads_refused,
-                                     threads_bind_client, threads_paused, threads_stopped)}
+                                     threads_bind_client, threads_pool_grows, threads_paused, threads_stopped)}
 
 
 def main(argv: list[str]) -> int:

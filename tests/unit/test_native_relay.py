@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).with_name("native_relay_scenarios.py")
 SCENARIOS = ["small_messages", "half_close_both_ways", "slow_reader", "reset_both_ways",
              "service_speaks_first", "many_pairs", "ended_before_hand_over", "add_refused",
              "threads_pool_empty", "threads_relay", "threads_spread", "threads_refused", "threads_bind_client",
-             "threads_paused", "threads_stopped"]
+             "threads_pool_grows", "threads_paused", "threads_stopped"]
 
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["no-filter", "relay-filter"])
