@@ -884,17 +884,27 @@ static PyObject *stop_accepting(PyObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
+/* PyArg "O&" converter: a pool's kind, 0 (IPv4) or 1 (IPv6), into an int. */
+static int pool_kind(PyObject *arg, void *out)
+{
+    long kind = PyLong_AsLong(arg);
+    if (kind == -1 && PyErr_Occurred())
+        return 0;
+    if (kind < 0 || kind > 1) {
+        PyErr_SetString(PyExc_ValueError, "kind is 0 (IPv4) or 1 (IPv6)");
+        return 0;
+    }
+    *(int *)out = (int)kind;
+    return 1;
+}
+
 static PyObject *supply(PyObject *self, PyObject *args)
 {
     int kind;
     PyObject *seq;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iO", &kind, &seq))
+    if (!PyArg_ParseTuple(args, "O&O", pool_kind, &kind, &seq))
         return NULL;
-    if (kind < 0 || kind > 1) {
-        PyErr_SetString(PyExc_ValueError, "kind is 0 (IPv4) or 1 (IPv6)");
-        return NULL;
-    }
     if (!PyList_Check(seq)) {
         PyErr_SetString(PyExc_TypeError, "supply: a list of descriptors");
         return NULL;
@@ -929,12 +939,8 @@ static PyObject *pool_state(PyObject *self, PyObject *args)
 {
     int kind;
     (void)self;
-    if (!PyArg_ParseTuple(args, "i", &kind))
+    if (!PyArg_ParseTuple(args, "O&", pool_kind, &kind))
         return NULL;
-    if (kind < 0 || kind > 1) {
-        PyErr_SetString(PyExc_ValueError, "kind is 0 (IPv4) or 1 (IPv6)");
-        return NULL;
-    }
     pthread_mutex_lock(&pool.lock);
     int ready = pool.ready[kind], asked = pool.asked[kind], low = pool.low[kind];
     pthread_mutex_unlock(&pool.lock);
