@@ -36,6 +36,11 @@ class Bench:
         self.host = self._listener(relayed=True)  # what the client connects to (the host listener)
         self.service = self._listener(relayed=False)  # the container's service
         self.pairs = 0
+        # The listeners given to the threads, open until the process ends, as in the core
+        # (which closes one only after stop_accepting). Closed with its scenario, a listener's
+        # descriptor number went to the next scenario's listener while a thread still held a
+        # wake-up of the closed one: it accepted the new listener's client as the old one's.
+        self.accepting: list[socket.socket] = []
 
     @staticmethod
     def _listener(relayed: bool) -> socket.socket:
@@ -262,6 +267,7 @@ class Accepting:
     def __init__(self, b: Bench, target: tuple[str, int], listener_id: int, *, bind_client: bool = False) -> None:
         self.b = b
         self.sock = b._listener(relayed=True)
+        b.accepting.append(self.sock)
         self.id = listener_id
         self.handle = b.relay.listen(self.sock.fileno(), listener_id, socket.AF_INET, target[0], target[1],
                                      bind_client=bind_client)
