@@ -6,8 +6,9 @@
 Rows:
 - start and delete: `RUNTIME run -d` and `RUNTIME delete -f` (poststop runs there) of a
   container (`sleep`), with the hook publishing one TCP port against the same container with
-  `/bin/true` as its prestart and poststop hook; interleaved, the order turned each run, runs
-  medians [min–max]; the added cost is median(hook) − median(true). The hook twice: the venv's
+  `dd of=/dev/null` as its prestart and poststop hook (infra.BASELINE_HOOK: it reads the state,
+  as every hook must; /bin/true before 2026-11-29); interleaved, the order turned each run, runs
+  medians [min–max]; the added cost is median(hook) − median(baseline). The hook twice: the venv's
   console script (what the tests run; pip's wrapper imports re) and the script the packages
   install in hooks.d (python3 -IS), both on the venv's interpreter. --gap: quiet after each
   delete (what it leaves to the kernel lands on no start); --hold: time between a start and its
@@ -39,7 +40,20 @@ from e2ekit.container import ContainerFactory  # noqa: E402
 from e2ekit.hookenv import HookEnv, reap_leftovers  # noqa: E402
 from e2ekit.rootfs import build_rootfs  # noqa: E402
 from e2ekit.runtimes import make_runtime  # noqa: E402
-from infra import Cleanup, Netns, free_port, pss_kib, run, run_timed, start, tree, wait_for  # noqa: E402
+from infra import (  # noqa: E402
+    BASELINE_HOOK,
+    BASELINE_HOOK_ARGS,
+    BASELINE_LABEL,
+    Cleanup,
+    Netns,
+    free_port,
+    pss_kib,
+    run,
+    run_timed,
+    start,
+    tree,
+    wait_for,
+)
 from report import CONTAINER_COST_BEGIN, CONTAINER_COST_END, container_cost_section  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
@@ -207,12 +221,13 @@ def summary(values: list[float]) -> str:
 
 
 def render(results: dict) -> str:
-    lines = ["| runtime | start, /bin/true hook ms | start, oci-portfwd-hook ms | added | "
-             "delete, /bin/true hook ms | delete, oci-portfwd-hook ms | added |", "|---|---|---|---|---|---|---|"]
+    baseline = results.get("baseline", "/bin/true")  # what runs before 2026-11-29 had
+    lines = [f"| runtime | start, {baseline} hook ms | start, oci-portfwd-hook ms | added | "
+             f"delete, {baseline} hook ms | delete, oci-portfwd-hook ms | added |", "|---|---|---|---|---|---|---|"]
     for rt, cells in results["start_delete"].items():
-        t = cells["/bin/true"]
+        t = cells[baseline]
         for variant, h in cells.items():
-            if variant == "/bin/true":
+            if variant == baseline:
                 continue
             add_s = statistics.median(h["start_ms"]) - statistics.median(t["start_ms"])
             add_d = statistics.median(h["delete_ms"]) - statistics.median(t["delete_ms"])
@@ -280,7 +295,8 @@ def main() -> int:
                      "load_before": os.getloadavg(), "start_delete": {}, "memory": {}}
     if args.compare:
         args.results_md = None  # a comparison is not the bench's figure
-    hooks = {"/bin/true": HookEnv(Path("/bin/true"), work / "true"),
+    results["baseline"] = BASELINE_LABEL
+    hooks = {BASELINE_LABEL: HookEnv(Path(BASELINE_HOOK), work / "baseline", args=BASELINE_HOOK_ARGS),
              "oci-portfwd-hook": HookEnv(args.hook, work / "hook", settings={"log_level": "info"})}
     # What the packages install in hooks.d (packaging/libexec, no console-script wrapper), with
     # its own interpreter options, run by this venv's interpreter, with the tree's hook/ first
@@ -337,8 +353,8 @@ def update_results_md(path: Path, results: dict, table: str) -> None:
         f"{CONTAINER_COST_BEGIN}\n## What each container pays (issue 12)\n\n"
         f"`bench/container_cost.py` on {results['date']}: {results['runs']} interleaved runs per runtime of "
         "`RUNTIME run -d` and `RUNTIME delete -f` (poststop runs in the delete) of a container with one "
-        "published TCP port, against the same container with `/bin/true` as its prestart and poststop "
-        "hook; medians [min–max] in ms, timed with a pidfd. Targets: start ≤ +25 ms, delete ≤ +15 ms. "
+        f"published TCP port, against the same container with `{results.get('baseline', '/bin/true')}` "
+        "as its prestart and poststop hook; medians [min–max] in ms, timed with a pidfd. Targets: start ≤ +25 ms, delete ≤ +15 ms. "
         "Memory: N containers at once (runc), Pss (smaps_rollup) of every process the hook left running "
         "(each supervisor with all its descendants) ÷ N, target ≤ 8 MB; pasta as podman runs it (one per "
         "container), rootlesskit as rootless docker runs it (one for all containers of a user, one port "

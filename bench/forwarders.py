@@ -346,13 +346,14 @@ def setup_rootlesskit(env: Env, port_driver: str) -> Instance:
 
 
 def crun_config(env: Env, args: list[str], annotations: dict[str, str], hooks: bool,
-                hook_path: str | None = None, rootless: RootlessCrun | None = None) -> dict:
+                hook_path: str | None = None, rootless: RootlessCrun | None = None,
+                hook_args: list[str] | None = None) -> dict:
     hook_config = rootless.hook_config if rootless else env.hook_config
     # The hook's test switches (OCI_PORTFWD_TEST_*, e.g. the Python relay) pass through from
     # the bench's own environment, for trying one side of a change with bench/probe.py.
     switches = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OCI_PORTFWD_TEST_")]
     hook_entry = lambda stage: {  # noqa: E731
-        "path": hook_path or str(env.hook), "args": ["oci-portfwd-hook", stage],
+        "path": hook_path or str(env.hook), "args": hook_args or ["oci-portfwd-hook", stage],
         "env": [f"PATH={SYS_PATH}", f"OCI_PORTFWD_CONFIG={hook_config}", *switches], "timeout": 30}
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     config = {
@@ -394,7 +395,8 @@ def crun_config(env: Env, args: list[str], annotations: dict[str, str], hooks: b
 
 class CrunContainer:
     def __init__(self, env: Env, cleanup: Cleanup, args: list[str], annotations: dict[str, str],
-                 hooks: bool, hook_path: str | None = None, rootless: bool = False) -> None:
+                 hooks: bool, hook_path: str | None = None, rootless: bool = False,
+                 hook_args: list[str] | None = None) -> None:
         self.env = env
         self.rootless = env.rootless if rootless else None
         if rootless and self.rootless is None:
@@ -405,7 +407,7 @@ class CrunContainer:
         self.bundle = (self.rootless.area if self.rootless else env.work) / "bundles" / self.id
         self.bundle.mkdir(parents=True)
         (self.bundle / "config.json").write_text(
-            json.dumps(crun_config(env, args, annotations, hooks, hook_path, self.rootless), indent=1))
+            json.dumps(crun_config(env, args, annotations, hooks, hook_path, self.rootless, hook_args), indent=1))
         if self.rootless:
             # crun, as the user, reads the bundle and writes the pid file there
             for path in (self.bundle.parent, self.bundle, self.bundle / "config.json"):

@@ -18,6 +18,14 @@ from pathlib import Path
 
 SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+# What a hook's cost is measured against: a hook that reads the state the runtime writes to its
+# stdin, as every hook must, and exits. Not /bin/true: crun writes the state after the fork, and
+# a hook that has exited before that write kills crun with SIGPIPE (a `crun delete -f` ended with
+# exit -13 in one make bench, and the bench with it).
+BASELINE_HOOK = "/bin/dd"
+BASELINE_HOOK_ARGS = ["dd", "of=/dev/null", "status=none"]
+BASELINE_LABEL = "dd of=/dev/null"
+
 
 # ---------------------------------------------------------------- processes
 

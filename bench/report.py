@@ -97,10 +97,22 @@ EVEN = 0.15
 CONTAINER_COST_BEGIN, CONTAINER_COST_END = "<!-- container-cost: bench/container_cost.py -->", "<!-- /container-cost -->"
 
 
+# bench/source_cost.py's (its own run, after container_cost.py's)
+SOURCE_COST_BEGIN, SOURCE_COST_END = "<!-- source-cost: bench/source_cost.py -->", "<!-- /source-cost -->"
+
+
+def _section(text: str, begin: str, end: str) -> str | None:
+    m = re.search(re.escape(begin) + ".*?" + re.escape(end) + "\n", text, re.S)
+    return m.group(0) if m else None
+
+
 def container_cost_section(text: str) -> str | None:
     """That section as it stands in `text` (markers and final newline included), or None."""
-    m = re.search(re.escape(CONTAINER_COST_BEGIN) + ".*?" + re.escape(CONTAINER_COST_END) + "\n", text, re.S)
-    return m.group(0) if m else None
+    return _section(text, CONTAINER_COST_BEGIN, CONTAINER_COST_END)
+
+
+def source_cost_section(text: str) -> str | None:
+    return _section(text, SOURCE_COST_BEGIN, SOURCE_COST_END)
 
 SUMMARY_BEGIN = "<!-- SUMMARY BEGIN: written by `make bench` (bench/report.py) from bench/results.json -->"
 SUMMARY_END = "<!-- SUMMARY END -->"
@@ -367,8 +379,10 @@ def render(res: dict) -> str:
     if hs:
         w(f"\n## Time the hook adds to a container start (crun, {p.get('hookstart_runs', '?')} "
           f"runs each, interleaved)\n")
+        # Runs before 2026-11-29 had /bin/true there (bench/infra.py BASELINE_HOOK: why no more).
+        baseline = next((v.removesuffix(" as hook") for v in hs if v.endswith(" as hook")), "a no-op")
         w("`crun run -d` of a trivial container (`/bin/sleep 600`, fresh netns) without hooks, with "
-          "`/bin/true` as prestart + poststop hook (what crun's running of any hook costs), and with "
+          f"`{baseline}` as prestart + poststop hook (what crun's running of any hook costs), and with "
           "our hook as prestart + poststop and one published port; `crun delete -f` is where "
           "poststop runs. All through the same cgroup wrapper. The target is on the builtin row.\n")
         w("| variant | `crun run -d` ms | added to the start, ms (median − median) | `crun delete` ms "
@@ -479,6 +493,8 @@ def _targets(rounds: dict, hs: dict | None) -> str:
                       ("newconn_rps", "new-connection rate (ab)"),
                       ("newconn_wrk_rps", "new-connection rate (wrk)")):
         cmp(f"{what}, source_address client ≥ 0.95 × loopback", key, OURS_LOOPBACK, 0.95)
+    lines.append("- The same two, new connections, measured side by side (figures seconds apart, not "
+                 "a forwarder apart): bench/source_cost.py's section at the end.")
     cmp("p99 latency (ab) ≤ rootlesskit's", "newconn_p99_ms", REF, 1.0)
     cmp("p99 latency (wrk, new connections) ≤ rootlesskit's", "newconn_wrk_p99_ms", REF, 1.0)
     rootless = rounds.get(OURS_ROOTLESS)
@@ -584,9 +600,10 @@ def main(argv: list[str]) -> int:
     res = json.loads(src.read_text())
     out = src.parent / "RESULTS.md"
     text = render(res)
-    old = container_cost_section(out.read_text()) if out.exists() else None
-    if old:  # bench/container_cost.py's section: kept
-        text = text.rstrip("\n") + "\n\n" + old
+    before = out.read_text() if out.exists() else ""
+    for old in (container_cost_section(before), source_cost_section(before)):
+        if old:  # the sections of bench/container_cost.py and bench/source_cost.py: kept
+            text = text.rstrip("\n") + "\n\n" + old
     out.write_text(text)
     print(f"wrote {src.parent / 'RESULTS.md'}")
     if src.parent == Path(__file__).resolve().parent:  # a copy elsewhere leaves README alone

@@ -39,7 +39,18 @@ from forwarders import (  # noqa: E402
     Env,
     RootlessCrun,
 )
-from infra import Cleanup, CommandLog, free_port, pss_kib, raise_nofile, run, signals_to_exceptions  # noqa: E402
+from infra import (  # noqa: E402
+    BASELINE_HOOK,
+    BASELINE_HOOK_ARGS,
+    BASELINE_LABEL,
+    Cleanup,
+    CommandLog,
+    free_port,
+    pss_kib,
+    raise_nofile,
+    run,
+    signals_to_exceptions,
+)
 
 BENCH_USER = "portfwd-bench"
 HOLD_CONNECTIONS = 1000
@@ -333,8 +344,9 @@ def _mb(procs) -> float | None:
 def hook_start(env: Env, runs: int, drivers: list[str]) -> dict:
     """`crun run -d` of a trivial container (sleep) without the hook and with it (per driver),
     interleaved; also the `crun delete` time (where poststop runs)."""
-    # "/bin/true as hook": what crun's running of any prestart + poststop hook costs.
-    variants: dict[str, str | None] = {"no hook": None, "/bin/true as hook": "true"}
+    # The baseline hook (infra.BASELINE_HOOK): what crun's running of any prestart + poststop
+    # hook costs.
+    variants: dict[str, str | None] = {"no hook": None, f"{BASELINE_LABEL} as hook": "baseline"}
     variants.update({f"hook, {d}": d for d in drivers})
     out = {v: {"run_ms": [], "delete_ms": []} for v in variants}
     for i in range(runs):
@@ -343,11 +355,12 @@ def hook_start(env: Env, runs: int, drivers: list[str]) -> dict:
             token = env.cleanup.push("hook-start container", cleanup.run_all)
             try:
                 ann = {}
-                if driver and driver != "true":
+                if driver and driver != "baseline":
                     ann = {"io.oci-portfwd.ports": f"127.0.0.1:{free_port(env.ports)}:80",
                            "io.oci-portfwd.driver": driver}
                 c = CrunContainer(env, cleanup, ["/bin/sleep", "600"], ann, hooks=driver is not None,
-                                  hook_path="/bin/true" if driver == "true" else None)
+                                  hook_path=BASELINE_HOOK if driver == "baseline" else None,
+                                  hook_args=BASELINE_HOOK_ARGS if driver == "baseline" else None)
                 if i == 0:
                     env.cmdlog.note("hook-start", f"[{v}] " + " ".join(
                         a.replace(c.id, "ID").replace(str(env.work), "WORK") for a in c.run_argv())

@@ -22,6 +22,8 @@ class HookEnv:
     settings: dict = field(default_factory=dict)
     # More NAME=VALUE for the hook's environment (e.g. PYTHONPATH for a source-tree hook).
     extra_env: list[str] = field(default_factory=list)
+    # Its argv, for a command that is not the hook (the bench's baseline); the hook's by default.
+    args: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = self.workdir / "state"
@@ -40,7 +42,7 @@ class HookEnv:
         return [f"PATH={HOOK_PATH}", f"OCI_PORTFWD_CONFIG={self.config_path}", *self.extra_env]
 
     def entry(self, stage: str) -> dict:
-        return {"path": str(self.command), "args": ["oci-portfwd-hook", stage],
+        return {"path": str(self.command), "args": self.args or ["oci-portfwd-hook", stage],
                 "env": self.env, "timeout": HOOK_TIMEOUT}
 
     def hooks(self, start_stage: str = "prestart") -> dict[str, list[dict]]:
