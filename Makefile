@@ -50,6 +50,8 @@ BENCH_APT_PACKAGES := wrk apache2-utils
 BENCH_ARGS ?=
 # bench/container_cost.py (issue 12: start, delete and PSS per container), e.g. COST_ARGS='--runs 20'
 COST_ARGS ?=
+# bench/source_cost.py (issue 15: source_address client ÷ loopback, side by side), e.g. SOURCE_ARGS='--blocks 10'
+SOURCE_ARGS ?=
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -198,6 +200,7 @@ rpm: pkg-deps
 bench: deps bench-deps venv
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 	$(VENV)/bin/python bench/container_cost.py $(COST_ARGS)
+	$(VENV)/bin/python bench/source_cost.py $(SOURCE_ARGS)
 
 demo: deps venv
 	bash examples/demo.sh
