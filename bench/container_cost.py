@@ -24,10 +24,8 @@ As root; measurement only, nothing is asserted. Everything made is removed on ex
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +51,9 @@ from infra import (  # noqa: E402
     start,
     tree,
     wait_for,
+    work_dir,
 )
-from report import CONTAINER_COST_BEGIN, CONTAINER_COST_END, container_cost_section  # noqa: E402
+from report import CONTAINER_COST_BEGIN, CONTAINER_COST_END, put_section  # noqa: E402
 
 SLEEP = ["sleep", "3600"]
 RUNTIME_TIMEOUT = 60
@@ -285,10 +284,8 @@ def main() -> int:
             update_results_md(Path(args.results_md), results, table)
         return 0
     counts = [int(n) for n in args.counts.split(",") if n]
-    work = Path(tempfile.mkdtemp(prefix="container-cost-"))
-    work.chmod(0o755)
     cleanup = Cleanup()
-    cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+    work = work_dir(cleanup, "container-cost-")
     ports: set[int] = set()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": args.runs, "counts": counts,
                      "gap": args.gap, "hold": args.hold,
@@ -347,10 +344,8 @@ def main() -> int:
 
 
 def update_results_md(path: Path, results: dict, table: str) -> None:
-    """Put the section into RESULTS.md (replacing an earlier one; after bench/run.py's)."""
-    load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
-    section = (
-        f"{CONTAINER_COST_BEGIN}\n## What each container pays (issue 12)\n\n"
+    """Its section of RESULTS.md (after bench/run.py's)."""
+    prose = (
         f"`bench/container_cost.py` on {results['date']}: {results['runs']} interleaved runs per runtime of "
         "`RUNTIME run -d` and `RUNTIME delete -f` (poststop runs in the delete) of a container with one "
         f"published TCP port, against the same container with `{results.get('baseline', '/bin/true')}` "
@@ -358,18 +353,9 @@ def update_results_md(path: Path, results: dict, table: str) -> None:
         "Memory: N containers at once (runc), Pss (smaps_rollup) of every process the hook left running "
         "(each supervisor with all its descendants) ÷ N, target ≤ 8 MB; pasta as podman runs it (one per "
         "container), rootlesskit as rootless docker runs it (one for all containers of a user, one port "
-        f"each added with rootlessctl). Load average before / after: {load} on {os.cpu_count()} CPUs. "
-        "bench/run.py's hook-start figures of runs before 2026-11-27 were rounded up to 50 ms steps "
-        "(subprocess's polling wait; both now use a pidfd).\n\n"
-        f"{table}{CONTAINER_COST_END}\n"
-    )
-    text = path.read_text() if path.exists() else ""
-    old = container_cost_section(text)
-    if old:
-        text = text.replace(old, section)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+        "each added with rootlessctl).")
+    put_section(path, CONTAINER_COST_BEGIN, CONTAINER_COST_END, "What each container pays (issue 12)", prose,
+                table, results)
 
 
 if __name__ == "__main__":

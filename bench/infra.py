@@ -8,9 +8,11 @@ only ever ended by pid, and only when (pid, start time) still names the process 
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -167,6 +169,15 @@ class Cleanup:
             fn()
         except Exception as exc:  # noqa: BLE001 - cleanup must go on
             print(f"bench: cleanup of {what} failed: {exc}", flush=True)
+
+
+def work_dir(cleanup: Cleanup, prefix: str) -> Path:
+    """A fresh directory for a bench script's files, removed by `cleanup`; 0755: the bench user
+    (rootlesskit, ours rootless) reads the server binary and bundles under it."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o755)
+    cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+    return work
 
 
 def signals_to_exceptions() -> None:

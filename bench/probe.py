@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import clients  # noqa: E402
 import forwarders  # noqa: E402
 import run  # noqa: E402
-from infra import Cleanup, CommandLog  # noqa: E402
+from infra import Cleanup, CommandLog, work_dir  # noqa: E402
 
 TESTS = ("newconn", "wrkclose", "keepalive", "keepalive2", "c1000", "tcp-up", "tcp-down", "udp")
 
@@ -87,9 +85,7 @@ def main() -> int:
     run.raise_nofile()
     run.signals_to_exceptions()
     cleanup = Cleanup()
-    work = Path(tempfile.mkdtemp(prefix="oci-portfwd-probe-"))
-    work.chmod(0o755)
-    cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+    work = work_dir(cleanup, "oci-portfwd-probe-")
     name = args.forwarder
     try:
         env = run.prepare(work, cleanup, CommandLog(), run.REPO / ".venv/bin/oci-portfwd-hook",

@@ -5,6 +5,7 @@ its summary table, which `make bench` also writes into README.md between the SUM
 """
 
 import json
+import os
 import re
 import shlex
 import statistics
@@ -113,6 +114,17 @@ def container_cost_section(text: str) -> str | None:
 
 def source_cost_section(text: str) -> str | None:
     return _section(text, SOURCE_COST_BEGIN, SOURCE_COST_END)
+
+
+def put_section(path: Path, begin: str, end: str, heading: str, prose: str, table: str, results: dict) -> None:
+    """A later stage's section of RESULTS.md (its prose, the load average of its own run, its
+    table): in place of its earlier one, else at the end."""
+    load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
+    section = (f"{begin}\n## {heading}\n\n{prose} Load average before / after: {load} on "
+               f"{os.cpu_count()} CPUs.\n\n{table}{end}\n")
+    text = path.read_text() if path.exists() else ""
+    old = _section(text, begin, end)
+    path.write_text(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section)
 
 SUMMARY_BEGIN = "<!-- SUMMARY BEGIN: written by `make bench` (bench/report.py) from bench/results.json -->"
 SUMMARY_END = "<!-- SUMMARY END -->"

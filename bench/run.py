@@ -19,7 +19,6 @@ import pwd
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -50,6 +49,7 @@ from infra import (  # noqa: E402
     raise_nofile,
     run,
     signals_to_exceptions,
+    work_dir,
 )
 
 BENCH_USER = "portfwd-bench"
@@ -412,9 +412,7 @@ def main() -> int:
     cmdlog = CommandLog()
     started = time.time()
     load_before = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="oci-portfwd-bench-"))
-    work.chmod(0o755)   # the bench user (rootlesskit) reads the server binary under it
-    cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+    work = work_dir(cleanup, "oci-portfwd-bench-")
     results: dict = {"rounds": {n: [] for n in names}}
     try:
         log(f"bench: work dir {work}")

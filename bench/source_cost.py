@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +30,8 @@ sys.path.insert(0, str(HERE))
 import clients  # noqa: E402
 import forwarders  # noqa: E402
 import run  # noqa: E402
-from infra import Cleanup, CommandLog  # noqa: E402
-from report import SOURCE_COST_BEGIN, SOURCE_COST_END, source_cost_section  # noqa: E402
+from infra import Cleanup, CommandLog, work_dir  # noqa: E402
+from report import SOURCE_COST_BEGIN, SOURCE_COST_END, put_section  # noqa: E402
 
 PAIR = ("ours-builtin", "ours-builtin-loopback")  # (source_address client, loopback)
 TESTS = {"newconn_rps": "new connections, ab (20,000 requests, 50 concurrent)",
@@ -91,21 +89,15 @@ def render(results: dict) -> str:
 
 
 def update_results_md(path: Path, results: dict, table: str) -> None:
-    """Put the section into RESULTS.md (replacing an earlier one), at its end."""
-    load = " / ".join("/".join(f"{x:.2f}" for x in results[k]) for k in ("load_before", "load_after"))
-    section = (
-        f"{SOURCE_COST_BEGIN}\n## What the client's address costs new connections (issue 15)\n\n"
+    prose = (
         f"`bench/source_cost.py` on {results['date']}: ours-builtin with source_address `client` (the "
         "default: the service sees the client's address) and `loopback` (it sees the container's "
         f"gateway), both kept up, measured in {results['n_blocks']} blocks of {results['reps']} repetitions "
         "of each test through one and then the other, the order turned each block; a block's ratio "
         "is median ÷ median of figures seconds apart (in the rounds above, one figure a round, a "
-        f"forwarder apart). Load average before / after: {load} on {os.cpu_count()} CPUs.\n\n"
-        f"{table}{SOURCE_COST_END}\n")
-    text = path.read_text() if path.exists() else ""
-    old = source_cost_section(text)
-    text = text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+        "forwarder apart).")
+    put_section(path, SOURCE_COST_BEGIN, SOURCE_COST_END,
+                "What the client's address costs new connections (issue 15)", prose, table, results)
 
 
 def main() -> int:
@@ -129,9 +121,7 @@ def main() -> int:
         run.raise_nofile()
         run.signals_to_exceptions()
         cleanup = Cleanup()
-        work = Path(tempfile.mkdtemp(prefix="oci-portfwd-source-cost-"))
-        work.chmod(0o755)
-        cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
+        work = work_dir(cleanup, "oci-portfwd-source-cost-")
         results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "n_blocks": args.blocks, "reps": args.reps,
                    "seconds": args.seconds, "load_before": os.getloadavg()}
         try:
