@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -178,6 +179,19 @@ def work_dir(cleanup: Cleanup, prefix: str) -> Path:
     work.chmod(0o755)
     cleanup.push(f"workdir {work}", lambda: shutil.rmtree(work, ignore_errors=True))
     return work
+
+
+def root_session(prog: str, prefix: str) -> tuple[Cleanup, Path] | None:
+    """What a bench script that starts forwarders does first: as root only (None, said on
+    stderr, otherwise), more descriptors, signals as exceptions (so that the cleanup runs), an
+    undo stack and a work dir on it."""
+    if os.geteuid() != 0:
+        print(f"{prog}: run as root (crun, netns, veth)", file=sys.stderr)
+        return None
+    raise_nofile()
+    signals_to_exceptions()
+    cleanup = Cleanup()
+    return cleanup, work_dir(cleanup, prefix)
 
 
 def signals_to_exceptions() -> None:

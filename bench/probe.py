@@ -16,7 +16,6 @@ Needs root, like bench/run.py; everything made is undone on exit.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import clients  # noqa: E402
 import forwarders  # noqa: E402
 import run  # noqa: E402
-from infra import Cleanup, CommandLog, work_dir  # noqa: E402
+from infra import CommandLog, root_session  # noqa: E402
 
 TESTS = ("newconn", "wrkclose", "keepalive", "keepalive2", "c1000", "tcp-up", "tcp-down", "udp")
 
@@ -78,14 +77,10 @@ def main() -> int:
     if unknown:
         print(f"probe: unknown tests {unknown}; known: {list(TESTS)}", file=sys.stderr)
         return 2
-    if os.geteuid() != 0:
-        print("probe: run as root (crun, netns, veth)", file=sys.stderr)
+    session = root_session("probe", "oci-portfwd-probe-")
+    if session is None:
         return 2
-
-    run.raise_nofile()
-    run.signals_to_exceptions()
-    cleanup = Cleanup()
-    work = work_dir(cleanup, "oci-portfwd-probe-")
+    cleanup, work = session
     name = args.forwarder
     try:
         env = run.prepare(work, cleanup, CommandLog(), run.REPO / ".venv/bin/oci-portfwd-hook",

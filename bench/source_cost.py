@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 import clients  # noqa: E402
 import forwarders  # noqa: E402
 import run  # noqa: E402
-from infra import Cleanup, CommandLog, work_dir  # noqa: E402
+from infra import CommandLog, root_session  # noqa: E402
 from report import SOURCE_COST_BEGIN, SOURCE_COST_END, put_section  # noqa: E402
 
 PAIR = ("ours-builtin", "ours-builtin-loopback")  # (source_address client, loopback)
@@ -115,13 +115,10 @@ def main() -> int:
         if args.blocks < 1 or args.reps < 1:
             print("source_cost: --blocks and --reps must be at least 1", file=sys.stderr)
             return 2
-        if os.geteuid() != 0:
-            print("source_cost: run as root (crun, netns, veth)", file=sys.stderr)
+        session = root_session("source_cost", "oci-portfwd-source-cost-")
+        if session is None:
             return 2
-        run.raise_nofile()
-        run.signals_to_exceptions()
-        cleanup = Cleanup()
-        work = work_dir(cleanup, "oci-portfwd-source-cost-")
+        cleanup, work = session
         results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "n_blocks": args.blocks, "reps": args.reps,
                    "seconds": args.seconds, "load_before": os.getloadavg()}
         try:
