@@ -46,10 +46,8 @@ from infra import (  # noqa: E402
     CommandLog,
     free_port,
     pss_kib,
-    raise_nofile,
+    root_session,
     run,
-    signals_to_exceptions,
-    work_dir,
 )
 
 BENCH_USER = "portfwd-bench"
@@ -393,9 +391,6 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
 
-    if os.geteuid() != 0:
-        print("bench: run as root (crun, netns, veth)", file=sys.stderr)
-        return 2
     names = [n for n in args.only.split(",") if n] or list(FORWARDERS)
     unknown = [n for n in names if n not in FORWARDERS]
     if unknown:
@@ -406,13 +401,13 @@ def main() -> int:
         print(f"bench: {hook} is missing: run `make venv`", file=sys.stderr)
         return 2
 
-    raise_nofile()
-    signals_to_exceptions()
-    cleanup = Cleanup()
+    session = root_session("bench", "oci-portfwd-bench-")
+    if session is None:
+        return 2
+    cleanup, work = session
     cmdlog = CommandLog()
     started = time.time()
     load_before = os.getloadavg()
-    work = work_dir(cleanup, "oci-portfwd-bench-")
     results: dict = {"rounds": {n: [] for n in names}}
     try:
         log(f"bench: work dir {work}")
