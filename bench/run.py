@@ -176,7 +176,25 @@ def versions() -> dict[str, str]:
     dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hook"], check=False).stdout.strip()
     out["oci-portfwd-hook"] = f"{hook} (git {head}{', hook/ modified' if dirty else ''})"
     out["cpus"] = str(os.cpu_count())
+    idle = cpu_idle()
+    if idle:
+        out["cpu idle"] = idle
     return out
+
+
+def cpu_idle() -> str:
+    """The CPUs' idle driver and, in a VM guest with haltpoll, how long an idle vCPU polls before
+    it halts: the rows with few connections wait on waking halted vCPUs when that is 0 (every
+    forwarder and direct loopback alike; docs/data-path.md)."""
+    try:
+        driver = Path("/sys/devices/system/cpu/cpuidle/current_driver").read_text().strip()
+    except OSError:
+        return ""
+    try:
+        ns = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
+    except OSError:
+        return driver
+    return f"{driver}, guest_halt_poll_ns {ns}"
 
 
 def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootlesskit: bool,
