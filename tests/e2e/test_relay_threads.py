@@ -82,6 +82,24 @@ def test_the_core_relays_in_one_thread_per_cpu(echo):
     wait_until(lambda: line in hook.log_text(c.id), TIMEOUT, line)
 
 
+def batch_scheduled(pid: int) -> dict[int, bool]:
+    """Each of the process's threads: whether it runs as SCHED_BATCH."""
+    return {int(t): os.sched_getscheduler(int(t)) == os.SCHED_BATCH for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_the_core_runs_as_sched_batch_and_its_dialer_does_not(echo):
+    # Its wake-ups do not preempt the service or the clients (core.py, _batch_scheduling).
+    hook, c, _port = echo
+    fw = forwarding_of(hook, c.id)
+    started_relay_tids(fw.core.pid)
+    assert batch_scheduled(fw.core.pid) == dict.fromkeys(batch_scheduled(fw.core.pid), True)
+    assert len(batch_scheduled(fw.core.pid)) == THREADS + 1
+    assert batch_scheduled(fw.dialer.pid) == {fw.dialer.pid: False}
+    assert batch_scheduled(fw.supervisor.pid) == {fw.supervisor.pid: False}
+    line = "the core runs as SCHED_BATCH"
+    wait_until(lambda: line in hook.log_text(c.id), TIMEOUT, line)
+
+
 def test_pairs_are_dealt_over_every_thread_and_counted_exactly(echo):
     hook, c, port = echo
     core = forwarding_of(hook, c.id).core
@@ -149,6 +167,7 @@ def test_a_restarted_core_relays_in_threads_again(echo):
             sock.recv(1) or pytest.fail("a clean EOF after the core was killed")
     new = wait_until(lambda: child_by_comm(fw.supervisor.pid, CORE, (fw.core.pid,)), TIMEOUT, "a restarted core")
     started_relay_tids(new.pid)
+    assert all(batch_scheduled(new.pid).values())
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         assert round_trips([sock], 3, 100) == 300
 
