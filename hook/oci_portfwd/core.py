@@ -243,7 +243,7 @@ def _batch_scheduling(log: HookLog) -> None:
     service, its clients); the core runs when they block or their slice ends, and finds
     several events waiting instead of one. With the default policy every packet that woke a
     relay thread cost the sender's CPU two context switches: on 2 CPUs, the p99 of new
-    connections was 4.2 ms in about half the runs against 3.2 ms now (docs/data-path.md,
+    connections was ~4.2 ms in about half the probes' runs, ~3.2-3.4 with it (docs/data-path.md,
     "The core runs as SCHED_BATCH"). Any process may choose it for itself."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

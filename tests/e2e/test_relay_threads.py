@@ -92,8 +92,9 @@ def test_the_core_runs_as_sched_batch_and_its_dialer_does_not(echo):
     hook, c, _port = echo
     fw = forwarding_of(hook, c.id)
     started_relay_tids(fw.core.pid)
-    assert batch_scheduled(fw.core.pid) == dict.fromkeys(batch_scheduled(fw.core.pid), True)
-    assert len(batch_scheduled(fw.core.pid)) == THREADS + 1
+    core_threads = batch_scheduled(fw.core.pid)
+    assert len(core_threads) == THREADS + 1
+    assert all(core_threads.values()), core_threads
     assert batch_scheduled(fw.dialer.pid) == {fw.dialer.pid: False}
     assert batch_scheduled(fw.supervisor.pid) == {fw.supervisor.pid: False}
     line = "the core runs as SCHED_BATCH"
