@@ -351,9 +351,11 @@ def render(res: dict) -> str:
       "127.0.0.1. Direct loopback = the same servers in the host netns, no forwarder. "
       "Per round and forwarder, two fresh instances: the first for the throughput and HTTP "
       "figures and idle memory, the second for memory with 1,000 connections held open and the "
-      "TCP throughput after them (\"after 1k conns\"). The 2-connection keep-alive test "
-      "starts after 5 idle seconds: on these VMs that rate, measured right after the "
-      "50-connection test, is in a slower mode for every forwarder (docs/data-path.md).\n")
+      "TCP throughput after them (\"after 1k conns\")."
+      + (f" The 2-connection keep-alive test starts after {p['settle_seconds']:g} idle seconds: "
+         "on these VMs that rate, measured right after the 50-connection test, is in a slower "
+         "mode for every forwarder (docs/data-path.md)." if p.get("settle_seconds") else "")
+      + "\n")
 
     w("\n## Summary: ours against the best peer\n")
     w(summary(res) + "\n")

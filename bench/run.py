@@ -55,16 +55,12 @@ HOLD_CONNECTIONS = 1000
 CONCURRENCY = 50
 SCALE_CONNECTIONS = (2, 1000)  # keep-alive again with these many connections
 # Idle seconds before a test with few connections. On these 2-vCPU VMs a 2-connection rate
-# measured right after the 50-connection test is in a slower mode for every forwarder (the
-# wake-ups then cross the vCPUs) and recovers within a couple of idle seconds: a 3 s run of ours
-# 21-59k req/s at once, 55-84k after 2 s, 57-85k after 5 s; socat 20-31k, 29-38k, 30-56k.
-# The test used to follow the two-part-request test, which lasts 0.2 s through a forwarder
-# without Nagle's delay and 13 s through one with it: a rest for some forwarders and not others.
+# measured right after the 50-connection test is in a slower mode for every forwarder and
+# recovers within a couple of idle seconds (docs/data-path.md): a 3 s run of ours 21-59k req/s
+# at once, 55-84k after 2 s, 57-85k after 5 s; socat 20-31k, 29-38k, 30-56k. The test used to
+# follow the two-part-request test, which lasts 0.2 s through a forwarder without Nagle's delay
+# and 13 s through one with it: a rest for some forwarders and not others.
 SETTLE_SECONDS = 5.0
-
-
-def settle() -> None:
-    time.sleep(SETTLE_SECONDS)
 HOOKSTART_RUNS = 20
 DEB_PACKAGES = ["crun", "rootlesskit", "slirp4netns", "passt", "socat", "iperf3",
                 "apache2-utils", "wrk", "busybox-static", "util-linux", "iproute2", "gcc"]
@@ -240,6 +236,11 @@ def prepare(work: Path, cleanup: Cleanup, cmdlog: CommandLog, hook: Path, rootle
 
 
 # ------------------------------------------------------------------ measurements
+
+
+def settle() -> None:
+    """The rest before a test with few connections (SETTLE_SECONDS)."""
+    time.sleep(SETTLE_SECONDS)
 
 
 def measure(inst, seconds: int, requests: int, work: Path, do_udp: bool) -> dict:
@@ -448,6 +449,7 @@ def main() -> int:
         results["versions"] = versions()
         results["params"] = {"rounds": args.rounds, "seconds": args.seconds,
                              "requests": args.requests, "concurrency": CONCURRENCY,
+                             "settle_seconds": SETTLE_SECONDS,
                              "hold_connections": HOLD_CONNECTIONS,
                              "hookstart_runs": args.hookstart_runs, "forwarders": names}
 
